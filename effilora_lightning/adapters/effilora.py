@@ -1,0 +1,247 @@
+"""EffiLoRA: one low-rank A shared by every layer, per-layer B, optional B heads mixed by a router.
+
+                       model root
+                  effilora_shared_a.<group>   A_g (r x d_in, Kaiming)   one owner, one state-dict key
+                           │  (read at forward time through an unregistered reference)
+        ┌──────────────────┼──────────────────┐
+    layer 0             layer 1      ...   layer L-1
+    B_0 (d_out x r)     B_1                 B_{L-1}        zeros, each its own Parameter
+
+    y = W0 x + (alpha/r) * sum_i softmax(R x)_i * B_{l,i} (A_g dropout(x))      (R only when heads > 1)
+
+Groups (``share_a_by``): ``"target"`` gives one A per module type (all q_proj share one);
+``"in_features"`` one A per input width, and then modules reading the same input in a layer
+(q, k, v; gate, up) compute A x once.
+
+Parameter count: |A| = r * sum_g d_in(g); |B| = L * N * r * sum_m d_out(m); |R| = L * N * sum_m d_in(m)
+if N > 1. LLaMA-3-8B, q,k,v,up,down, r = 16, N = 1: 13,074,432 (one A per target).
+
+The Reducer (EffiLoRACallback) decides which B train each optimizer step. It reaches the B only
+through ``effilora_units(model)`` -> ``SelectableUnits``; nothing else touches these modules' insides.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import AdapterConfig, AdapterLinear, kaiming_, mix_heads, new_param, resolve_dtype
+
+__all__ = ["EffiLoRAConfig", "EffiLoRALinear", "EffiLoRASharedA", "SelectableUnits", "effilora_units", "SHARED_A_NAME"]
+
+SHARED_A_NAME = "effilora_shared_a"
+"""Attribute on the model root that owns every shared A (state-dict keys ``effilora_shared_a.<group>``)."""
+
+
+@dataclass
+class EffiLoRAConfig(AdapterConfig):
+    """EffiLoRA: shared A, per-layer B. Which B train each step is the callback's business."""
+
+    method: ClassVar[str] = "effilora"
+
+    rank: int = 16
+    alpha: float = 32.0
+    """The update is multiplied by alpha / rank, as in LoRA (so exports to PEFT LoRA are exact)."""
+    dropout: float = 0.0
+    target_modules: list[str] | str = "all-linear"
+    share_a_by: Literal["target", "in_features"] = "target"
+    """One A per module type (``target``), or one per input width (``in_features``)."""
+    num_heads: int = 1
+    """B heads per module; > 1 adds a token-wise softmax router (then no static merge exists)."""
+    reuse_projection: bool = True
+    """With share_a_by="in_features", compute A x once for modules that read the same tensor."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_heads < 1:
+            raise ValueError(f"EffiLoRAConfig.num_heads must be >= 1, got {self.num_heads}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"EffiLoRAConfig.dropout must be in [0, 1), got {self.dropout}.")
+
+
+class EffiLoRASharedA(nn.ParameterDict):
+    """Owner of the shared A matrices, one per group, registered once at the model root.
+
+    It also carries a tiny per-parent cache so that q, k and v (same input, same A group) compute
+    A x once. Parents clear the cache on entry and exit (hooks installed by ``apply_adapter``), so a
+    re-run of the parent (activation checkpointing) recomputes instead of reusing a stale tensor.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reuse_projection = False
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def project(self, x: torch.Tensor, group: str, dropout: nn.Module) -> torch.Tensor:
+        """h = A_group dropout(x): (..., d_in) -> (..., r), shared between siblings when enabled."""
+        if self.reuse_projection and not torch.compiler.is_compiling():
+            hit = self._cache.get(group)
+            if hit is not None and hit[0] is x:
+                return hit[1]
+        a = self[group]
+        h = F.linear(dropout(x).to(a.dtype), a)  # (..., r)
+        if self.reuse_projection:
+            self._cache[group] = (x, h)
+        return h
+
+    def clear_cache(self, *_: object) -> None:
+        self._cache.clear()
+
+
+class EffiLoRALinear(AdapterLinear):
+    """One wrapped Linear of one layer: its B head(s) and, with several heads, its router."""
+
+    method: ClassVar[str] = "effilora"
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        cfg: EffiLoRAConfig,
+        shared: EffiLoRASharedA,
+        group: str,
+        generator: torch.Generator | None,
+    ) -> None:
+        super().__init__(base_layer, cfg.dropout)
+        w = base_layer.weight
+        dtype = resolve_dtype(cfg.adapter_dtype, w.dtype)
+        self.group = group
+        self.num_heads = cfg.num_heads
+        self.scaling = cfg.alpha / cfg.rank
+        # Unregistered: A has exactly one owner (the root); a registered alias would be saved per layer
+        # and would put one parameter in two FSDP2 groups.
+        object.__setattr__(self, "_shared", shared)
+        self.effilora_B = nn.ParameterList(
+            [nn.init.zeros_(new_param((self.out_features, cfg.rank), w, dtype)) for _ in range(cfg.num_heads)]
+        )  # N x (d_out, r)
+        if cfg.num_heads > 1:
+            self.effilora_router = nn.Linear(self.in_features, cfg.num_heads, bias=False, device=w.device, dtype=dtype)
+            kaiming_(self.effilora_router.weight, generator)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        h = self._shared.project(x, self.group, self.dropout)  # (..., r)
+        if self.num_heads == 1:
+            return F.linear(h, self.effilora_B[0]) * self.scaling  # (..., d_out)
+        return mix_heads(x, h, self.effilora_router.weight, self.effilora_B) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        if self.num_heads > 1:
+            return super().delta_weight()
+        a = self._shared[self.group]
+        return (self.effilora_B[0].float() @ a.float()) * self.scaling  # (d_out, d_in)
+
+    def shared_a(self) -> torch.Tensor:
+        """The A this layer reads (owned by the model root)."""
+        return self._shared[self.group]
+
+    def b_params(self) -> list[nn.Parameter]:
+        return list(self.effilora_B)
+
+
+def group_name(cfg: EffiLoRAConfig, module_name: str, layer: nn.Linear) -> str:
+    """Group key for the shared A of ``module_name`` (a valid ParameterDict key)."""
+    if cfg.share_a_by == "in_features":
+        return f"in{layer.in_features}"
+    return module_name.rsplit(".", 1)[-1]
+
+
+def make_shared(cfg: EffiLoRAConfig, layers: dict[str, nn.Linear], generator: torch.Generator | None) -> EffiLoRASharedA:
+    """Create one A per group; every module of a group must have the same input width."""
+    shared = EffiLoRASharedA()
+    shared.reuse_projection = cfg.reuse_projection and cfg.share_a_by == "in_features"
+    widths: dict[str, tuple[int, str]] = {}
+    for name, layer in layers.items():
+        g = group_name(cfg, name, layer)
+        seen = widths.setdefault(g, (layer.in_features, name))
+        if seen[0] != layer.in_features:
+            raise ValueError(
+                f"EffiLoRA cannot share one A across '{seen[1]}' (d_in={seen[0]}) and '{name}' "
+                f"(d_in={layer.in_features}): they have the same name but different input widths. "
+                "Use share_a_by='in_features' or narrow target_modules."
+            )
+        if g not in shared:
+            w = layer.weight
+            a = new_param((cfg.rank, layer.in_features), w, resolve_dtype(cfg.adapter_dtype, w.dtype))
+            kaiming_(a, generator)
+            shared[g] = a  # (r, d_in)
+    return shared
+
+
+_LAYER_INDEX = re.compile(r"^\d+$")
+
+
+def unit_name(module_name: str, granularity: Literal["layer", "module"]) -> str:
+    """The selectable unit a module belongs to: its decoder layer (up to the first integer) or itself."""
+    if granularity == "module":
+        return module_name
+    parts = module_name.split(".")
+    for i, part in enumerate(parts):
+        if _LAYER_INDEX.match(part):
+            return ".".join(parts[: i + 1])
+    return module_name
+
+
+@dataclass(frozen=True)
+class SelectableUnits:
+    """The B parameters grouped into selectable units, and the one way to set which of them train.
+
+    ``params`` is flat (every B once); ``unit_of_param[j]`` is the unit of ``params[j]``. Build it after
+    any sharding: FSDP2 replaces Parameter objects when it shards them.
+    """
+
+    names: tuple[str, ...]
+    params: tuple[nn.Parameter, ...]
+    unit_of_param: torch.Tensor  # (P,) int64, on CPU
+    numel: torch.Tensor  # (U,) int64, parameters per unit (global, unsharded)
+
+    @property
+    def num_units(self) -> int:
+        return len(self.names)
+
+    def set_trainable(self, selected: Sequence[bool] | torch.Tensor) -> None:
+        """requires_grad=True on the B of selected units, False on the rest (autograd then skips them)."""
+        flags = torch.as_tensor(selected, dtype=torch.bool).tolist()
+        if len(flags) != self.num_units:
+            raise ValueError(f"set_trainable got {len(flags)} flags for {self.num_units} units.")
+        for p, u in zip(self.params, self.unit_of_param.tolist()):
+            p.requires_grad_(flags[u])
+
+    def trainable(self) -> torch.Tensor:
+        """(U,) bool: a unit is trainable when all its B are."""
+        out = torch.ones(self.num_units, dtype=torch.bool)
+        for p, u in zip(self.params, self.unit_of_param.tolist()):
+            out[u] &= p.requires_grad
+        return out
+
+
+def effilora_units(model: nn.Module, granularity: Literal["layer", "module"] = "layer") -> SelectableUnits:
+    """Collect every EffiLoRA B of ``model`` into units (default: one unit per decoder layer)."""
+    if granularity not in ("layer", "module"):
+        raise ValueError(f"granularity must be 'layer' or 'module', got {granularity!r}.")
+    names: list[str] = []
+    params: list[nn.Parameter] = []
+    owner: list[int] = []
+    numel: list[int] = []
+    for mname, module in model.named_modules():
+        if not isinstance(module, EffiLoRALinear):
+            continue
+        uname = unit_name(mname, granularity)
+        if uname not in names:
+            names.append(uname)
+            numel.append(0)
+        u = names.index(uname)
+        for p in module.b_params():
+            params.append(p)
+            owner.append(u)
+            numel[u] += p.numel()  # global size, also for a sharded DTensor
+    if not params:
+        raise ValueError(
+            "The model has no EffiLoRA modules. Call apply_adapter(model, EffiLoRAConfig(...)) first "
+            "(in your LightningModule's configure_model), or remove EffiLoRACallback."
+        )
+    return SelectableUnits(tuple(names), tuple(params), torch.tensor(owner), torch.tensor(numel))

@@ -1,0 +1,215 @@
+"""Adapter files: save/load (safetensors + json), merge into the base, export as a PEFT LoRA adapter.
+
+Keys are stored relative to the module ``apply_adapter`` was called on, so an adapter saved from a
+LightningModule (``model.layers.0...`` under ``self.model``) loads onto the bare Hugging Face model.
+Files are written once (rank 0), into a temporary directory renamed into place: a crash mid-write
+never leaves a half adapter behind. Sharded (DTensor) parameters are gathered first; every rank
+must call ``save_adapter`` / ``export_peft_lora`` then, since the gather is a collective.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .base import AdapterConfig, AdapterLinear, is_adapter_param
+from .effilora import EffiLoRAConfig, EffiLoRALinear
+from .hydralora import HydraLoRAConfig
+from .inject import AdapterReport, adapter_config_of, apply_adapter
+from .lily import LilyConfig
+from .lora import LoRAConfig, LoRALinear
+
+__all__ = ["save_adapter", "load_adapter", "merge_adapter", "unmerge_adapter", "export_peft_lora"]
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+FORMAT = "effilora_lightning.adapter/1"
+_CONFIGS: dict[str, type[AdapterConfig]] = {
+    c.method: c for c in (LoRAConfig, EffiLoRAConfig, HydraLoRAConfig, LilyConfig)
+}
+
+
+def _adapter_root(model: nn.Module) -> tuple[str, nn.Module, AdapterConfig]:
+    """(prefix, module, config) of the module apply_adapter was called on."""
+    for name, module in model.named_modules():
+        cfg = getattr(module, "_effilora_adapter_config", None)
+        if cfg is not None:
+            return (name + "." if name else ""), module, cfg
+    raise ValueError(f"{type(model).__name__} has no adapter: call apply_adapter(model, config) first.")
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A plain CPU tensor; gathers a sharded DTensor (collective: every rank must get here)."""
+    full = getattr(t, "full_tensor", None)
+    t = full() if callable(full) else t
+    return t.detach().to("cpu").contiguous()
+
+
+def _is_rank0() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("effilora_lightning", "torch", "transformers", "lightning", "peft"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _write_dir_atomically(directory: Path, files: dict[str, Any]) -> None:
+    """Write {filename: dict-of-tensors | json-able} into a temp dir, then rename it to ``directory``."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    for fname, content in files.items():
+        if fname.endswith(".safetensors"):
+            save_file(content, str(tmp / fname), metadata={"format": "pt"})
+        else:
+            (tmp / fname).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+    old = None
+    if directory.exists():
+        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], AdapterConfig, dict[str, Any]]:
+    """Adapter tensors (by name, frozen ones included), the config, and the wrapped-module map."""
+    prefix, root, cfg = _adapter_root(model)
+    tensors = {n: _full(p) for n, p in root.named_parameters() if is_adapter_param(n)}
+    target_map = {
+        n: {"in_features": m.in_features, "out_features": m.out_features, "class": type(m).__name__}
+        for n, m in root.named_modules()
+        if isinstance(m, AdapterLinear)
+    }
+    return tensors, cfg, target_map
+
+
+def save_adapter(model: nn.Module, directory: str | Path) -> Path:
+    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` (method, config, target map, versions)."""
+    tensors, cfg, target_map = adapter_state(model)
+    directory = Path(directory)
+    if _is_rank0():
+        meta = {"format": FORMAT, "method": cfg.method, "config": cfg.to_dict(), "target_map": target_map,
+                "versions": _versions()}
+        _write_dir_atomically(directory, {WEIGHTS_NAME: tensors, CONFIG_NAME: meta})
+    return directory
+
+
+def read_adapter_config(directory: str | Path) -> tuple[AdapterConfig, dict[str, Any]]:
+    """Parse ``adapter_config.json`` back into a config dataclass."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"No adapter config at {path}: expected a directory written by save_adapter.")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an effilora_lightning adapter (format={meta.get('format')!r}, expected {FORMAT!r}).")
+    fields = dict(meta["config"])
+    method = fields.pop("method")
+    return _CONFIGS[method](**fields), meta
+
+
+def load_adapter(model: nn.Module, directory: str | Path) -> AdapterReport | None:
+    """Load a saved adapter into ``model``; applies the saved config first if the model has no adapter.
+
+    Raises a ValueError naming the module and both shapes when the model does not fit the file.
+    """
+    cfg, meta = read_adapter_config(directory)
+    report = apply_adapter(model, cfg) if adapter_config_of(model) is None else None
+    _, root, current = _adapter_root(model)
+    if current.method != cfg.method:
+        raise ValueError(f"{directory} holds a {cfg.method} adapter but the model carries {current.method}.")
+    weights = Path(directory) / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"No adapter weights at {weights}.")
+    saved = load_file(str(weights))
+    params = {n: p for n, p in root.named_parameters() if is_adapter_param(n)}
+    _check_fit(saved, params, weights)
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            params[name].copy_(tensor.to(params[name].dtype))
+    return report
+
+
+def _check_fit(saved: dict[str, torch.Tensor], params: dict[str, torch.Tensor], path: Path) -> None:
+    for name, tensor in saved.items():
+        if name not in params:
+            raise ValueError(f"{path}: '{name}' has no matching adapter parameter in the model (module missing).")
+        if tuple(params[name].shape) != tuple(tensor.shape):
+            raise ValueError(
+                f"{path}: shape mismatch at '{name}': file has {tuple(tensor.shape)}, model has {tuple(params[name].shape)}."
+            )
+    missing = sorted(set(params) - set(saved))
+    if missing:
+        raise ValueError(f"{path}: the model has adapter parameters the file lacks, e.g. {missing[:3]}.")
+
+
+def _linears(model: nn.Module) -> list[AdapterLinear]:
+    return [m for m in model.modules() if isinstance(m, AdapterLinear)]
+
+
+def merge_adapter(model: nn.Module) -> None:
+    """W0 += update for every wrapped module (fp32 math, cast back). Idempotent. Checks all first."""
+    layers = _linears(model)
+    for m in layers:
+        if not isinstance(m, LoRALinear) and not (isinstance(m, EffiLoRALinear) and m.num_heads == 1):
+            m.delta_weight()  # raises the explanation for router-based methods
+    for m in layers:
+        m.merge()
+
+
+def unmerge_adapter(model: nn.Module) -> None:
+    """Undo ``merge_adapter``. Idempotent."""
+    for m in _linears(model):
+        m.unmerge()
+
+
+def export_peft_lora(model: nn.Module, directory: str | Path, base_model_name_or_path: str | None = None) -> Path:
+    """Write a standard PEFT LoRA adapter (EffiLoRA with one head: A copied into each layer).
+
+    ``peft.PeftModel.from_pretrained(base, directory)`` then reproduces the adapted model's outputs.
+    """
+    prefix, root, cfg = _adapter_root(model)
+    if not isinstance(cfg, (LoRAConfig, EffiLoRAConfig)) or getattr(cfg, "num_heads", 1) != 1:
+        raise ValueError(
+            f"Only LoRA and single-head EffiLoRA are PEFT LoRA adapters; {cfg.method} "
+            f"(num_heads={getattr(cfg, 'num_heads', None)}) routes per input and has no LoRA equivalent."
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    names = []
+    for name, m in root.named_modules():
+        if isinstance(m, LoRALinear):
+            a, b = m.lora_A, m.lora_B
+        elif isinstance(m, EffiLoRALinear):
+            a, b = m.shared_a(), m.effilora_B[0]
+        else:
+            continue
+        names.append(name)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = _full(a).clone()  # clone: no shared storage in safetensors
+        tensors[f"base_model.model.{name}.lora_B.weight"] = _full(b)
+    peft_cfg = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.rank, "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+        "target_modules": "^(?:" + "|".join(re.escape(n) for n in names) + ")$",
+        "base_model_name_or_path": base_model_name_or_path, "use_rslora": False, "use_dora": False,
+        "modules_to_save": None, "init_lora_weights": True,
+    }
+    directory = Path(directory)
+    if _is_rank0():
+        _write_dir_atomically(directory, {WEIGHTS_NAME: tensors, CONFIG_NAME: peft_cfg})
+    return directory

@@ -1,0 +1,390 @@
+"""EffiLoRACallback: each optimizer step, re-rank B importance, train only the top units, log the cost.
+
+One optimizer step (see DESIGN.md, "Data flow in one training step"):
+
+    on_train_batch_start     first micro-batch of step s: apply selection S_s (requires_grad on/off)
+    forward / backward       frozen B pass activation gradients but get no weight gradient
+    on_before_optimizer_step grads complete and reduced: per-unit scores -> all-reduce -> EMA;
+                             grad_drop mode drops unselected grads here; decide S_{s+1}
+    on_train_batch_end       log active units/params, churn, scores, tokens/s, memory, MFU
+
+State (EMA, seen units, next selection, step, selection history) is checkpointed and re-applied in
+``on_train_start``, because sharded strategies restore callbacks after ``on_fit_start``. The draw is
+seeded by (seed, step), so no RNG state needs saving and every rank agrees.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.throughput import get_available_flops
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from torch import nn
+from typing_extensions import override
+
+from ..adapters import SelectableUnits, effilora_units
+from ..adapters.effilora import EffiLoRALinear
+from ..selection import FROZEN_SCORE, IMPORTANCE, SELECTION, ImportanceTracker, local_unit_scores, num_kept
+from .heatmap import write_selection_heatmap
+
+__all__ = ["EffiLoRACallback"]
+
+
+class EffiLoRACallback(Callback):
+    """Selective B updates for EffiLoRA (the paper's Reducer), plus memory and throughput logging.
+
+    Works with any LightningModule whose model went through ``apply_adapter(model, EffiLoRAConfig(...))``
+    (in ``__init__`` or ``configure_model``), with every adapter parameter in the optimizer from step 0.
+
+    Args:
+        keep_ratio: share of units trained each step, in (0, 1]; K = ceil(keep_ratio * units).
+        importance: ``taylor`` (sum |B * dL/dB|), ``grad_norm``, ``weight_norm`` or ``random``.
+        selection: ``sample`` (K units without replacement from softmax(z-scored EMA / temperature)),
+            ``topk`` or ``random``.
+        temperature: sampling temperature (> 0); lower concentrates on the top units.
+        ema_beta: EMA weight of past scores, in [0, 1).
+        warmup_steps: optimizer steps during which every unit trains; a float in (0, 1) is a share of
+            the first epoch's optimizer steps.
+        every_n_steps: re-select every n optimizer steps (the selection holds in between).
+        granularity: ``layer`` (all B of a decoder layer form one unit) or ``module``.
+        freeze_mode: ``requires_grad`` (frozen B get no weight gradient: saves compute) or ``grad_drop``
+            (gradients computed, dropped after reduction: for DDP without find_unused_parameters and
+            for torch.compile).
+        frozen_score: ``keep`` a frozen unit's EMA, or ``decay`` it by ema_beta each frozen step.
+        seed: seeds the per-step draw; with the step it fixes the selection on every rank.
+        log_every_n_steps: logging period in optimizer steps (default: the Trainer's).
+        heatmap: write ``effilora_selection.png`` (units x steps) into the log directory at the end of fit.
+
+    Raises:
+        ValueError: at construction for an argument out of range or an unknown name; in ``setup`` /
+            ``on_fit_start`` when the model has no EffiLoRA modules or a B is missing from the optimizer.
+        RuntimeError: ``requires_grad`` mode with torch.compile or with DDP without find_unused_parameters.
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[EffiLoRACallback(keep_ratio=0.5)])
+    """
+
+    def __init__(
+        self,
+        keep_ratio: float = 0.5,
+        importance: Literal["taylor", "grad_norm", "weight_norm", "random"] = "taylor",
+        selection: Literal["sample", "topk", "random"] = "sample",
+        temperature: float = 1.0,
+        ema_beta: float = 0.85,
+        warmup_steps: int | float = 0.1,
+        every_n_steps: int = 1,
+        granularity: Literal["layer", "module"] = "layer",
+        freeze_mode: Literal["requires_grad", "grad_drop"] = "requires_grad",
+        frozen_score: Literal["keep", "decay"] = "keep",
+        seed: int = 0,
+        log_every_n_steps: int | None = None,
+        heatmap: bool = True,
+    ) -> None:
+        super().__init__()
+        _check_args(keep_ratio, importance, selection, temperature, ema_beta, warmup_steps, every_n_steps,
+                    granularity, freeze_mode, frozen_score)
+        self.keep_ratio, self.importance, self.selection = keep_ratio, importance, selection
+        self.temperature, self.ema_beta, self.warmup_steps = temperature, ema_beta, warmup_steps
+        self.every_n_steps, self.granularity, self.freeze_mode = every_n_steps, granularity, freeze_mode
+        self.frozen_score, self.seed, self.log_every_n_steps, self.heatmap = frozen_score, seed, log_every_n_steps, heatmap
+        self.units: SelectableUnits | None = None
+        self.tracker: ImportanceTracker | None = None
+        self.selected: torch.Tensor | None = None  # (U,) bool: the units that train in the current step
+        self.history: list[torch.Tensor] = []  # selection of each optimizer step, for the heatmap
+        self._restored: dict[str, Any] | None = None
+        self._applied_step = -1  # global_step whose selection is in force (once-per-step guard)
+        self._scored_step = -1
+        self._warmup = 0
+        self._meter = _Meter()
+
+    # ---------------------------------------------------------------- set-up
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        configured_later = type(pl_module).configure_model is not pl.LightningModule.configure_model
+        if not configured_later and not _has_effilora(pl_module):
+            raise ValueError(_NO_EFFILORA)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not _has_effilora(pl_module):
+            raise ValueError(_NO_EFFILORA)
+        if self.freeze_mode == "requires_grad":
+            _refuse_compile_and_plain_ddp(trainer, pl_module)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Parameters are final now (sharding replaced them), and a checkpoint, if any, is restored.
+        self.units = effilora_units(pl_module, self.granularity)
+        _check_in_optimizer(trainer, self.units)
+        self.tracker = ImportanceTracker(self.units.num_units, self.ema_beta, self.frozen_score)
+        self._warmup = self._resolve_warmup(trainer)
+        if self._restored is not None:
+            self._load_restored()
+        else:
+            self.selected = self._decide(trainer.global_step)
+        self._applied_step = -1
+        k = num_kept(self.keep_ratio, self.units.num_units)
+        rank_zero_info(f"EffiLoRACallback: {self.units.num_units} units ({self.granularity}), keeping {k} per step "
+                       f"after {self._warmup} warm-up steps, importance={self.importance}, selection={self.selection}.")
+
+    def _resolve_warmup(self, trainer: pl.Trainer) -> int:
+        if isinstance(self.warmup_steps, int):
+            return self.warmup_steps
+        batches = trainer.num_training_batches
+        steps = batches / trainer.accumulate_grad_batches if math.isfinite(batches) else 0
+        return int(self.warmup_steps * steps)
+
+    # ---------------------------------------------------------------- the step
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._meter.count_batch(batch)
+        if trainer.global_step == self._applied_step:
+            return  # not the first micro-batch of this optimizer step
+        self._applied_step = trainer.global_step
+        if self.freeze_mode == "requires_grad":
+            self.units.set_trainable(self.selected)
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        step = trainer.global_step
+        if step == self._scored_step:
+            return  # a second optimizer in the same step: score once
+        self._scored_step = step
+        units = self.units
+        if self.freeze_mode == "grad_drop":
+            self._drop_unselected_grads()
+        scores, observed = local_unit_scores(units.params, units.unit_of_param, units.num_units, self.importance)
+        _all_reduce(scores, sharded=_is_sharded(units.params))
+        self.tracker.update(scores.cpu(), observed)  # the one device-to-host transfer of the step
+        self.history.append(self.selected.clone())
+        self.selected = self._decide(step + 1)
+
+    def _drop_unselected_grads(self) -> None:
+        keep = self.selected.tolist()
+        for p, u in zip(self.units.params, self.units.unit_of_param.tolist()):
+            if not keep[u]:
+                p.grad = None
+
+    def _decide(self, step: int) -> torch.Tensor:
+        """Selection in force for optimizer step ``step``."""
+        n = self.units.num_units
+        if step < self._warmup:
+            return torch.ones(n, dtype=torch.bool)
+        if self.selected is not None and self.selected.sum() < n and (step - self._warmup) % self.every_n_steps:
+            return self.selected
+        k = num_kept(self.keep_ratio, n)
+        return self.tracker.select(k, self.selection, self.temperature, self.seed, step)
+
+    # ---------------------------------------------------------------- logging
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step == self._applied_step:
+            return  # no optimizer step happened in this batch (accumulating)
+        self._meter.steps += 1
+        every = self.log_every_n_steps or trainer.log_every_n_steps
+        if trainer.global_step % every == 0:
+            metrics = self._meter.flush(pl_module, self._flops_per_token(pl_module))
+            metrics.update(self._selection_metrics())
+            for logger in trainer.loggers:  # straight to the loggers: our period, not the Trainer's
+                logger.log_metrics(metrics, step=trainer.global_step)
+
+    def _selection_metrics(self) -> dict[str, float]:
+        """Units and B parameters trained in the last step, churn against the step before, EMA spread."""
+        last = self.history[-1] if self.history else self.selected
+        churn = float((self.history[-1] != self.history[-2]).sum()) if len(self.history) > 1 else 0.0
+        ema = self.tracker.ema
+        return {
+            "effilora/active_units": float(last.sum()),
+            "effilora/active_b_params": float(self.units.numel[last].sum()),
+            "effilora/churn": churn,
+            "effilora/score_mean": float(ema.mean()),
+            "effilora/score_max": float(ema.max()),
+            "effilora/score_min": float(ema.min()),
+        }
+
+    def _flops_per_token(self, pl_module: nn.Module) -> float:
+        """Training FLOPs per token: 2N forward + 2N activation backward + 2 x trained params (weight grads)."""
+        if self._meter.params_total is None:
+            self._meter.params_total = sum(p.numel() for p in pl_module.parameters())
+        trained = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        return 4.0 * self._meter.params_total + 2.0 * trained
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.heatmap and self.history:
+            self._write_heatmap(trainer)
+
+    @rank_zero_only
+    def _write_heatmap(self, trainer: pl.Trainer) -> None:
+        out = Path(trainer.log_dir or trainer.default_root_dir) / "effilora_selection.png"
+        write_selection_heatmap(torch.stack(self.history), list(self.units.names), out)
+        rank_zero_info(f"EffiLoRACallback: selection heatmap written to {out}")
+
+    # ---------------------------------------------------------------- checkpoint
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self.tracker is None:
+            return {}
+        return {
+            "tracker": self.tracker.state_dict(),
+            "selected": self.selected.clone(),
+            "history": torch.stack(self.history) if self.history else torch.zeros(0, self.units.num_units, dtype=torch.bool),
+            "unit_names": list(self.units.names),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = dict(state_dict) if state_dict else None
+
+    def _load_restored(self) -> None:
+        state, self._restored = self._restored, None
+        if list(state["unit_names"]) != list(self.units.names):
+            raise ValueError(
+                "The checkpoint's EffiLoRA units differ from this model's "
+                f"({len(state['unit_names'])} vs {self.units.num_units}): resume with the same adapter config."
+            )
+        self.tracker.load_state_dict(state["tracker"])
+        self.selected = state["selected"].to(torch.bool).clone()
+        self.history = list(state["history"].to(torch.bool).unbind(0))
+
+
+_NO_EFFILORA = (
+    "EffiLoRACallback found no EffiLoRA modules in the LightningModule. Call "
+    "apply_adapter(model, EffiLoRAConfig(...)) in its __init__ or configure_model (the model must be an "
+    "attribute of the LightningModule), or drop the callback for other adapter methods."
+)
+
+
+def _has_effilora(module: nn.Module) -> bool:
+    return any(isinstance(m, EffiLoRALinear) for m in module.modules())
+
+
+def _is_sharded(params: tuple[torch.Tensor, ...]) -> bool:
+    return hasattr(params[0], "to_local")
+
+
+def _all_reduce(scores: torch.Tensor, sharded: bool) -> None:
+    """Shards hold parts of each B (SUM completes the score); replicas hold copies (AVG keeps it)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(scores, op=dist.ReduceOp.SUM)
+        if not sharded:
+            scores.div_(dist.get_world_size())
+
+
+def _check_in_optimizer(trainer: pl.Trainer, units: SelectableUnits) -> None:
+    in_opt = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
+    missing = sum(id(p) not in in_opt for p in units.params)
+    if missing:
+        raise ValueError(
+            f"{missing} of {len(units.params)} EffiLoRA B parameters are not in the optimizer. Put every adapter "
+            "parameter in the optimizer from step 0 (select them by name, not by requires_grad): the callback "
+            "toggles them and never adds param groups."
+        )
+
+
+def _refuse_compile_and_plain_ddp(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    compiled = getattr(pl_module, "_compiler_ctx", None) or getattr(pl_module, "_compiled_call_impl", None)
+    if compiled:
+        raise RuntimeError(
+            "EffiLoRACallback(freeze_mode='requires_grad') cannot run under torch.compile: compiled graphs do not "
+            "guard on requires_grad, so toggled B would silently stop training. Use freeze_mode='grad_drop'."
+        )
+    from lightning.pytorch.strategies import DDPStrategy
+
+    strategy = trainer.strategy
+    if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters", False):
+        raise RuntimeError(
+            "EffiLoRACallback(freeze_mode='requires_grad') under DDP needs find_unused_parameters: use "
+            "strategy='ddp_find_unused_parameters_true', or freeze_mode='grad_drop'."
+        )
+
+
+class _Meter:
+    """Throughput and memory between two log points; token counts stay on the device until then."""
+
+    def __init__(self) -> None:
+        self.tokens: torch.Tensor | None = None
+        self.samples = 0
+        self.steps = 0
+        self.t0 = time.perf_counter()
+        self.params_total: int | None = None
+
+    def count_batch(self, batch: Any) -> None:
+        ids, mask = _ids_and_mask(batch)
+        if ids is None:
+            return
+        n = mask.sum() if mask is not None else torch.tensor(ids.numel(), device=ids.device)
+        self.tokens = n if self.tokens is None else self.tokens + n  # on device: no sync
+        self.samples += ids.shape[0]
+
+    def flush(self, pl_module: pl.LightningModule, flops_per_token: float) -> dict[str, float]:
+        device = pl_module.device
+        local = torch.tensor([float(self.tokens) if self.tokens is not None else 0.0, float(self.samples)],
+                             device=device, dtype=torch.float64)
+        mem = torch.tensor([_peak_memory_mb(device)], device=device, dtype=torch.float64)
+        world = 1
+        if dist.is_available() and dist.is_initialized():
+            world = dist.get_world_size()
+            dist.all_reduce(local, op=dist.ReduceOp.SUM)
+            dist.all_reduce(mem, op=dist.ReduceOp.MAX)
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        tokens, samples = local.tolist()
+        out = {
+            "perf/tokens_per_sec": tokens / elapsed,
+            "perf/samples_per_sec": samples / elapsed,
+            "perf/step_time_sec": elapsed / max(self.steps, 1),
+            "perf/peak_memory_mb": float(mem.item()),
+        }
+        peak = get_available_flops(device, next(pl_module.parameters()).dtype) if device.type == "cuda" else None
+        if peak:
+            out["perf/mfu"] = flops_per_token * tokens / elapsed / (peak * world)
+        self.tokens, self.samples, self.steps, self.t0 = None, 0, 0, time.perf_counter()
+        return out
+
+
+def _ids_and_mask(batch: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    if isinstance(batch, dict):
+        return batch.get("input_ids"), batch.get("attention_mask")
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0], None
+    return None, None
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    """CUDA peak allocated on GPU, else the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def _check_args(keep_ratio: float, importance: str, selection: str, temperature: float, ema_beta: float,
+                warmup_steps: int | float, every_n_steps: int, granularity: str, freeze_mode: str,
+                frozen_score: str) -> None:
+    if not 0.0 < keep_ratio <= 1.0:
+        raise ValueError(f"EffiLoRACallback(keep_ratio={keep_ratio}): must be in (0, 1].")
+    for name, value, allowed in (("importance", importance, IMPORTANCE), ("selection", selection, SELECTION),
+                                 ("granularity", granularity, ("layer", "module")),
+                                 ("freeze_mode", freeze_mode, ("requires_grad", "grad_drop")),
+                                 ("frozen_score", frozen_score, FROZEN_SCORE)):
+        if value not in allowed:
+            raise ValueError(f"EffiLoRACallback({name}={value!r}): must be one of {allowed}.")
+    if not temperature > 0:
+        raise ValueError(f"EffiLoRACallback(temperature={temperature}): must be > 0.")
+    if not 0.0 <= ema_beta < 1.0:
+        raise ValueError(f"EffiLoRACallback(ema_beta={ema_beta}): must be in [0, 1).")
+    if warmup_steps < 0 or (isinstance(warmup_steps, float) and warmup_steps >= 1.0):
+        raise ValueError(f"EffiLoRACallback(warmup_steps={warmup_steps}): an int >= 0, or a float share in [0, 1).")
+    if every_n_steps < 1:
+        raise ValueError(f"EffiLoRACallback(every_n_steps={every_n_steps}): must be >= 1.")

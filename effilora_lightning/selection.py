@@ -1,0 +1,139 @@
+"""The Reducer's arithmetic, in pure PyTorch: importance scores, their EMA, and which units to keep.
+
+One optimizer step, as EffiLoRACallback drives it:
+
+    local_unit_scores(units, importance)  -> (U,) on the params' device, from complete local grads
+    (callback all-reduces the vector: SUM over shards under FSDP, MEAN over replicas under DDP)
+    ImportanceTracker.update(scores, observed)   EMA on CPU; a frozen unit's score stays or decays
+    ImportanceTracker.select(k, step)            sample / top-k / random, seeded by (seed, step)
+
+No per-parameter kernel loop: scores come from a few ``torch._foreach_*`` calls and one index_add.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+__all__ = ["IMPORTANCE", "SELECTION", "FROZEN_SCORE", "local_unit_scores", "ImportanceTracker", "num_kept", "step_generator"]
+
+IMPORTANCE = ("taylor", "grad_norm", "weight_norm", "random")
+SELECTION = ("sample", "topk", "random")
+FROZEN_SCORE = ("keep", "decay")
+
+Importance = Literal["taylor", "grad_norm", "weight_norm", "random"]
+Selection = Literal["sample", "topk", "random"]
+
+
+def num_kept(keep_ratio: float, num_units: int) -> int:
+    """K = ceil(keep_ratio * units), at least 1."""
+    return max(1, min(num_units, math.ceil(keep_ratio * num_units - 1e-9)))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2), or the tensor itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+def local_unit_scores(
+    params: Sequence[torch.Tensor], unit_of_param: torch.Tensor, num_units: int, importance: Importance
+) -> tuple[torch.Tensor, list[bool]]:
+    """Per-unit importance from this rank's (shard of the) parameters and gradients.
+
+    Returns ``(scores, observed)``: scores (U,) float32 on the parameters' device, summable across
+    shards (taylor: sum |B * dL/dB|; grad_norm: sum (dL/dB)^2; weight_norm: sum B^2; random: 0);
+    observed[u] is False for a unit none of whose B has a gradient this step (it was frozen).
+    Call after gradients are complete and reduced.
+    """
+    has = [p.grad is not None for p in params]
+    observed = [False] * num_units
+    for u, h in zip(unit_of_param.tolist(), has):
+        observed[u] = observed[u] or h
+    if importance == "weight_norm":
+        observed = [True] * num_units
+        idx = list(range(len(params)))
+    else:
+        idx = [j for j, h in enumerate(has) if h]
+    device = params[0].device
+    scores = torch.zeros(num_units, dtype=torch.float32, device=device)
+    if not idx or importance == "random":
+        return scores, observed
+    ps = [_local(params[j]).detach() for j in idx]
+    if importance == "taylor":
+        vals = torch._foreach_norm(torch._foreach_mul(ps, [_local(params[j].grad) for j in idx]), 1)
+    elif importance == "grad_norm":
+        vals = torch._foreach_pow(torch._foreach_norm([_local(params[j].grad) for j in idx], 2), 2)
+    else:
+        vals = torch._foreach_pow(torch._foreach_norm(ps, 2), 2)
+    owner = unit_of_param[idx].to(device)
+    scores.index_add_(0, owner, torch.stack([v.float() for v in vals]))
+    return scores, observed
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """A CPU generator that depends only on (seed, step): every rank, and a resumed run, draws alike."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
+
+
+class ImportanceTracker:
+    """EMA of per-unit scores (on CPU) and the selection rule.
+
+    Args:
+        num_units: how many selectable units.
+        ema_beta: weight of the past; a unit's first observation initialises its EMA directly.
+        frozen_score: ``"keep"`` leaves a frozen unit's EMA as it was; ``"decay"`` multiplies it by
+            ema_beta each step it is frozen (so long-frozen units fade unless sampling revives them).
+    """
+
+    def __init__(self, num_units: int, ema_beta: float = 0.85, frozen_score: str = "keep") -> None:
+        self.ema = torch.zeros(num_units, dtype=torch.float64)
+        self.seen = torch.zeros(num_units, dtype=torch.bool)
+        self.ema_beta = ema_beta
+        self.frozen_score = frozen_score
+
+    def update(self, scores: torch.Tensor, observed: Sequence[bool]) -> None:
+        """Fold one step's reduced scores (U,) into the EMA."""
+        s = scores.detach().to("cpu", torch.float64)
+        obs = torch.as_tensor(observed, dtype=torch.bool)
+        fresh = obs & ~self.seen
+        blended = self.ema_beta * self.ema + (1.0 - self.ema_beta) * s
+        self.ema = torch.where(fresh, s, torch.where(obs, blended, self.ema))
+        if self.frozen_score == "decay":
+            self.ema = torch.where(obs, self.ema, self.ema * self.ema_beta)
+        self.seen |= obs
+
+    def select(self, k: int, method: Selection, temperature: float, seed: int, step: int) -> torch.Tensor:
+        """(U,) bool with exactly k True. Deterministic in (scores, seed, step); ties -> lower index."""
+        n = self.ema.numel()
+        gen = step_generator(seed, step)
+        if method == "topk":
+            order = torch.sort(-self.ema, stable=True).indices[:k]
+        elif method == "random":
+            order = torch.randperm(n, generator=gen)[:k]
+        else:
+            order = torch.multinomial(self.sample_probs(temperature), k, replacement=False, generator=gen)
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[order] = True
+        return mask
+
+    def sample_probs(self, temperature: float) -> torch.Tensor:
+        """softmax(z / T) of the z-scored EMA: scale-free, so one temperature fits any model size."""
+        std = self.ema.std(unbiased=False) if self.ema.numel() > 1 else torch.tensor(0.0, dtype=torch.float64)
+        z = (self.ema - self.ema.mean()) / std if std > 0 else torch.zeros_like(self.ema)
+        return torch.softmax(z / temperature, dim=0)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"ema": self.ema.clone(), "seen": self.seen.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state["ema"].numel() != self.ema.numel():
+            raise ValueError(
+                f"Checkpointed EffiLoRA state has {state['ema'].numel()} units, the model has {self.ema.numel()}: "
+                "the checkpoint belongs to another adapter layout."
+            )
+        self.ema = state["ema"].to(torch.float64).clone()
+        self.seen = state["seen"].to(torch.bool).clone()

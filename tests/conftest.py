@@ -1,0 +1,22 @@
+"""Shared fixtures: tiny LLaMA models built from a config (CPU, seeded, seconds)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def tiny_llama():
+    from helpers import tiny_llama as build
+
+    return build
