@@ -1,0 +1,424 @@
+"""LightningDataModule for commonsense reasoning in the LLM-Adapters layout (commonsense_170k + 8 test sets).
+
+Batches (all tensors are LongTensor):
+
+* training / validation loss, right-padded::
+
+    {"input_ids": (B, T), "attention_mask": (B, T), "labels": (B, T)}   # -100 on padding (and prompt if masked)
+
+* generation (validation subset and test), LEFT-padded prompts ending in "### Response:\\n"::
+
+    {"input_ids": (B, T), "attention_mask": (B, T), "task": list[str], "answer": list[str], "sample_id": (B,)}
+
+  ``sample_id`` is ``TASKS.index(task) * SAMPLE_ID_STRIDE + index of the record in its test.json``: unique
+  across tasks and identical in every run, so a distributed evaluation can drop the duplicates that the
+  distributed sampler pads with (see ``effilora_lightning.metrics.TaskAccuracy``).
+
+``val_dataloader()`` returns a list: the loss loader over the held-out split of the training file (when
+``val_set_size > 0``), then the generation loader over the first ``val_generation_samples_per_task`` records
+of each eval task (when > 0). Tell them apart with ``is_generation_batch(batch)``, not by dataloader index.
+``test_dataloader()`` returns the generation loader over all eval tasks (capped by
+``max_test_samples_per_task``).
+
+Sequences are ``<bos> prompt output <eos>``: BOS is added here exactly once (the text is tokenized without
+special tokens), EOS only when the sequence fits in ``cutoff_len``. Longer training sequences are cut at
+``cutoff_len``; longer generation prompts keep BOS and their LAST tokens (the question and "### Response:").
+Both are counted (``num_truncated_train``, ``num_truncated_eval``) and warned about once.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from effilora_lightning.data.templates import ANSWER_PATTERNS, TASKS, build_eval_prompt, build_train_prompt
+from effilora_lightning.data.tokenizer import load_tokenizer
+
+__all__ = ["SAMPLE_ID_STRIDE", "CommonsenseDataModule", "RecordError", "is_generation_batch", "read_records"]
+
+SAMPLE_ID_STRIDE = 10_000_000
+"""sample_id = task index * SAMPLE_ID_STRIDE + record index (test sets are far smaller than the stride)."""
+
+
+class RecordError(ValueError):
+    """A data file or one of its records is malformed; the message names the file, record and field."""
+
+
+def is_generation_batch(batch: dict[str, Any]) -> bool:
+    """True for a left-padded prompt batch to generate from, False for a teacher-forced loss batch."""
+    return "sample_id" in batch
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def read_records(path: Path, on_bad_record: Literal["error", "skip"] = "error") -> tuple[list[tuple[int, Any]], int]:
+    """Parse a JSON list or JSON Lines file into (record index, record) pairs and the number of skipped lines.
+
+    A JSON list that does not parse is always an error (nothing can be recovered from it); a bad JSON Lines
+    line is an error, or skipped and counted with ``on_bad_record="skip"``.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise RecordError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from err
+        return list(enumerate(records)), 0
+    return _read_json_lines(path, text, on_bad_record)
+
+
+def _read_json_lines(path: Path, text: str, on_bad_record: str) -> tuple[list[tuple[int, Any]], int]:
+    """One JSON value per non-blank line; the record index counts non-blank lines from 0."""
+    records, skipped = [], 0
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    for index, (line_no, line) in enumerate(lines):
+        try:
+            records.append((index, json.loads(line)))
+        except json.JSONDecodeError as err:
+            if on_bad_record == "error":
+                raise RecordError(
+                    f"{path}: record {index} (line {line_no}) is not valid JSON ({err.msg}); fix it or pass "
+                    "on_bad_record='skip'"
+                ) from err
+            skipped += 1
+    return records, skipped
+
+
+def record_problem(record: Any, required: tuple[str, ...], task: str | None = None) -> str | None:
+    """Describe what is wrong with one record (None when it is usable).
+
+    Every field in ``required`` must be a non-empty string; ``input`` must be absent or empty (only the
+    no-input Alpaca branch exists); a test record's ``answer`` must be one of the task's labels.
+    """
+    if not isinstance(record, dict):
+        return f"is a {type(record).__name__}, expected a JSON object"
+    for field in required:
+        if field not in record:
+            return f"field '{field}' is missing"
+        if not isinstance(record[field], str) or not record[field].strip():
+            return f"field '{field}' must be a non-empty string, got {record[field]!r}"
+    if record.get("input", ""):
+        return "field 'input' is not empty; only the no-input Alpaca prompt is supported"
+    if task is not None and not ANSWER_PATTERNS[task].fullmatch(record["answer"]):
+        return f"field 'answer' is {record['answer']!r}, not a label of task {task} ({ANSWER_PATTERNS[task].pattern})"
+    return None
+
+
+def load_records(
+    path: Path, required: tuple[str, ...], on_bad_record: str, task: str | None = None
+) -> tuple[list[tuple[int, dict[str, str]]], int]:
+    """Read and validate a file; return the usable (index, record) pairs and how many were skipped."""
+    records, skipped = read_records(path, on_bad_record)
+    usable = []
+    for index, record in records:
+        problem = record_problem(record, required, task)
+        if problem is None:
+            usable.append((index, record))
+        elif on_bad_record == "error":
+            raise RecordError(f"{path}: record {index}: {problem}. Fix the record or pass on_bad_record='skip'.")
+        else:
+            skipped += 1
+    if not usable:
+        raise RecordError(f"{path}: no usable records ({len(records)} read, {skipped} skipped)")
+    return usable, skipped
+
+
+# ---------------------------------------------------------------------------------------------- examples
+
+
+@dataclass(frozen=True)
+class _Encoding:
+    """Token ids shared by every example: BOS/EOS/pad and the length limit."""
+
+    bos: int | None
+    eos: int | None
+    pad: int
+    cutoff_len: int
+
+
+def _ids(tokenizer: PreTrainedTokenizerBase, texts: list[str], bos: int | None) -> list[list[int]]:
+    """Tokenize without special tokens (so BOS is never doubled), dropping a BOS the text itself spelled out."""
+    out = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [ids[1:] if bos is not None and ids[:1] == [bos] else ids for ids in out]
+
+
+def train_example(prompt: list[int], output: list[int], enc: _Encoding, train_on_inputs: bool,
+                  add_eos: bool) -> tuple[dict[str, list[int]], bool]:
+    """Build <bos> prompt output <eos> with labels; return it and whether it was cut at cutoff_len.
+
+    Labels copy the ids (the reference trains on the prompt too); with ``train_on_inputs=False`` BOS and
+    prompt positions are -100. EOS is kept only when the whole sequence fits.
+    """
+    head = ([enc.bos] if enc.bos is not None else []) + prompt
+    ids = head + output + ([enc.eos] if add_eos and enc.eos is not None else [])
+    truncated = len(ids) > enc.cutoff_len
+    ids = ids[: enc.cutoff_len]
+    labels = list(ids) if train_on_inputs else [-100] * min(len(head), len(ids)) + ids[len(head):]
+    return {"input_ids": ids, "labels": labels}, truncated
+
+
+def generation_prompt(prompt: list[int], enc: _Encoding) -> tuple[list[int], bool]:
+    """<bos> prompt, keeping BOS and the last tokens when it exceeds cutoff_len; return it and whether cut."""
+    head = [enc.bos] if enc.bos is not None else []
+    ids = head + prompt
+    if len(ids) <= enc.cutoff_len:
+        return ids, False
+    return head + prompt[len(prompt) - (enc.cutoff_len - len(head)):], True
+
+
+def collate_train(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example: pad id in input_ids, 0 in attention_mask, -100 in labels."""
+    width = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[row, :n] = torch.tensor(e["input_ids"])
+        labels[row, :n] = torch.tensor(e["labels"])
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate_generate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Left-pad prompts so that generation continues every row from its last column."""
+    width = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[row, width - n:] = torch.tensor(e["input_ids"])
+        attention_mask[row, width - n:] = 1
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "task": [e["task"] for e in examples],
+        "answer": [e["answer"] for e in examples],
+        "sample_id": torch.tensor([e["sample_id"] for e in examples], dtype=torch.long),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- module
+
+
+class CommonsenseDataModule(LightningDataModule):
+    """Commonsense fine-tuning and generation-based evaluation on the 8 LLM-Adapters tasks.
+
+    Args:
+        data_path: training file, a JSON list or JSON Lines of {instruction, input, output, answer}.
+        dataset_dir: directory holding ``<task>/test.json`` for every eval task.
+        tokenizer_path: local checkpoint directory with the tokenizer (never downloaded).
+        eval_tasks: task directory names to evaluate; None means all 8 (``TASKS``).
+        val_set_size: records of the training file held out (seeded) for the validation loss; 0 for none.
+        val_generation_samples_per_task: first records of each eval task generated from during validation.
+        cutoff_len: maximum tokens per sequence (BOS and EOS included).
+        train_on_inputs: True (reference default) trains on prompt tokens too; False masks them with -100.
+        add_eos: append EOS to training sequences that fit in ``cutoff_len``.
+        batch_size: training and validation-loss batch size.
+        eval_batch_size: generation batch size.
+        num_workers: DataLoader workers.
+        max_test_samples_per_task: keep only the first N records of each test set (None keeps all).
+        on_bad_record: "error" raises on the first malformed record; "skip" drops it, counts and warns.
+        pad_token: pad token to use (see ``load_tokenizer``); None picks a reserved special token.
+        reference_whitespace: use LLM-Adapters' literal prompt whitespace instead of the clean template.
+        seed: seeds the validation split and the training shuffle.
+
+    Raises:
+        ValueError: unknown eval task or invalid argument; ``RecordError`` (a ValueError) for bad data.
+        FileNotFoundError: a data file, task directory or tokenizer is missing.
+    """
+
+    def __init__(
+        self,
+        data_path: str,
+        dataset_dir: str,
+        tokenizer_path: str,
+        eval_tasks: list[str] | None = None,
+        val_set_size: int = 0,
+        val_generation_samples_per_task: int = 8,
+        cutoff_len: int = 256,
+        train_on_inputs: bool = True,
+        add_eos: bool = True,
+        batch_size: int = 16,
+        eval_batch_size: int = 32,
+        num_workers: int = 0,
+        max_test_samples_per_task: int | None = None,
+        on_bad_record: Literal["error", "skip"] = "error",
+        pad_token: str | None = None,
+        reference_whitespace: bool = False,
+        seed: int = 42,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.eval_tasks = _check_tasks(list(TASKS) if eval_tasks is None else list(eval_tasks))
+        _check_positive(cutoff_len=cutoff_len, batch_size=batch_size, eval_batch_size=eval_batch_size)
+        _check_non_negative(val_set_size=val_set_size, num_workers=num_workers,
+                            val_generation_samples_per_task=val_generation_samples_per_task)
+        if max_test_samples_per_task is not None:
+            _check_positive(max_test_samples_per_task=max_test_samples_per_task)
+        if on_bad_record not in ("error", "skip"):
+            raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
+        self.data_path, self.dataset_dir = Path(data_path), Path(dataset_dir)
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.num_skipped: dict[str, int] = {}
+        self.num_truncated_train = 0
+        self.num_truncated_eval = 0
+        self.num_fully_masked = 0
+        self._train: list[dict[str, list[int]]] | None = None
+        self._val: list[dict[str, list[int]]] = []
+        self._test: list[dict[str, Any]] | None = None
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the tokenizer, validate and tokenize the training file (fit/validate) and the test sets."""
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.hparams.tokenizer_path, self.hparams.pad_token)
+        if stage in (None, "fit", "validate") and self._train is None:
+            self._train, self._val = self._build_train_val()
+            self._warn_counts("train", self.num_truncated_train, "training sequences were cut at cutoff_len")
+        if self._test is None:
+            self._test = self._build_test()
+            self._warn_counts("eval", self.num_truncated_eval, "generation prompts lost their start to cutoff_len")
+
+    def _encoding(self) -> _Encoding:
+        tok = self.tokenizer
+        return _Encoding(tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, self.hparams.cutoff_len)
+
+    def _build_train_val(self) -> tuple[list[dict[str, list[int]]], list[dict[str, list[int]]]]:
+        """Validate the training file, split off the seeded validation records, tokenize both."""
+        records, skipped = load_records(self.data_path, ("instruction", "output", "answer"), self.hparams.on_bad_record)
+        self._note_skipped(self.data_path, skipped)
+        val_size = self.hparams.val_set_size
+        if val_size >= len(records):
+            raise ValueError(f"val_set_size={val_size} leaves no training records: {self.data_path} has "
+                             f"{len(records)} usable records")
+        order = list(range(len(records)))
+        random.Random(self.hparams.seed).shuffle(order)
+        val = [records[i][1] for i in sorted(order[:val_size])]
+        train = [records[i][1] for i in sorted(order[val_size:])]
+        return self._tokenize_train(train), self._tokenize_train(val)
+
+    def _tokenize_train(self, records: list[dict[str, str]]) -> list[dict[str, list[int]]]:
+        """Prompt and output are tokenized separately so the prompt ids equal those seen at generation."""
+        if not records:
+            return []
+        enc, ws = self._encoding(), self.hparams.reference_whitespace
+        prompts = [build_train_prompt(r["instruction"], "", reference_whitespace=ws) for r in records]
+        prompt_ids = _ids(self.tokenizer, prompts, enc.bos)
+        output_ids = _ids(self.tokenizer, [r["output"] for r in records], enc.bos)
+        examples = []
+        for p, o in zip(prompt_ids, output_ids):
+            example, truncated = train_example(p, o, enc, self.hparams.train_on_inputs, self.hparams.add_eos)
+            self.num_truncated_train += truncated
+            if all(label == -100 for label in example["labels"]):
+                self.num_fully_masked += 1  # the prompt filled cutoff_len: nothing left to learn from
+                continue
+            examples.append(example)
+        return examples
+
+    def _build_test(self) -> list[dict[str, Any]]:
+        """Validate and tokenize each eval task's test.json into generation examples."""
+        enc, examples = self._encoding(), []
+        for task in self.eval_tasks:
+            path = self.dataset_dir / task / "test.json"
+            if not path.parent.is_dir():
+                raise FileNotFoundError(f"eval task {task!r}: directory {path.parent} does not exist "
+                                        f"(dataset_dir={self.dataset_dir} must hold <task>/test.json)")
+            records, skipped = load_records(path, ("instruction", "answer"), self.hparams.on_bad_record, task)
+            self._note_skipped(path, skipped)
+            records = records[: self.hparams.max_test_samples_per_task]
+            prompts = [build_eval_prompt(r["instruction"], self.hparams.reference_whitespace) for _, r in records]
+            for (index, record), ids in zip(records, _ids(self.tokenizer, prompts, enc.bos)):
+                ids, truncated = generation_prompt(ids, enc)
+                self.num_truncated_eval += truncated
+                sample_id = TASKS.index(task) * SAMPLE_ID_STRIDE + index
+                examples.append({"input_ids": ids, "task": task, "answer": record["answer"], "sample_id": sample_id})
+        return examples
+
+    def _note_skipped(self, path: Path, skipped: int) -> None:
+        if skipped:
+            self.num_skipped[str(path)] = skipped
+            rank_zero_warn(f"{path}: skipped {skipped} malformed records (on_bad_record='skip')")
+
+    def _warn_counts(self, what: str, count: int, message: str) -> None:
+        if count:
+            rank_zero_warn(f"{count} {message} ({self.hparams.cutoff_len}); see num_truncated_{what}")
+        if what == "train" and self.num_fully_masked:
+            rank_zero_warn(f"dropped {self.num_fully_masked} training sequences whose prompt filled cutoff_len "
+                           "(train_on_inputs=False leaves them no label)")
+
+    # ------------------------------------------------------------------ loaders
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled (seeded) right-padded loss batches."""
+        self._require(self._train, "fit")
+        return DataLoader(self._train, batch_size=self.hparams.batch_size, shuffle=True,
+                          generator=torch.Generator().manual_seed(self.hparams.seed),
+                          collate_fn=partial(collate_train, pad_id=self.tokenizer.pad_token_id),
+                          num_workers=self.hparams.num_workers)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        """[loss loader over the held-out split, generation loader over a capped test subset], each if enabled."""
+        self._require(self._train, "validate")
+        loaders = []
+        if self._val:
+            loaders.append(DataLoader(self._val, batch_size=self.hparams.batch_size, shuffle=False,
+                                      collate_fn=partial(collate_train, pad_id=self.tokenizer.pad_token_id),
+                                      num_workers=self.hparams.num_workers))
+        cap = self.hparams.val_generation_samples_per_task
+        subset = [e for task in self.eval_tasks for e in [x for x in self._test if x["task"] == task][:cap]]
+        if subset:
+            loaders.append(self._generation_loader(subset))
+        return loaders
+
+    def test_dataloader(self) -> DataLoader:
+        """Left-padded generation batches over every eval task."""
+        self._require(self._test, "test")
+        return self._generation_loader(self._test)
+
+    def _generation_loader(self, examples: list[dict[str, Any]]) -> DataLoader:
+        return DataLoader(examples, batch_size=self.hparams.eval_batch_size, shuffle=False,
+                          collate_fn=partial(collate_generate, pad_id=self.tokenizer.pad_token_id),
+                          num_workers=self.hparams.num_workers)
+
+    @staticmethod
+    def _require(data: object, stage: str) -> None:
+        if data is None:
+            raise RuntimeError(f"call setup({stage!r}) before asking for this dataloader")
+
+
+def _check_tasks(tasks: list[str]) -> list[str]:
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown eval_tasks {unknown}; valid tasks: {', '.join(TASKS)}")
+    if not tasks:
+        raise ValueError(f"eval_tasks is empty; pick from: {', '.join(TASKS)} (or null for all)")
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"eval_tasks lists a task twice: {tasks}")
+    return tasks
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def _check_non_negative(**values: int) -> None:
+    for name, value in values.items():
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")

@@ -1,0 +1,381 @@
+"""Conversation templates for visual instruction tuning, and LLaVA `conversations` -> `input_ids`, `labels`.
+
+A sample is rendered as a list of segments and tokenized segment by segment, then concatenated, so the
+labels line up with the ids by construction (the LLaVA reference tokenizes the whole prompt and masks by
+lengths measured separately; when the two disagree it masks the whole sample and trains on nothing)::
+
+    [bos] [system + user turn 1 .. "<image>" ..] [reply 1 + end-of-turn] [user turn 2] [reply 2 + end-of-turn]
+     -100   -100 ............ -100 (IMAGE -200 in ids)  = ids                 -100        = ids
+
+vicuna_v1 (LLaVA-1.5), with the tokenizer's eos as the end of turn (LLaVA's "</s>")::
+
+    <bos>{system} USER: <image>\\n{q1} ASSISTANT: {a1}<eos>USER: {q2} ASSISTANT: {a2}<eos>
+
+llama3 (LLaMA-3 chat; the LLaVA reference has none)::
+
+    <|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\n{system}<|eot_id|>
+    <|start_header_id|>user<|end_header_id|>\\n\\n<image>\\n{q1}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\\n\\n
+    {a1}<|eot_id|>...
+
+Rules:
+- The bos comes from the tokenizer and is added exactly once: text is tokenized with
+  `add_special_tokens=False` and `split_special_tokens=True`, so neither the tokenizer's post-processor nor a
+  message that happens to contain "<|begin_of_text|>" or "<|eot_id|>" can add a special token.
+- Template special tokens (headers, end of turn) are looked up as single ids and refused if the tokenizer
+  lacks them (a LLaMA-3 template needs a LLaMA-3 tokenizer).
+- Each `<image>` of a human turn is moved to the start of that turn ("<image>\\n" * k + text) and becomes one
+  `IMAGE_TOKEN_INDEX` position; the model expands it to the tower's patch features. Labels there are -100.
+- Per-sample check (`EncodedConversation.mismatch`): the ids between image positions must decode to exactly
+  the rendered text. A tokenizer that rewrites segment boundaries (e.g. SentencePiece adding a prefix space
+  to every segment) fails it; `MismatchCounter` counts such samples and raises past a configured share.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = [
+    "IGNORE_INDEX",
+    "IMAGE_TOKEN",
+    "IMAGE_TOKEN_INDEX",
+    "LLAMA3",
+    "TEMPLATES",
+    "VICUNA_V1",
+    "ConversationTemplate",
+    "EncodedConversation",
+    "MismatchCounter",
+    "check_template",
+    "encode_conversation",
+    "encode_prompt",
+    "get_template",
+    "validate_conversation",
+]
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+IMAGE_TOKEN = "<image>"
+IMAGE_TOKEN_INDEX = -200
+"""Placeholder id of one image in `input_ids`; never a real token id (they are >= 0)."""
+
+_HUMAN, _GPT = "human", "gpt"
+
+
+@dataclass(frozen=True)
+class ConversationTemplate:
+    """How a conversation is laid out as text. `{system}` and `{message}` are the only placeholders."""
+
+    name: str
+    system: str
+    """System prompt; "" leaves the system block out."""
+    system_format: str
+    """The system block, before the first user turn."""
+    user_format: str
+    """One user turn, up to and including the assistant header (the generation prompt ends here)."""
+    assistant_format: str
+    """One assistant reply, before its end-of-turn token."""
+    end_of_turn: str | None = None
+    """Token closing an assistant reply, trained on; None means the tokenizer's eos."""
+    special_tokens: tuple[str, ...] = ()
+    """Strings in the formats that must map to one special token id each."""
+
+    def end_token(self, tokenizer: Any) -> str:
+        """The end-of-turn token string for this tokenizer (also the stop token for generation)."""
+        token = self.end_of_turn if self.end_of_turn is not None else tokenizer.eos_token
+        if token is None:
+            raise ValueError(f"template {self.name!r} ends turns with the eos token, but the tokenizer has none")
+        return token
+
+
+VICUNA_V1 = ConversationTemplate(
+    name="vicuna_v1",
+    system=(
+        "A chat between a curious human and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the human's questions."
+    ),
+    system_format="{system} ",
+    user_format="USER: {message} ASSISTANT:",
+    assistant_format=" {message}",
+)
+
+LLAMA3 = ConversationTemplate(
+    name="llama3",
+    system=(
+        "You are a helpful language and vision assistant. You are able to understand the visual content that "
+        "the user provides, and assist the user with a variety of tasks using natural language."
+    ),
+    system_format="<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>",
+    user_format=(
+        "<|start_header_id|>user<|end_header_id|>\n\n{message}<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    ),
+    assistant_format="{message}",
+    end_of_turn="<|eot_id|>",
+    special_tokens=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+)
+
+TEMPLATES: dict[str, ConversationTemplate] = {t.name: t for t in (VICUNA_V1, LLAMA3)}
+
+
+def get_template(name: str) -> ConversationTemplate:
+    """The template registered under `name`, or a ValueError listing the choices."""
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown conversation template {name!r}; choose one of {', '.join(TEMPLATES)}")
+    return TEMPLATES[name]
+
+
+def check_template(template: ConversationTemplate, tokenizer: Any) -> None:
+    """Fail early when the tokenizer cannot express the template's special tokens as single ids."""
+    for token in (*template.special_tokens, template.end_token(tokenizer)):
+        _special_id(tokenizer, token, template)
+
+
+def _special_id(tokenizer: Any, token: str, template: ConversationTemplate) -> int:
+    """Id of a special token string, refusing tokens the tokenizer does not know."""
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or (token_id == tokenizer.unk_token_id and token != tokenizer.unk_token):
+        raise ValueError(
+            f"template {template.name!r} needs the special token {token!r}, which the tokenizer does not have; "
+            f"use the template that matches the tokenizer (llama3 for LLaMA-3, vicuna_v1 otherwise)"
+        )
+    return token_id
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+
+def validate_conversation(sample_id: str, conversations: Any, num_images: int) -> None:
+    """Raise ValueError (naming the sample) unless turns alternate human/gpt, start with human, end with gpt,
+    and the human turns hold exactly one `<image>` per image (gpt turns hold none)."""
+    if not isinstance(conversations, list) or not conversations:
+        raise ValueError(f"sample {sample_id!r}: 'conversations' must be a non-empty list of turns")
+    for i, turn in enumerate(conversations):
+        expected = _HUMAN if i % 2 == 0 else _GPT
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise ValueError(f"sample {sample_id!r}: turn {i} must be {{'from': ..., 'value': str}}, got {turn!r}")
+        if turn.get("from") != expected:
+            raise ValueError(
+                f"sample {sample_id!r}: turn {i} is from {turn.get('from')!r}, expected {expected!r} "
+                f"(turns must alternate human/gpt, starting with human)"
+            )
+    if len(conversations) % 2:
+        raise ValueError(f"sample {sample_id!r}: the conversation ends on a human turn; it must end with a gpt reply")
+    _validate_image_tokens(sample_id, conversations, num_images)
+
+
+def _validate_image_tokens(sample_id: str, conversations: list[dict[str, str]], num_images: int) -> None:
+    """One `<image>` per image, in human turns only."""
+    in_gpt = sum(t["value"].count(IMAGE_TOKEN) for t in conversations[1::2])
+    if in_gpt:
+        raise ValueError(f"sample {sample_id!r}: {IMAGE_TOKEN} appears in a gpt turn; images belong to human turns")
+    in_human = sum(t["value"].count(IMAGE_TOKEN) for t in conversations[0::2])
+    if in_human > num_images:
+        raise ValueError(
+            f"sample {sample_id!r}: {in_human} {IMAGE_TOKEN} tokens but {num_images} image(s); "
+            f"remove the extra tokens or add the images"
+        )
+    if in_human < num_images:
+        raise ValueError(
+            f"sample {sample_id!r}: {num_images} image(s) but {in_human} {IMAGE_TOKEN} tokens; "
+            f"put one {IMAGE_TOKEN} in a human turn per image"
+        )
+
+
+# ------------------------------------------------------------------------------------------------ rendering
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """A piece of the rendered sample: text to tokenize, a special token, or an image placeholder."""
+
+    kind: Literal["text", "special", "image"]
+    text: str
+    trainable: bool
+    turn: int  # index of the conversation turn it belongs to (-1: bos/system)
+
+
+def _move_images_to_start(message: str) -> str:
+    """LLaVA's rule: every `<image>` of a turn goes to its start, each followed by a newline."""
+    count = message.count(IMAGE_TOKEN)
+    if not count:
+        return message
+    return (IMAGE_TOKEN + "\n") * count + message.replace(IMAGE_TOKEN, "").strip()
+
+
+def _split(fmt: str, template: ConversationTemplate, trainable: bool, turn: int, **values: str) -> list[_Segment]:
+    """Cut a format string at its special tokens, then fill placeholders (values never become specials)."""
+    segments = []
+    pattern = "(" + "|".join(map(re.escape, template.special_tokens)) + ")" if template.special_tokens else None
+    for piece in re.split(pattern, fmt) if pattern else [fmt]:
+        if piece in template.special_tokens:
+            segments.append(_Segment("special", piece, trainable, turn))
+            continue
+        for key, value in values.items():
+            piece = piece.replace("{" + key + "}", value)
+        for j, part in enumerate(piece.split(IMAGE_TOKEN) if turn >= 0 and not trainable else [piece]):
+            if j:
+                segments.append(_Segment("image", IMAGE_TOKEN, False, turn))
+            if part:
+                segments.append(_Segment("text", part, trainable, turn))
+    return segments
+
+
+def _render(conversations: list[dict[str, str]], template: ConversationTemplate, tokenizer: Any) -> list[_Segment]:
+    """Segments of the whole conversation: bos, system block, then user turns and trainable replies."""
+    segments = []
+    if tokenizer.bos_token is not None:
+        segments.append(_Segment("special", tokenizer.bos_token, False, -1))
+    if template.system:
+        segments += _split(template.system_format, template, False, -1, system=template.system)
+    for i, turn in enumerate(conversations):
+        if i % 2 == 0:
+            segments += _split(template.user_format, template, False, i, message=_move_images_to_start(turn["value"]))
+        else:
+            segments += _split(template.assistant_format, template, True, i, message=turn["value"])
+            segments.append(_Segment("special", template.end_token(tokenizer), True, i))
+    return _coalesce(segments)
+
+
+def _coalesce(segments: list[_Segment]) -> list[_Segment]:
+    """Merge neighbouring text of the same turn and trainability, so it tokenizes as one natural string."""
+    merged: list[_Segment] = []
+    for seg in segments:
+        prev = merged[-1] if merged else None
+        if prev and seg.kind == prev.kind == "text" and (seg.trainable, seg.turn) == (prev.trainable, prev.turn):
+            merged[-1] = _Segment("text", prev.text + seg.text, seg.trainable, seg.turn)
+        else:
+            merged.append(seg)
+    return merged
+
+
+# ----------------------------------------------------------------------------------------------- tokenizing
+
+
+@dataclass
+class EncodedConversation:
+    """Token ids of one sample; `labels` are -100 except on assistant replies and their end-of-turn token."""
+
+    input_ids: list[int]
+    labels: list[int]
+    num_images: int
+    mismatch: str | None = None
+    """Why the ids do not spell the rendered text (None: they do, or the check was skipped)."""
+
+
+def _tokenize(segments: Sequence[_Segment], tokenizer: Any, template: ConversationTemplate) -> list[list[int]]:
+    """Ids of every segment; all text goes through the tokenizer in one batched call."""
+    texts = [s.text for s in segments if s.kind == "text"]
+    encoded = iter(tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"] if texts else [])
+    pieces = []
+    for seg in segments:
+        if seg.kind == "text":
+            pieces.append(list(next(encoded)))
+        elif seg.kind == "special":
+            pieces.append([_special_id(tokenizer, seg.text, template)])
+        else:
+            pieces.append([IMAGE_TOKEN_INDEX])
+    return pieces
+
+
+def _check_round_trip(segments: Sequence[_Segment], pieces: Sequence[list[int]], tokenizer: Any) -> str | None:
+    """None when the ids between image placeholders decode to exactly the rendered text, else the reason."""
+    runs_text, runs_ids = [""], [[]]
+    for seg, ids in zip(segments, pieces, strict=True):
+        if seg.kind == "image":
+            runs_text.append("")
+            runs_ids.append([])
+        else:
+            runs_text[-1] += seg.text
+            runs_ids[-1] += ids
+    for want, ids in zip(runs_text, runs_ids, strict=True):
+        got = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if got != want:
+            return f"ids decode to {got[:80]!r}... but the template renders {want[:80]!r}..."
+    return None
+
+
+def encode_conversation(
+    conversations: list[dict[str, str]],
+    template: ConversationTemplate,
+    tokenizer: Any,
+    *,
+    num_images: int = 0,
+    sample_id: str = "?",
+    check: bool = True,
+) -> EncodedConversation:
+    """Validate, render and tokenize a LLaVA `conversations` list (see the module docstring).
+
+    Raises:
+        ValueError: an invalid conversation (naming `sample_id`) or a template the tokenizer cannot express.
+    """
+    validate_conversation(sample_id, conversations, num_images)
+    segments = _render(conversations, template, tokenizer)
+    pieces = _tokenize(segments, tokenizer, template)
+    input_ids, labels = [], []
+    for seg, ids in zip(segments, pieces, strict=True):
+        input_ids += ids
+        labels += ids if seg.trainable else [IGNORE_INDEX] * len(ids)
+    mismatch = _check_round_trip(segments, pieces, tokenizer) if check else None
+    return EncodedConversation(input_ids, labels, num_images, mismatch)
+
+
+def encode_prompt(
+    conversations: list[dict[str, str]],
+    template: ConversationTemplate,
+    tokenizer: Any,
+    *,
+    num_images: int = 0,
+    sample_id: str = "?",
+) -> tuple[list[int], str]:
+    """Generation prompt (every segment before the last reply, ending with the assistant header) and the
+    last reply as the reference answer. The prompt ids equal the prefix of `encode_conversation`'s ids."""
+    validate_conversation(sample_id, conversations, num_images)
+    segments = _render(conversations, template, tokenizer)
+    last_turn = len(conversations) - 1
+    prompt = [s for s in segments if s.turn < last_turn]
+    ids = [i for piece in _tokenize(prompt, tokenizer, template) for i in piece]
+    return ids, conversations[-1]["value"]
+
+
+# ---------------------------------------------------------------------------------------- mismatch counting
+
+
+@dataclass
+class MismatchCounter:
+    """Counts samples whose ids do not spell their rendered text; raises past `max_ratio` of those seen."""
+
+    split: str = "train"
+    seen: int = 0
+    mismatched: int = 0
+    examples: list[tuple[str, str]] = field(default_factory=list)
+    max_examples: int = 5
+
+    def add(self, sample_id: str, mismatch: str | None) -> None:
+        """Record one checked sample; log the first few mismatches with their reason."""
+        self.seen += 1
+        if mismatch is None:
+            return
+        self.mismatched += 1
+        if len(self.examples) < self.max_examples:
+            self.examples.append((sample_id, mismatch))
+            log.warning("%s sample %r: tokenization mismatch, sample dropped: %s", self.split, sample_id, mismatch)
+
+    @property
+    def ratio(self) -> float:
+        """Share of checked samples that mismatched (0.0 before any)."""
+        return self.mismatched / self.seen if self.seen else 0.0
+
+    def raise_if_above(self, max_ratio: float) -> None:
+        """RuntimeError when the mismatch share exceeds `max_ratio`, naming examples and what to do."""
+        if self.ratio <= max_ratio:
+            return
+        raise RuntimeError(
+            f"{self.split}: {self.mismatched} of {self.seen} samples ({self.ratio:.2%}) do not tokenize to their "
+            f"template text, above max_mismatch_ratio={max_ratio}. Examples: {self.examples}. The template and "
+            f"the tokenizer do not fit together: use template=llama3 with a LLaMA-3 tokenizer, or raise "
+            f"max_mismatch_ratio to drop these samples and go on."
+        )

@@ -1,0 +1,504 @@
+"""LightningDataModule for LLaVA-1.5 style visual instruction tuning (stage 1 and stage 2 share the schema).
+
+Records are `{"id", "image" (str, a list of str, or absent), "conversations": [...]}` under `data_path`
+(a JSON list, or JSON Lines when the file ends in .jsonl), images relative to `image_folder`.
+
+Setup checks every record before training starts: the conversation (see `conversation.validate_conversation`),
+that each image exists and has a readable header, and that its ids spell the template text. A bad record is
+an error naming the sample id and path, or with `on_bad_record="skip"` it is dropped and counted in
+`stats[split]`. Tokenization mismatches are always dropped and counted, and setup fails when their share
+exceeds `max_mismatch_ratio`. Setup tokenizes every sample once (exact lengths for length grouping); items
+are tokenized again in `__getitem__` (deterministic; storing ids for 665k samples would cost gigabytes).
+
+Preprocessing is given explicitly (`image_size`, `image_mean`, `image_std`, OpenAI CLIP defaults) rather than
+read from the vision tower, so the DataModule builds without the model; the VisionLanguageModule should
+compare them with `VisionTower.image_size/image_mean/image_std` and fail on a difference.
+
+`max_length` counts text tokens with each image as ONE position (the LLaVA convention); the model adds
+num_patches - 1 positions per image when it expands the placeholder. Training samples are truncated on the
+right when the images and at least one supervised token survive, else dropped ("too_long"); evaluation
+samples must fit whole.
+
+Batches (keys; B samples, N images in the batch, T/P the padded lengths):
+    input_ids       LongTensor (B, T)  right-padded with the pad id; IMAGE_TOKEN_INDEX (-200) per image
+    labels          LongTensor (B, T)  -100 on padding, system, user turns and images
+    attention_mask  LongTensor (B, T)  1 on tokens (image placeholders included), 0 on padding
+    images          FloatTensor (N, 3, S, S), normalised; N = image_counts.sum(), may be 0
+    image_counts    LongTensor (B,)    images of each sample, in order: sample b owns the next image_counts[b]
+    sample_id       list[str] (B)
+and in validation/test batches also the generation prompt (everything before the last reply):
+    prompt_input_ids       LongTensor (B, P) left-padded with the pad id
+    prompt_attention_mask  LongTensor (B, P)
+    answer                 list[str] (B), the last gpt reply
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
+
+from .conversation import (
+    IGNORE_INDEX,
+    ConversationTemplate,
+    MismatchCounter,
+    check_template,
+    encode_conversation,
+    encode_prompt,
+    get_template,
+)
+from .tokenizer import load_tokenizer
+
+__all__ = [
+    "ModalityLengthGroupedSampler",
+    "VisualInstructionCollator",
+    "VisualInstructionDataModule",
+    "VisualInstructionDataset",
+    "preprocess_image",
+]
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# ------------------------------------------------------------------------------------------------- images
+
+
+def preprocess_image(
+    image: Image.Image, size: int, mean: Sequence[float], std: Sequence[float], mode: Literal["pad", "resize"]
+) -> Tensor:
+    """RGB image -> normalised (3, size, size) float tensor.
+
+    pad: pad to a centred square with the mean colour (LLaVA-1.5, keeps the aspect ratio), then resize;
+    resize: resize straight to size x size (squash, nothing cropped).
+    """
+    image = image.convert("RGB")
+    if mode == "pad":
+        image = _pad_to_square(image, tuple(round(255 * m) for m in mean))
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(size, size, 3)  # (H, W, C)
+    pixels = pixels.permute(2, 0, 1).float() / 255.0  # (C, H, W)
+    return (pixels - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+def _pad_to_square(image: Image.Image, fill: tuple[int, ...]) -> Image.Image:
+    """Centre the image on a square canvas of its longer side, filled with `fill`."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new("RGB", (side, side), fill)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+class BadRecordError(ValueError):
+    """A record that cannot be used; `kind` is the counter it goes to when skipped."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def _check_image(sample_id: str, path: Path) -> None:
+    """The file exists and its header parses (decoding every pixel of 665k images at setup is too slow)."""
+    if not path.is_file():
+        raise BadRecordError(
+            "missing_image",
+            f"sample {sample_id!r}: image not found: {path}. Check image_folder, or set on_bad_record='skip'.",
+        )
+    try:
+        with Image.open(path) as image:
+            image.size  # noqa: B018  (reads the header only)
+    except (OSError, UnidentifiedImageError) as err:
+        raise BadRecordError(
+            "unreadable_image", f"sample {sample_id!r}: cannot read image {path}: {err}. Set on_bad_record='skip'."
+        ) from err
+
+
+# ------------------------------------------------------------------------------------------------ records
+
+
+@dataclass(frozen=True)
+class _Sample:
+    sample_id: str
+    images: tuple[Path, ...]
+    conversations: list[dict[str, str]]
+    length: int  # tokens after truncation, one per image
+
+
+def _read_records(path: str) -> list[dict[str, Any]]:
+    """A JSON list, or JSON Lines for *.jsonl; errors name the file."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"visual instruction data file not found: {file}")
+    try:
+        text = file.read_text(encoding="utf-8")
+        records = [json.loads(line) for line in text.splitlines() if line.strip()] if file.suffix == ".jsonl" \
+            else json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file} is not valid JSON{' Lines' if file.suffix == '.jsonl' else ''}: {err}") from err
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise ValueError(f"{file} must hold a list of objects with 'id', 'image' and 'conversations'")
+    return records
+
+
+def _image_paths(record: dict[str, Any], sample_id: str, image_folder: Path) -> tuple[Path, ...]:
+    """The record's images as paths (none for text-only samples)."""
+    image = record.get("image")
+    names = [] if image is None else [image] if isinstance(image, str) else image
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"sample {sample_id!r}: 'image' must be a string or a list of strings, got {image!r}")
+    return tuple(image_folder / n for n in names)
+
+
+# ------------------------------------------------------------------------------------------------ dataset
+
+
+class VisualInstructionDataset(Dataset):
+    """Checked samples -> token ids, labels and preprocessed images; `generation=True` adds the prompt."""
+
+    def __init__(self, samples: list[_Sample], tokenizer: Any, template: ConversationTemplate, image_size: int,
+                 image_mean: Sequence[float], image_std: Sequence[float], image_mode: Literal["pad", "resize"],
+                 max_length: int, generation: bool = False) -> None:
+        self.samples = samples
+        self.tokenizer = tokenizer
+        self.template = template
+        self.image_args = (image_size, tuple(image_mean), tuple(image_std), image_mode)
+        self.max_length = max_length
+        self.generation = generation
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [s.length for s in self.samples]
+
+    @property
+    def has_image(self) -> list[bool]:
+        return [bool(s.images) for s in self.samples]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.samples[index]
+        n_images = len(sample.images)
+        encoded = encode_conversation(sample.conversations, self.template, self.tokenizer, num_images=n_images,
+                                      sample_id=sample.sample_id, check=False)
+        item = {
+            "input_ids": torch.tensor(encoded.input_ids[: self.max_length]),
+            "labels": torch.tensor(encoded.labels[: self.max_length]),
+            "images": self._load_images(sample),
+            "sample_id": sample.sample_id,
+        }
+        if self.generation:
+            prompt, answer = encode_prompt(sample.conversations, self.template, self.tokenizer,
+                                           num_images=n_images, sample_id=sample.sample_id)
+            item |= {"prompt_input_ids": torch.tensor(prompt), "answer": answer}
+        return item
+
+    def _load_images(self, sample: _Sample) -> Tensor:
+        size = self.image_args[0]
+        tensors = []
+        for path in sample.images:
+            try:
+                with Image.open(path) as image:
+                    tensors.append(preprocess_image(image, *self.image_args))
+            except (OSError, UnidentifiedImageError) as err:
+                raise BadRecordError("unreadable_image", f"sample {sample.sample_id!r}: cannot read image {path}: "
+                                     f"{err}") from err
+        return torch.stack(tensors) if tensors else torch.zeros(0, 3, size, size)  # (n, 3, S, S)
+
+
+# ---------------------------------------------------------------------------------------------- collation
+
+
+def _pad(seqs: list[Tensor], value: int, left: bool = False) -> Tensor:
+    """Stack 1-D tensors into (B, max_len), padding on the right (or left) with `value`."""
+    width = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), width), value, dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        if left:
+            out[row, width - len(seq):] = seq
+        else:
+            out[row, : len(seq)] = seq
+    return out
+
+
+@dataclass
+class VisualInstructionCollator:
+    """Items -> a batch (module docstring); text-only and image samples mix freely."""
+
+    pad_token_id: int
+    image_size: int
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        ids = [it["input_ids"] for it in items]
+        batch = {
+            "input_ids": _pad(ids, self.pad_token_id),
+            "labels": _pad([it["labels"] for it in items], IGNORE_INDEX),
+            "attention_mask": _pad([torch.ones_like(i) for i in ids], 0),
+            "images": torch.cat([it["images"] for it in items])
+            if items else torch.zeros(0, 3, self.image_size, self.image_size),  # (N, 3, S, S)
+            "image_counts": torch.tensor([len(it["images"]) for it in items], dtype=torch.long),
+            "sample_id": [it["sample_id"] for it in items],
+        }
+        if "prompt_input_ids" in items[0]:
+            prompts = [it["prompt_input_ids"] for it in items]
+            batch["prompt_input_ids"] = _pad(prompts, self.pad_token_id, left=True)
+            batch["prompt_attention_mask"] = _pad([torch.ones_like(p) for p in prompts], 0, left=True)
+            batch["answer"] = [it["answer"] for it in items]
+        return batch
+
+
+# ------------------------------------------------------------------------------------------------ sampler
+
+
+class ModalityLengthGroupedSampler(Sampler[int]):
+    """Seeded order in which every window of `batch_size * num_replicas` indices is one modality (all with
+    images or all text-only) and sorted by length, so each rank's batch is homogeneous and little padded.
+
+    Windows are cut from a per-modality shuffle and then shuffled; the two partial windows go last. Under
+    DDP, Lightning shards this order without shuffling (rank r takes positions r, r + W, ...), which keeps
+    the property per rank. `set_epoch` (called by Lightning) reseeds; otherwise each pass advances it.
+    """
+
+    def __init__(self, lengths: Sequence[int], has_image: Sequence[bool], batch_size: int,
+                 num_replicas: int = 1, seed: int = 0) -> None:
+        if len(lengths) != len(has_image):
+            raise ValueError(f"lengths ({len(lengths)}) and has_image ({len(has_image)}) differ in length")
+        self.lengths, self.has_image = list(lengths), list(has_image)
+        self.window = batch_size * num_replicas
+        self.seed, self.epoch = seed, 0
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        self.epoch += 1
+        full, partial = [], []
+        for modality in (True, False):
+            idx = [i for i, m in enumerate(self.has_image) if m == modality]
+            rng.shuffle(idx)
+            windows = [idx[k: k + self.window] for k in range(0, len(idx), self.window)]
+            for w in windows:
+                w.sort(key=lambda i: -self.lengths[i])
+                (full if len(w) == self.window else partial).append(w)
+        rng.shuffle(full)
+        return iter([i for w in full + partial for i in w])
+
+
+# --------------------------------------------------------------------------------------------- datamodule
+
+
+class VisualInstructionDataModule(pl.LightningDataModule):
+    """LLaVA-1.5 visual instruction data (module docstring: checks, batch format, preprocessing choice).
+
+    Args:
+        data_path: training records (JSON list, or JSON Lines for *.jsonl).
+        image_folder: root the records' "image" paths are relative to.
+        tokenizer_path: local tokenizer directory (loaded by `load_tokenizer`, no download).
+        template: "vicuna_v1" (LLaVA-1.5) or "llama3" (LLaMA-3 chat).
+        image_size, image_mean, image_std: preprocessing; must match the vision tower.
+        image_mode: "pad" (square with the mean colour, then resize) or "resize".
+        max_length: token budget per sample, each image counted as one position.
+        val_data_path / val_set_size: a validation file, or that many records split off the training file.
+        test_data_path: test records; without it `test` uses the validation set.
+        batch_size / eval_batch_size: per-device batch sizes for training and validation/test.
+        on_bad_record: "error" stops at the first bad record; "skip" drops and counts it.
+        max_mismatch_ratio: largest share of tokenization mismatches tolerated per split.
+        group_by_modality_length: training order from `ModalityLengthGroupedSampler`, else a seeded shuffle.
+        seed: shuffling and the validation split.
+        pad_token: explicit pad token for `load_tokenizer` (None: its default choice).
+        system_prompt: replaces the template's system prompt ("" drops the system block; None keeps it).
+    """
+
+    def __init__(
+        self,
+        data_path: str,
+        image_folder: str,
+        tokenizer_path: str,
+        template: Literal["vicuna_v1", "llama3"] = "llama3",
+        image_size: int = 336,
+        image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN,
+        image_std: tuple[float, float, float] = OPENAI_CLIP_STD,
+        image_mode: Literal["pad", "resize"] = "pad",
+        max_length: int = 2048,
+        val_data_path: str | None = None,
+        val_set_size: int = 0,
+        test_data_path: str | None = None,
+        batch_size: int = 4,
+        eval_batch_size: int = 8,
+        num_workers: int = 0,
+        on_bad_record: Literal["error", "skip"] = "error",
+        max_mismatch_ratio: float = 0.001,
+        group_by_modality_length: bool = True,
+        seed: int = 42,
+        pad_token: str | None = None,
+        system_prompt: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        _check_args(self.hparams)
+        self.template = get_template(template)
+        if system_prompt is not None:
+            self.template = replace(self.template, system=system_prompt)
+        self.tokenizer: Any = None
+        self.datasets: dict[str, VisualInstructionDataset] = {}
+        self.stats: dict[str, Counter[str]] = {}
+        self.mismatches: dict[str, MismatchCounter] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the tokenizer and build (once) the splits the stage needs, checking every record."""
+        hp = self.hparams
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(hp.tokenizer_path, pad_token=hp.pad_token)
+            check_template(self.template, self.tokenizer)
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "", ())
+        missing = [split for split in wanted or ("train", "val", "test") if split not in self.datasets]
+        raw = self._raw_splits() if missing else {}
+        for split in missing:
+            if split in raw:
+                self._build(split, *raw[split])
+
+    def _raw_splits(self) -> dict[str, tuple[list[dict[str, Any]], str]]:
+        """Records of every split with the file they came from; the validation split is seeded."""
+        hp = self.hparams
+        splits = {"train": (_read_records(hp.data_path), hp.data_path)}
+        if hp.val_set_size:
+            records = splits["train"][0]
+            order = list(range(len(records)))
+            random.Random(hp.seed).shuffle(order)
+            held = set(order[: hp.val_set_size])
+            splits["val"] = ([records[i] for i in sorted(held)], hp.data_path)
+            splits["train"] = ([r for i, r in enumerate(records) if i not in held], hp.data_path)
+        elif hp.val_data_path:
+            splits["val"] = (_read_records(hp.val_data_path), hp.val_data_path)
+        test_path = hp.test_data_path
+        if test_path:
+            splits["test"] = (_read_records(test_path), test_path)
+        elif "val" in splits:
+            splits["test"] = splits["val"]
+        return splits
+
+    def _build(self, split: str, records: list[dict[str, Any]], path: str) -> None:
+        """Check the split's records and keep the usable ones (errors or counts, see module docstring)."""
+        stats, counter = Counter(total=len(records)), MismatchCounter(split=split)
+        generation = split != "train"
+        samples = [s for i, r in enumerate(records) if (s := self._check(r, i, path, generation, stats, counter))]
+        counter.raise_if_above(self.hparams.max_mismatch_ratio)
+        if generation:
+            _require_unique_ids(samples, path)
+        stats["kept"], stats["mismatch"] = len(samples), counter.mismatched
+        self.stats[split], self.mismatches[split] = stats, counter
+        hp = self.hparams
+        self.datasets[split] = VisualInstructionDataset(samples, self.tokenizer, self.template, hp.image_size,
+                                                        hp.image_mean, hp.image_std, hp.image_mode, hp.max_length,
+                                                        generation=generation)
+        rank_zero_info(f"visual instruction {split} ({path}): {dict(stats)}")
+
+    def _check(self, record: dict[str, Any], index: int, path: str, generation: bool, stats: Counter[str],
+               counter: MismatchCounter) -> _Sample | None:
+        """One record -> a checked sample, None when skipped (counted), or an error naming it."""
+        hp = self.hparams
+        sample_id = str(record.get("id", f"{Path(path).name}#{index}"))
+        try:
+            images = _image_paths(record, sample_id, Path(hp.image_folder))
+            encoded = encode_conversation(record.get("conversations"), self.template, self.tokenizer,
+                                          num_images=len(images), sample_id=sample_id)
+            for image in images:
+                _check_image(sample_id, image)
+        except ValueError as err:
+            if hp.on_bad_record == "error":
+                raise err if isinstance(err, BadRecordError) else ValueError(f"{path}: {err}") from err
+            stats[getattr(err, "kind", "bad_conversation")] += 1
+            return None
+        counter.add(sample_id, encoded.mismatch)
+        if encoded.mismatch is not None:
+            return None
+        length = _fitted_length(encoded.input_ids, encoded.labels, hp.max_length, whole=generation)
+        if length is None:
+            stats["too_long"] += 1
+            return None
+        return _Sample(sample_id, images, record["conversations"], length)
+
+    def train_dataloader(self) -> DataLoader:
+        data, hp = self.datasets["train"], self.hparams
+        if hp.group_by_modality_length:
+            replicas = self.trainer.world_size if self.trainer is not None else 1
+            sampler = ModalityLengthGroupedSampler(data.lengths, data.has_image, hp.batch_size, replicas, hp.seed)
+        else:
+            sampler = RandomSampler(data, generator=torch.Generator().manual_seed(hp.seed))
+        return self._loader(data, hp.batch_size, sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self._split("val"), self.hparams.eval_batch_size, None)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self._split("test"), self.hparams.eval_batch_size, None)
+
+    def _split(self, split: str) -> VisualInstructionDataset:
+        if split not in self.datasets:
+            raise RuntimeError(f"no {split} data: set val_data_path or val_set_size (test: also test_data_path)")
+        return self.datasets[split]
+
+    def _loader(self, data: VisualInstructionDataset, batch_size: int, sampler: Sampler | None) -> DataLoader:
+        hp = self.hparams
+        collate = VisualInstructionCollator(self.tokenizer.pad_token_id, hp.image_size)
+        return DataLoader(data, batch_size=batch_size, sampler=sampler, shuffle=False, collate_fn=collate,
+                          num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0)
+
+
+def _fitted_length(input_ids: list[int], labels: list[int], max_length: int, whole: bool) -> int | None:
+    """Length after right truncation, or None when it would cut an image or every supervised token (or
+    anything at all when `whole`)."""
+    if len(input_ids) <= max_length:
+        return len(input_ids)
+    cut_ids, cut_labels = input_ids[max_length:], labels[:max_length]
+    if whole or any(i < 0 for i in cut_ids) or all(lab == IGNORE_INDEX for lab in cut_labels):
+        return None
+    return max_length
+
+
+def _require_unique_ids(samples: list[_Sample], path: str) -> None:
+    """Evaluation dedupes by sample id across ranks, so ids must be unique."""
+    counts = Counter(s.sample_id for s in samples)
+    duplicates = [sid for sid, n in counts.items() if n > 1]
+    if duplicates:
+        raise ValueError(f"{path}: evaluation sample ids must be unique; repeated: {duplicates[:5]}")
+
+
+def _check_args(hp: Any) -> None:
+    """Fail at construction on arguments that cannot work (files are checked in setup)."""
+    get_template(hp.template)
+    problems = []
+    if hp.image_mode not in ("pad", "resize"):
+        problems.append(f"image_mode must be 'pad' or 'resize', got {hp.image_mode!r}")
+    if hp.on_bad_record not in ("error", "skip"):
+        problems.append(f"on_bad_record must be 'error' or 'skip', got {hp.on_bad_record!r}")
+    if not 0.0 <= hp.max_mismatch_ratio <= 1.0 or math.isnan(hp.max_mismatch_ratio):
+        problems.append(f"max_mismatch_ratio must be in [0, 1], got {hp.max_mismatch_ratio}")
+    if hp.val_data_path and hp.val_set_size:
+        problems.append("give val_data_path or val_set_size, not both")
+    if min(hp.image_size, hp.max_length, hp.batch_size, hp.eval_batch_size) < 1 or hp.val_set_size < 0:
+        problems.append("image_size, max_length, batch_size and eval_batch_size must be >= 1, val_set_size >= 0")
+    if len(hp.image_mean) != 3 or len(hp.image_std) != 3 or min(hp.image_std) <= 0:
+        problems.append(f"image_mean/image_std need 3 values, std > 0; got {hp.image_mean}, {hp.image_std}")
+    if problems:
+        raise ValueError("VisualInstructionDataModule: " + "; ".join(problems))
