@@ -7,18 +7,25 @@ One optimizer step, as EffiLoRACallback drives it:
     ImportanceTracker.update(scores, observed)   EMA on CPU; a frozen unit's score stays or decays
     ImportanceTracker.select(k, step)            sample / top-k / random, seeded by (seed, step)
 
+``Reducer`` strings these together for one model, for any training loop.
+
 No per-parameter kernel loop: scores come from a few ``torch._foreach_*`` calls and one index_add.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import torch
 
-__all__ = ["IMPORTANCE", "SELECTION", "FROZEN_SCORE", "local_unit_scores", "ImportanceTracker", "num_kept", "step_generator"]
+from .adapters.effilora import SelectableUnits
+
+__all__ = [
+    "IMPORTANCE", "SELECTION", "FROZEN_SCORE", "ImportanceTracker", "Reducer", "local_unit_scores", "num_kept",
+    "step_generator",
+]
 
 IMPORTANCE = ("taylor", "grad_norm", "weight_norm", "random")
 SELECTION = ("sample", "topk", "random")
@@ -137,3 +144,87 @@ class ImportanceTracker:
             )
         self.ema = state["ema"].to(torch.float64).clone()
         self.seen = state["seen"].to(torch.bool).clone()
+
+
+class Reducer:
+    """EffiLoRA's Reducer without Lightning: which units of B train at each optimizer step.
+
+    Drive it from any training loop (EffiLoRACallback does exactly this)::
+
+        reducer = Reducer(effilora_units(model), keep_ratio=0.5)
+        for step, batch in enumerate(loader):
+            reducer.begin_step()                  # before the forward: freeze the unselected B
+            loss(model, batch).backward()
+            reducer.end_step(step, all_reduce)    # grads complete: score, reduce, EMA, pick next
+            optimizer.step(); optimizer.zero_grad(set_to_none=True)
+
+    ``all_reduce(scores, sharded)`` completes the (U,) score vector across ranks (None in one process).
+    """
+
+    def __init__(
+        self,
+        units: SelectableUnits,
+        keep_ratio: float = 0.5,
+        importance: Importance = "taylor",
+        selection: Selection = "sample",
+        temperature: float = 1.0,
+        ema_beta: float = 0.85,
+        warmup_steps: int = 0,
+        every_n_steps: int = 1,
+        freeze_mode: str = "requires_grad",
+        frozen_score: str = "keep",
+        seed: int = 0,
+    ) -> None:
+        self.units, self.keep_ratio, self.importance, self.selection = units, keep_ratio, importance, selection
+        self.temperature, self.warmup_steps, self.every_n_steps = temperature, warmup_steps, every_n_steps
+        self.freeze_mode, self.seed = freeze_mode, seed
+        self.tracker = ImportanceTracker(units.num_units, ema_beta, frozen_score)
+        self.k = num_kept(keep_ratio, units.num_units)
+        self.selected: torch.Tensor | None = None  # (U,) bool in force for the current step
+        self.history: list[torch.Tensor] = []  # the selection of every finished step
+        self.selected = self.decide(0)
+
+    def begin_step(self) -> None:
+        """Apply the selection in force (requires_grad mode); call once per optimizer step, before forward."""
+        if self.freeze_mode == "requires_grad":
+            self.units.set_trainable(self.selected)
+
+    def end_step(self, step: int, all_reduce: Callable[[torch.Tensor, bool], None] | None = None) -> None:
+        """Gradients of ``step`` are complete: drop unselected ones (grad_drop), score, EMA, choose step + 1."""
+        units = self.units
+        if self.freeze_mode == "grad_drop":
+            keep = self.selected.tolist()
+            for p, u in zip(units.params, units.unit_of_param.tolist()):
+                if not keep[u]:
+                    p.grad = None
+        scores, observed = local_unit_scores(units.params, units.unit_of_param, units.num_units, self.importance)
+        if all_reduce is not None:
+            all_reduce(scores, hasattr(units.params[0], "to_local"))
+        self.tracker.update(scores.cpu(), observed)  # the one device-to-host transfer of the step
+        self.history.append(self.selected.clone())
+        self.selected = self.decide(step + 1)
+
+    def decide(self, step: int) -> torch.Tensor:
+        """The selection for optimizer step ``step``: all units during warm-up, else K by the rule."""
+        n = self.units.num_units
+        if step < self.warmup_steps:
+            return torch.ones(n, dtype=torch.bool)
+        held = self.selected is not None and int(self.selected.sum()) < n
+        if held and (step - self.warmup_steps) % self.every_n_steps:
+            return self.selected
+        return self.tracker.select(self.k, self.selection, self.temperature, self.seed, step)
+
+    def state_dict(self) -> dict[str, Any]:
+        history = torch.stack(self.history) if self.history else torch.zeros(0, self.units.num_units, dtype=torch.bool)
+        return {"tracker": self.tracker.state_dict(), "selected": self.selected.clone(), "history": history,
+                "unit_names": list(self.units.names)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if list(state["unit_names"]) != list(self.units.names):
+            raise ValueError(
+                "The checkpoint's EffiLoRA units differ from this model's "
+                f"({len(state['unit_names'])} vs {self.units.num_units}): resume with the same adapter config."
+            )
+        self.tracker.load_state_dict(state["tracker"])
+        self.selected = state["selected"].to(torch.bool).clone()
+        self.history = list(state["history"].to(torch.bool).unbind(0))

@@ -33,7 +33,7 @@ from typing_extensions import override
 
 from ..adapters import SelectableUnits, effilora_units
 from ..adapters.effilora import EffiLoRALinear
-from ..selection import FROZEN_SCORE, IMPORTANCE, SELECTION, ImportanceTracker, local_unit_scores, num_kept
+from ..selection import FROZEN_SCORE, IMPORTANCE, SELECTION, ImportanceTracker, Reducer
 from .heatmap import write_selection_heatmap
 
 __all__ = ["EffiLoRACallback"]
@@ -97,15 +97,28 @@ class EffiLoRACallback(Callback):
         self.temperature, self.ema_beta, self.warmup_steps = temperature, ema_beta, warmup_steps
         self.every_n_steps, self.granularity, self.freeze_mode = every_n_steps, granularity, freeze_mode
         self.frozen_score, self.seed, self.log_every_n_steps, self.heatmap = frozen_score, seed, log_every_n_steps, heatmap
-        self.units: SelectableUnits | None = None
-        self.tracker: ImportanceTracker | None = None
-        self.selected: torch.Tensor | None = None  # (U,) bool: the units that train in the current step
-        self.history: list[torch.Tensor] = []  # selection of each optimizer step, for the heatmap
+        self.reducer: Reducer | None = None  # built in on_train_start, once parameters are final
         self._restored: dict[str, Any] | None = None
         self._applied_step = -1  # global_step whose selection is in force (once-per-step guard)
         self._scored_step = -1
-        self._warmup = 0
         self._meter = _Meter()
+
+    # Read-only views of the reducer's state (tests and users look at these).
+    @property
+    def units(self) -> SelectableUnits | None:
+        return self.reducer.units if self.reducer else None
+
+    @property
+    def tracker(self) -> ImportanceTracker | None:
+        return self.reducer.tracker if self.reducer else None
+
+    @property
+    def selected(self) -> torch.Tensor | None:
+        return self.reducer.selected if self.reducer else None
+
+    @property
+    def history(self) -> list[torch.Tensor]:
+        return self.reducer.history if self.reducer else []
 
     # ---------------------------------------------------------------- set-up
     @override
@@ -124,18 +137,22 @@ class EffiLoRACallback(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Parameters are final now (sharding replaced them), and a checkpoint, if any, is restored.
-        self.units = effilora_units(pl_module, self.granularity)
-        _check_in_optimizer(trainer, self.units)
-        self.tracker = ImportanceTracker(self.units.num_units, self.ema_beta, self.frozen_score)
-        self._warmup = self._resolve_warmup(trainer)
-        if self._restored is not None:
-            self._load_restored()
+        units = effilora_units(pl_module, self.granularity)
+        _check_in_optimizer(trainer, units)
+        self.reducer = Reducer(
+            units, self.keep_ratio, self.importance, self.selection, self.temperature, self.ema_beta,
+            self._resolve_warmup(trainer), self.every_n_steps, self.freeze_mode, self.frozen_score, self.seed,
+        )
+        if self._restored:
+            self.reducer.load_state_dict(self._restored)
+            self._restored = None
         else:
-            self.selected = self._decide(trainer.global_step)
+            self.reducer.selected = self.reducer.decide(trainer.global_step)
         self._applied_step = -1
-        k = num_kept(self.keep_ratio, self.units.num_units)
-        rank_zero_info(f"EffiLoRACallback: {self.units.num_units} units ({self.granularity}), keeping {k} per step "
-                       f"after {self._warmup} warm-up steps, importance={self.importance}, selection={self.selection}.")
+        rank_zero_info(
+            f"EffiLoRACallback: {units.num_units} units ({self.granularity}), keeping {self.reducer.k} per step "
+            f"after {self.reducer.warmup_steps} warm-up steps, importance={self.importance}, selection={self.selection}."
+        )
 
     def _resolve_warmup(self, trainer: pl.Trainer) -> int:
         if isinstance(self.warmup_steps, int):
@@ -151,39 +168,14 @@ class EffiLoRACallback(Callback):
         if trainer.global_step == self._applied_step:
             return  # not the first micro-batch of this optimizer step
         self._applied_step = trainer.global_step
-        if self.freeze_mode == "requires_grad":
-            self.units.set_trainable(self.selected)
+        self.reducer.begin_step()
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        step = trainer.global_step
-        if step == self._scored_step:
+        if trainer.global_step == self._scored_step:
             return  # a second optimizer in the same step: score once
-        self._scored_step = step
-        units = self.units
-        if self.freeze_mode == "grad_drop":
-            self._drop_unselected_grads()
-        scores, observed = local_unit_scores(units.params, units.unit_of_param, units.num_units, self.importance)
-        _all_reduce(scores, sharded=_is_sharded(units.params))
-        self.tracker.update(scores.cpu(), observed)  # the one device-to-host transfer of the step
-        self.history.append(self.selected.clone())
-        self.selected = self._decide(step + 1)
-
-    def _drop_unselected_grads(self) -> None:
-        keep = self.selected.tolist()
-        for p, u in zip(self.units.params, self.units.unit_of_param.tolist()):
-            if not keep[u]:
-                p.grad = None
-
-    def _decide(self, step: int) -> torch.Tensor:
-        """Selection in force for optimizer step ``step``."""
-        n = self.units.num_units
-        if step < self._warmup:
-            return torch.ones(n, dtype=torch.bool)
-        if self.selected is not None and self.selected.sum() < n and (step - self._warmup) % self.every_n_steps:
-            return self.selected
-        k = num_kept(self.keep_ratio, n)
-        return self.tracker.select(k, self.selection, self.temperature, self.seed, step)
+        self._scored_step = trainer.global_step
+        self.reducer.end_step(trainer.global_step, _all_reduce)
 
     # ---------------------------------------------------------------- logging
     @override
@@ -234,29 +226,11 @@ class EffiLoRACallback(Callback):
     # ---------------------------------------------------------------- checkpoint
     @override
     def state_dict(self) -> dict[str, Any]:
-        if self.tracker is None:
-            return {}
-        return {
-            "tracker": self.tracker.state_dict(),
-            "selected": self.selected.clone(),
-            "history": torch.stack(self.history) if self.history else torch.zeros(0, self.units.num_units, dtype=torch.bool),
-            "unit_names": list(self.units.names),
-        }
+        return self.reducer.state_dict() if self.reducer is not None else {}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._restored = dict(state_dict) if state_dict else None
-
-    def _load_restored(self) -> None:
-        state, self._restored = self._restored, None
-        if list(state["unit_names"]) != list(self.units.names):
-            raise ValueError(
-                "The checkpoint's EffiLoRA units differ from this model's "
-                f"({len(state['unit_names'])} vs {self.units.num_units}): resume with the same adapter config."
-            )
-        self.tracker.load_state_dict(state["tracker"])
-        self.selected = state["selected"].to(torch.bool).clone()
-        self.history = list(state["history"].to(torch.bool).unbind(0))
+        self._restored = dict(state_dict) if state_dict else None  # applied in on_train_start
 
 
 _NO_EFFILORA = (
@@ -268,10 +242,6 @@ _NO_EFFILORA = (
 
 def _has_effilora(module: nn.Module) -> bool:
     return any(isinstance(m, EffiLoRALinear) for m in module.modules())
-
-
-def _is_sharded(params: tuple[torch.Tensor, ...]) -> bool:
-    return hasattr(params[0], "to_local")
 
 
 def _all_reduce(scores: torch.Tensor, sharded: bool) -> None:

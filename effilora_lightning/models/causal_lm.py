@@ -1,0 +1,269 @@
+"""CausalLMModule: a Hugging Face causal LM (LLaMA-3 first) fine-tuned with any of the four adapters.
+
+    configure_model      load from a local directory (never a download) or build from a config; inject the
+                         adapter BEFORE any sharding; optional non-reentrant activation checkpointing
+    training_step        teacher-forced loss (labels already -100 where they must not count)
+    validation_step      loss batches -> val_loss; generation batches -> per-task accuracy
+    test_step            generation on every eval task -> per-task table and average
+    configure_optimizers AdamW over EVERY adapter parameter (by name) in fixed groups shared_a/a/b/router,
+                         each with its own learning rate; warm-up then cosine/linear/constant
+    checkpoints          adapter weights only (base weights reload from model_path)
+
+With an EffiLoRA adapter the module adds ``EffiLoRACallback(**reducer)`` itself (``configure_callbacks``),
+so switching methods in YAML is one line: the adapter's ``class_path``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from ..adapters import AdapterConfig, EffiLoRAConfig, apply_adapter, is_adapter_param, param_group
+from ..adapters.export import export_peft_lora, save_adapter
+from ..callbacks import EffiLoRACallback
+from ..data.commonsense import is_generation_batch
+from ..data.templates import TASKS, extract_answer
+from ..data.tokenizer import load_tokenizer
+from ..metrics import TaskAccuracy, format_table
+
+__all__ = ["CausalLMModule", "load_causal_lm"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_causal_lm(model_path: str | None, model_config: dict[str, Any] | None, dtype: str, seed: int) -> PreTrainedModel:
+    """From a local Hugging Face directory (``local_files_only``), or built from a config dict (random init)."""
+    torch_dtype = _DTYPES[dtype]
+    if model_path is not None:
+        path = Path(model_path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"No model at {path} (config.json missing). Models load from local directories only; no download "
+                "is attempted. Point model_path at a Hugging Face checkpoint directory (e.g. data/tiny-llama)."
+            )
+        return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch_dtype)
+    if model_config is None:
+        raise ValueError("Give model_path (a local checkpoint directory) or model_config (a config dict).")
+    cfg = dict(model_config)
+    config = AutoConfig.for_model(cfg.pop("model_type", "llama"), **cfg)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+
+
+class CausalLMModule(pl.LightningModule):
+    """Adapter fine-tuning of a causal LM, with generation-based accuracy on commonsense tasks.
+
+    Args:
+        adapter: LoRAConfig, EffiLoRAConfig, HydraLoRAConfig or LilyConfig (``class_path`` in YAML).
+        model_path: local Hugging Face checkpoint directory (config.json, tokenizer, safetensors).
+        model_config: instead of model_path, a config dict to build a randomly initialised model.
+        dtype: dtype of the frozen base weights (adapters stay fp32 unless the adapter says otherwise).
+        learning_rate: default learning rate of every adapter group.
+        lr_shared_a / lr_b / lr_router: per-group overrides (None = learning_rate).
+        weight_decay: AdamW decoupled weight decay on adapter weights.
+        scheduler: ``cosine`` or ``linear`` decay after warm-up, or ``constant``.
+        warmup_steps: linear warm-up, in optimizer steps (int) or as a share of all steps (float < 1).
+        min_lr_ratio: the decay ends at learning_rate * min_lr_ratio.
+        gradient_checkpointing: non-reentrant activation checkpointing (reentrant would starve adapters).
+        max_new_tokens / num_beams: generation for accuracy (reference: 32 tokens, 4 beams).
+        reducer: EffiLoRACallback arguments, used when the adapter is EffiLoRA (None = defaults).
+        load_adapter_from: initialise the adapter from a directory written by ``save_adapter``.
+        export_dir: at the end of fit, write ``<export_dir>/adapter`` and, where possible, ``<export_dir>/peft``.
+        init_seed: seeds model_config initialisation (adapter init is seeded by the adapter config).
+    """
+
+    def __init__(
+        self,
+        adapter: AdapterConfig,
+        model_path: str | None = None,
+        model_config: dict[str, Any] | None = None,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        learning_rate: float = 3e-4,
+        lr_shared_a: float | None = None,
+        lr_b: float | None = None,
+        lr_router: float | None = None,
+        weight_decay: float = 0.0,
+        scheduler: Literal["cosine", "linear", "constant"] = "cosine",
+        warmup_steps: int | float = 0,
+        min_lr_ratio: float = 0.0,
+        gradient_checkpointing: bool = False,
+        max_new_tokens: int = 32,
+        num_beams: int = 1,
+        reducer: dict[str, Any] | None = None,
+        load_adapter_from: str | None = None,
+        export_dir: str | None = None,
+        init_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(adapter, AdapterConfig):
+            raise TypeError(f"adapter must be an adapter config (LoRAConfig, EffiLoRAConfig, ...), got {type(adapter).__name__}.")
+        if model_path is None and model_config is None:
+            raise ValueError("CausalLMModule needs model_path (a local checkpoint directory) or model_config.")
+        self.save_hyperparameters(ignore=["adapter"])
+        self.adapter = adapter
+        self.reducer = EffiLoRACallback(**(reducer or {})) if isinstance(adapter, EffiLoRAConfig) else None
+        self.strict_loading = False  # checkpoints hold adapter weights only
+        self.model: PreTrainedModel | None = None
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.val_accuracy = TaskAccuracy(TASKS)
+        self.test_accuracy = TaskAccuracy(TASKS)
+        self.test_results: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ model
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return  # Lightning may call this more than once
+        hp = self.hparams
+        self.model = self.build_base_model()
+        self.model.train()  # from_pretrained returns eval mode; adapter dropout must be live
+        report = apply_adapter(self.model, self.adapter)
+        rank_zero_info(str(report))
+        self.adapter_report = report
+        if hp.load_adapter_from:
+            from ..adapters import load_adapter
+
+            load_adapter(self.model, hp.load_adapter_from)
+        if hp.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def build_base_model(self) -> PreTrainedModel:
+        """The frozen base LM; VisionLanguageModule overrides this to add the vision side."""
+        hp = self.hparams
+        return load_causal_lm(hp.model_path, hp.model_config, hp.dtype, hp.init_seed)
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        return [self.reducer] if self.reducer is not None else []
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        self.tokenizer = getattr(dm, "tokenizer", None)
+        if self.tokenizer is None and self.hparams.model_path is not None:
+            self.tokenizer = load_tokenizer(self.hparams.model_path)
+
+    def forward(self, **batch: torch.Tensor) -> Any:
+        return self.model(**batch)
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        if is_generation_batch(batch):
+            self._score_generation(batch, self.val_accuracy)
+            return
+        loss = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        self.log("val_loss", loss, prog_bar=True, sync_dist=True, add_dataloader_idx=False,
+                 batch_size=batch["input_ids"].shape[0])
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._score_generation(batch, self.test_accuracy)
+
+    @torch.no_grad()
+    def generate_answers(self, batch: dict[str, Any]) -> list[str]:
+        """Greedy (or beam) generation from left-padded prompts; returns the decoded new text per row."""
+        tok = self._require_tokenizer()
+        out = self.model.generate(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+            max_new_tokens=self.hparams.max_new_tokens, num_beams=self.hparams.num_beams, do_sample=False,
+            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        )
+        new = out[:, batch["input_ids"].shape[1]:]  # (B, new tokens): prompts are left-padded
+        return tok.batch_decode(new, skip_special_tokens=True)
+
+    def _score_generation(self, batch: dict[str, Any], metric: TaskAccuracy) -> None:
+        texts = self.generate_answers(batch)
+        correct = [(extract_answer(t, text) or "").lower() == a.lower()
+                   for t, text, a in zip(batch["task"], texts, batch["answer"])]
+        metric.update(batch["task"], torch.tensor(correct, device=self.device), batch["sample_id"])
+
+    def _require_tokenizer(self) -> PreTrainedTokenizerBase:
+        if self.tokenizer is None:
+            raise RuntimeError("Generation needs a tokenizer: use a datamodule with a .tokenizer, or set model_path.")
+        return self.tokenizer
+
+    # ------------------------------------------------------------------ epoch ends
+    def on_validation_epoch_end(self) -> None:
+        if self.val_accuracy.update_count == 0:
+            return
+        results = self.val_accuracy.compute()
+        self.log_dict({f"val_acc/{k}": v for k, v in results.items()}, sync_dist=False)
+        self.log("val_acc", results["average"], prog_bar=True)
+        self.val_accuracy.reset()
+
+    def on_test_epoch_end(self) -> None:
+        results = self.test_accuracy.compute()
+        counts = self.test_accuracy.counts()
+        self.log_dict({f"test_acc/{k}": v for k, v in results.items()})
+        self.test_results = {k: float(v) for k, v in results.items()}
+        self.test_accuracy.reset()
+        if self.trainer.is_global_zero:
+            print("\n" + format_table(results, counts) + "\n")
+            self._write_results({"accuracy": self.test_results, "counts": counts})
+
+    def _write_results(self, payload: dict[str, Any]) -> None:
+        log_dir = self.trainer.log_dir or self.trainer.default_root_dir
+        path = Path(log_dir) / "test_results.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+
+    def on_train_end(self) -> None:
+        if self.hparams.export_dir is None:
+            return
+        out = Path(self.hparams.export_dir)
+        save_adapter(self.model, out / "adapter")
+        if self.adapter.method == "lora" or (self.adapter.method == "effilora" and self.adapter.num_heads == 1):
+            export_peft_lora(self.model, out / "peft", base_model_name_or_path=self.hparams.model_path)
+        rank_zero_info(f"Adapter written to {out}")
+
+    # ------------------------------------------------------------------ optimisation
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Every adapter parameter (by name, frozen ones too) in fixed named groups with their own lr."""
+        hp = self.hparams
+        lrs = {"shared_a": hp.lr_shared_a, "a": None, "b": hp.lr_b, "router": hp.lr_router}
+        groups: dict[str, list[torch.nn.Parameter]] = {}
+        for name, p in self.named_parameters():
+            if is_adapter_param(name):
+                groups.setdefault(param_group(name) or "b", []).append(p)
+        return [{"name": g, "params": ps, "lr": lrs.get(g) or hp.learning_rate} for g, ps in groups.items()]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(self.param_groups(), lr=hp.learning_rate, weight_decay=hp.weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = hp.warmup_steps if isinstance(hp.warmup_steps, int) else int(hp.warmup_steps * total)
+        schedule = LambdaLR(optimizer, _lr_lambda(hp.scheduler, warmup, total, hp.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep adapter weights only: base weights reload from model_path (or are rebuilt from model_config)."""
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if not is_adapter_param(k) and not self.keep_in_checkpoint(k)]:
+            del state[key]
+
+    def keep_in_checkpoint(self, key: str) -> bool:
+        """Non-adapter weights that still train (VisionLanguageModule keeps its projector)."""
+        return False
+
+
+def _lr_lambda(kind: str, warmup: int, total: int, min_ratio: float):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+        return min_ratio + (1.0 - min_ratio) * decay
+
+    return factor
