@@ -33,6 +33,7 @@ from ..data.commonsense import is_generation_batch
 from ..data.templates import TASKS, extract_answer
 from ..data.tokenizer import load_tokenizer
 from ..metrics import TaskAccuracy, format_table
+from .sharding import shard_model
 
 __all__ = ["CausalLMModule", "load_causal_lm"]
 
@@ -77,6 +78,8 @@ class CausalLMModule(pl.LightningModule):
         reducer: EffiLoRACallback arguments, used when the adapter is EffiLoRA (None = defaults).
         load_adapter_from: initialise the adapter from a directory written by ``save_adapter``.
         export_dir: at the end of fit, write ``<export_dir>/adapter`` and, where possible, ``<export_dir>/peft``.
+        fsdp_param_dtype: under ModelParallelStrategy (FSDP2), the all-gather/compute dtype (``bfloat16`` on
+            GPUs); gradients are always reduced in fp32.
         init_seed: seeds model_config initialisation (adapter init is seeded by the adapter config).
     """
 
@@ -100,6 +103,7 @@ class CausalLMModule(pl.LightningModule):
         reducer: dict[str, Any] | None = None,
         load_adapter_from: str | None = None,
         export_dir: str | None = None,
+        fsdp_param_dtype: Literal["bfloat16", "float16", "float32"] | None = None,
         init_seed: int = 0,
     ) -> None:
         super().__init__()
@@ -133,6 +137,26 @@ class CausalLMModule(pl.LightningModule):
             load_adapter(self.model, hp.load_adapter_from)
         if hp.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self._check_strategy()
+        mesh = getattr(self, "_device_mesh", None)  # set by ModelParallelStrategy (FSDP2)
+        if mesh is not None:
+            shard_model(self.model, mesh["data_parallel"], hp.fsdp_param_dtype, extra_units=self.extra_fsdp_units())
+
+    def extra_fsdp_units(self) -> list[torch.nn.Module]:
+        """Blocks besides the decoder layers that get their own FSDP2 group (VisionLanguageModule: none)."""
+        return []
+
+    def _check_strategy(self) -> None:
+        """Refuse, at start, what a strategy cannot do, naming the alternative."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, FSDPStrategy) and not strategy.kwargs.get("use_orig_params", False):
+            raise ValueError(
+                "FSDPStrategy (FSDP1) with adapters needs use_orig_params=True (frozen base and trainable adapters "
+                "share FSDP units). Set strategy.init_args.use_orig_params: true, or use ModelParallelStrategy "
+                "(FSDP2, preferred)."
+            )
 
     def build_base_model(self) -> PreTrainedModel:
         """The frozen base LM; VisionLanguageModule overrides this to add the vision side."""
@@ -246,7 +270,13 @@ class CausalLMModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep adapter weights only: base weights reload from model_path (or are rebuilt from model_config)."""
+        """Keep adapter weights only: base weights reload from model_path (or are rebuilt from model_config).
+
+        Except for FSDP2 distributed (sharded) checkpoints: Lightning reloads those into the full module state
+        and would miss the base keys, so there each rank keeps its 1/N shard of everything.
+        """
+        if getattr(self._trainer.strategy, "_save_distributed_checkpoint", False) if self._trainer else False:
+            return
         state = checkpoint["state_dict"]
         for key in [k for k in state if not is_adapter_param(k) and not self.keep_in_checkpoint(k)]:
             del state[key]

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -57,6 +58,10 @@ TINY_VIT = "effilora-tiny-vit"
 _CONFIG_DIR = Path(__file__).resolve().parent / "open_clip_configs"
 _SIDECAR = "open_clip_config.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_NO_PATCHES = (
+    "open_clip architecture {model_name!r} builds a {kind}, which has no patch tokens; "
+    "use a ViT architecture (e.g. ViT-L-14-336)"
+)
 
 open_clip.add_model_config(_CONFIG_DIR)
 
@@ -142,6 +147,8 @@ def _architecture_config(model_name: str) -> dict[str, Any]:
             f"unknown open_clip architecture {model_name!r} (hub/local-dir schemas are not supported: "
             f"pass an architecture name and a weight file). Known: {', '.join(open_clip.list_models())}"
         )
+    if isinstance(cfg["vision_cfg"].get("layers"), (list, tuple)):
+        raise ValueError(_NO_PATCHES.format(model_name=model_name, kind="ModifiedResNet"))
     return cfg
 
 
@@ -196,7 +203,8 @@ def _decide_quick_gelu(
         return bool(sidecar["model_cfg"]["quick_gelu"])
     if weights is not None and _registry_consensus(model_name, "quick_gelu") is not None:
         return bool(_registry_consensus(model_name, "quick_gelu"))
-    if weights is not None and "openai" in list_pretrained_tags_by_model(model_name) and not model_cfg.get("quick_gelu"):
+    openai_among_others = "openai" in list_pretrained_tags_by_model(model_name)
+    if weights is not None and openai_among_others and not model_cfg.get("quick_gelu"):
         log.warning(
             "%s has OpenAI and non-OpenAI weights in open_clip; using GELU for %s. OpenAI weights need "
             "force_quick_gelu=True.", model_name, weights,
@@ -225,7 +233,9 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
         return load_file(str(path), device="cpu")
     if zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
         # OpenAI's releases are TorchScript; torch.load(weights_only=True) refuses them, jit.load runs no pickle
-        return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.jit.load.*deprecated", category=FutureWarning)
+            return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
     checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
         checkpoint = checkpoint["state_dict"]
@@ -268,10 +278,7 @@ def _geometry(visual: nn.Module, model_name: str) -> tuple[int, int, int, int]:
     if isinstance(visual, TimmModel) and hasattr(visual.trunk, "patch_embed"):
         trunk = visual.trunk
         return trunk.num_features, trunk.patch_embed.num_patches, len(trunk.blocks), trunk.patch_embed.img_size[0]
-    raise ValueError(
-        f"open_clip architecture {model_name!r} builds a {type(visual).__name__}, which has no patch tokens; "
-        f"use a ViT architecture (e.g. ViT-L-14-336)"
-    )
+    raise ValueError(_NO_PATCHES.format(model_name=model_name, kind=type(visual).__name__))
 
 
 def _block_index(select_layer: int, num_blocks: int, model_name: str) -> int:

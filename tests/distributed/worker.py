@@ -1,0 +1,120 @@
+"""One training run of a tiny LLaMA for the distributed tests; launched by torchrun (2 ranks) or plainly (1 rank).
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/distributed/worker.py --strategy fsdp2 --out DIR
+    python tests/distributed/worker.py --strategy single --out DIR
+
+Writes DIR/rank<r>.json: the global mean loss of every step, the EffiLoRA selection of every step, and a
+checksum of the adapter; optionally saves the adapter (``--save``) and a checkpoint (``--ckpt-every``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers import tiny_llama_config  # noqa: E402
+
+from effilora_lightning import CausalLMModule, EffiLoRAConfig  # noqa: E402
+from effilora_lightning.adapters import is_adapter_param, save_adapter  # noqa: E402
+
+GLOBAL_BATCH = 8
+
+
+class Tokens(Dataset):
+    """Equal-length, unpadded sequences: every rank's mean loss has the same token count."""
+
+    def __init__(self, n: int = 32, length: int = 16) -> None:
+        self.ids = torch.randint(1, 128, (n, length), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = self.ids[i]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+class Record(Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"].detach().clone()
+        if dist.is_initialized():
+            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+        self.losses.append(float(loss))
+
+
+def adapter_checksum(module: CausalLMModule) -> float:
+    total = 0.0
+    for name, p in module.model.named_parameters():
+        if is_adapter_param(name):
+            full = p.full_tensor() if hasattr(p, "full_tensor") else p
+            total += float(full.detach().double().abs().sum())
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--strategy", choices=["single", "ddp", "fsdp2"], required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--freeze-mode", default="requires_grad")
+    ap.add_argument("--ckpt-every", type=int, default=0)
+    ap.add_argument("--resume", default=None)
+    ap.add_argument("--save", default=None)
+    ap.add_argument("--num-nodes", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    strategy = {
+        "single": "auto",
+        "ddp": DDPStrategy(find_unused_parameters=args.freeze_mode == "requires_grad", process_group_backend="gloo"),
+        "fsdp2": ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1, process_group_backend="gloo",
+                                       save_distributed_checkpoint=True),
+    }[args.strategy]
+    module = CausalLMModule(
+        adapter=EffiLoRAConfig(rank=4, target_modules=["q_proj", "v_proj", "down_proj"]),
+        model_config={"model_type": "llama", **tiny_llama_config(layers=4).to_dict()},
+        learning_rate=1e-2, weight_decay=0.1, scheduler="constant",
+        reducer={"keep_ratio": 0.5, "warmup_steps": 0, "freeze_mode": args.freeze_mode, "heatmap": False},
+    )
+    record = Record()
+    callbacks: list[Callback] = [record]
+    if args.ckpt_every:
+        callbacks.append(ModelCheckpoint(dirpath=Path(args.out) / "ckpt", save_last=True,
+                                         every_n_train_steps=args.ckpt_every, save_top_k=-1))
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=world // args.num_nodes, num_nodes=args.num_nodes, strategy=strategy,
+        max_steps=args.steps, callbacks=callbacks, logger=False, enable_checkpointing=bool(args.ckpt_every),
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=args.out,
+        use_distributed_sampler=False,  # ours below, unshuffled: the global batch equals the 1-process batch
+    )
+    rank = int(os.environ.get("RANK", "0"))
+    sampler = DistributedSampler(Tokens(), num_replicas=world, rank=rank, shuffle=False) if world > 1 else None
+    loader = DataLoader(Tokens(), batch_size=GLOBAL_BATCH // world, sampler=sampler, shuffle=False)
+    trainer.fit(module, loader, ckpt_path=args.resume)
+    if args.save:
+        save_adapter(module.model, args.save)
+    reducer = module.reducer
+    out = {
+        "world": world, "losses": record.losses, "checksum": adapter_checksum(module),
+        "history": torch.stack(reducer.history).int().tolist(), "global_step": trainer.global_step,
+    }
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"rank{trainer.global_rank}.json").write_text(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
