@@ -1,0 +1,117 @@
+"""CausalLMModule on the bundled tiny LLaMA: loading, optimizer groups, checkpoints, generation accuracy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from effilora_lightning import CausalLMModule, CommonsenseDataModule, EffiLoRAConfig, LoRAConfig
+from effilora_lightning.adapters import is_adapter_param
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "data" / "tiny-llama"
+DATA = ROOT / "data" / "commonsense"
+
+
+def _module(**kw) -> CausalLMModule:
+    kw.setdefault("adapter", EffiLoRAConfig(rank=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    return CausalLMModule(model_path=str(TINY), **kw)
+
+
+def _datamodule(**kw) -> CommonsenseDataModule:
+    args = dict(data_path=str(DATA / "commonsense_170k.json"), dataset_dir=str(DATA / "dataset"),
+                tokenizer_path=str(TINY), cutoff_len=96, batch_size=8, eval_batch_size=32, val_set_size=16,
+                val_generation_samples_per_task=2, max_test_samples_per_task=3)
+    args.update(kw)
+    return CommonsenseDataModule(**args)
+
+
+def _trainer(tmp_path, **kw) -> pl.Trainer:
+    kw.setdefault("logger", False)
+    kw.setdefault("enable_checkpointing", False)
+    return pl.Trainer(accelerator="cpu", devices=1, default_root_dir=tmp_path, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0, **kw)
+
+
+def test_missing_model_directory_names_the_path_and_never_downloads(tmp_path):
+    module = CausalLMModule(adapter=LoRAConfig(), model_path=str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match=r"No model at .*nope .*no download is attempted"):
+        module.configure_model()
+
+
+def test_needs_a_model_source_and_an_adapter_config():
+    with pytest.raises(ValueError, match="model_path"):
+        CausalLMModule(adapter=LoRAConfig())
+    with pytest.raises(TypeError, match="adapter must be an adapter config"):
+        CausalLMModule(adapter={"rank": 4}, model_path=str(TINY))
+
+
+def test_loads_local_checkpoint_and_injects_in_train_mode():
+    module = _module()
+    module.configure_model()
+    module.configure_model()  # a second call is a no-op
+    assert module.model.training
+    assert module.adapter_report.trainable == sum(
+        p.numel() for n, p in module.named_parameters() if is_adapter_param(n))
+    assert all(not p.requires_grad for n, p in module.named_parameters() if not is_adapter_param(n))
+
+
+def test_optimizer_groups_hold_every_adapter_parameter_with_their_own_lr(tmp_path):
+    module = _module(learning_rate=1e-3, lr_shared_a=5e-4, lr_b=2e-3, weight_decay=0.1)
+    module.configure_model()
+    for name, p in module.named_parameters():  # a frozen B must be in the optimizer too
+        if "effilora_B" in name:
+            p.requires_grad_(False)
+    groups = {g["name"]: g for g in module.param_groups()}
+    assert set(groups) == {"shared_a", "b"}
+    assert groups["shared_a"]["lr"] == 5e-4 and groups["b"]["lr"] == 2e-3
+    in_groups = {id(p) for g in groups.values() for p in g["params"]}
+    assert in_groups == {id(p) for n, p in module.named_parameters() if is_adapter_param(n)}
+
+
+def test_checkpoint_holds_adapter_weights_only_and_restores_them(tmp_path):
+    module = _module(adapter=LoRAConfig(rank=4))
+    trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    trainer.fit(module, datamodule=_datamodule())
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    state = torch.load(path, weights_only=False)["state_dict"]
+    assert state and all(is_adapter_param(k) for k in state)
+    fresh = _module(adapter=LoRAConfig(rank=4))
+    fresh.configure_model()
+    fresh.load_state_dict(state, strict=False)
+    for name, p in module.named_parameters():
+        if is_adapter_param(name):
+            assert torch.equal(p, dict(fresh.named_parameters())[name])
+
+
+def test_fit_then_test_reports_accuracy_per_task(tmp_path, capsys):
+    module = _module(learning_rate=1e-3, max_new_tokens=4, reducer={"warmup_steps": 0, "heatmap": False})
+    dm = _datamodule()
+    trainer = _trainer(tmp_path, max_steps=3, val_check_interval=3, check_val_every_n_epoch=None,
+                       logger=pl.loggers.CSVLogger(tmp_path, name="t"))
+    trainer.fit(module, datamodule=dm)
+    assert "val_acc" in trainer.callback_metrics and "val_loss" in trainer.callback_metrics
+    trainer.test(module, datamodule=dm)
+    results = module.test_results
+    assert set(results) == set(dm.eval_tasks) | {"average"}
+    assert all(0.0 <= v <= 1.0 for v in results.values())
+    out = capsys.readouterr().out
+    assert "| average |" in out and "| boolq |" in out
+    assert (Path(trainer.log_dir) / "test_results.json").is_file()
+
+
+def test_generation_scores_the_first_regex_match_against_the_answer():
+    module = _module()
+    module.configure_model()
+    module.generate_answers = lambda batch: ["the correct answer is true", "solution2 solution1", "nothing"]
+    from effilora_lightning.metrics import TaskAccuracy
+
+    metric = TaskAccuracy(["boolq", "piqa"])
+    batch = {"task": ["boolq", "piqa", "piqa"], "answer": ["true", "solution1", "solution1"],
+             "sample_id": torch.tensor([0, 1, 2])}
+    module._score_generation(batch, metric)
+    assert {k: float(v) for k, v in metric.compute().items()} == {"boolq": 1.0, "piqa": 0.0, "average": 0.5}
