@@ -33,15 +33,20 @@ from ..data.commonsense import is_generation_batch
 from ..data.templates import TASKS, extract_answer
 from ..data.tokenizer import load_tokenizer
 from ..metrics import TaskAccuracy, format_table
-from .sharding import shard_model
+from .sharding import materialize_from_rank0, shard_model
 
 __all__ = ["CausalLMModule", "load_causal_lm"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_causal_lm(model_path: str | None, model_config: dict[str, Any] | None, dtype: str, seed: int) -> PreTrainedModel:
-    """From a local Hugging Face directory (``local_files_only``), or built from a config dict (random init)."""
+def load_causal_lm(
+    model_path: str | None, model_config: dict[str, Any] | None, dtype: str, seed: int, meta: bool = False
+) -> PreTrainedModel:
+    """From a local Hugging Face directory (``local_files_only``), or built from a config dict (random init).
+
+    ``meta=True`` builds the architecture only, on the meta device (no weights read, no memory used).
+    """
     torch_dtype = _DTYPES[dtype]
     if model_path is not None:
         path = Path(model_path)
@@ -50,6 +55,10 @@ def load_causal_lm(model_path: str | None, model_config: dict[str, Any] | None, 
                 f"No model at {path} (config.json missing). Models load from local directories only; no download "
                 "is attempted. Point model_path at a Hugging Face checkpoint directory (e.g. data/tiny-llama)."
             )
+        if meta:
+            with torch.device("meta"):
+                config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+                return AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
         return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch_dtype)
     if model_config is None:
         raise ValueError("Give model_path (a local checkpoint directory) or model_config (a config dict).")
@@ -126,21 +135,38 @@ class CausalLMModule(pl.LightningModule):
         if self.model is not None:
             return  # Lightning may call this more than once
         hp = self.hparams
-        self.model = self.build_base_model()
-        self.model.train()  # from_pretrained returns eval mode; adapter dropout must be live
-        report = apply_adapter(self.model, self.adapter)
-        rank_zero_info(str(report))
-        self.adapter_report = report
-        if hp.load_adapter_from:
-            from ..adapters import load_adapter
-
-            load_adapter(self.model, hp.load_adapter_from)
-        if hp.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self._check_strategy()
         mesh = getattr(self, "_device_mesh", None)  # set by ModelParallelStrategy (FSDP2)
+        if mesh is not None and hp.model_path is not None:
+            self.model = self._build_sharded(mesh["data_parallel"])
+            return
+        self.model = self._build_adapted()
         if mesh is not None:
             shard_model(self.model, mesh["data_parallel"], hp.fsdp_param_dtype, extra_units=self.extra_fsdp_units())
+
+    def _build_adapted(self, meta: bool = False) -> PreTrainedModel:
+        """Base model (train mode) + adapter (+ saved adapter weights) + activation checkpointing."""
+        hp = self.hparams
+        model = self.build_base_model(meta)
+        model.train()  # from_pretrained returns eval mode; adapter dropout must be live
+        self.adapter_report = apply_adapter(model, self.adapter)
+        rank_zero_info(str(self.adapter_report))
+        if hp.load_adapter_from and not meta:
+            from ..adapters import load_adapter
+
+            load_adapter(model, hp.load_adapter_from)
+        if hp.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+
+    def _build_sharded(self, mesh: Any) -> PreTrainedModel:
+        """FSDP2 without N copies in RAM: every rank builds the adapted model on the meta device and shards
+        it; rank 0 alone loads the checkpoint (and initialises the adapter, seeded) and broadcasts it."""
+        model = self._build_adapted(meta=True)
+        shard_model(model, mesh, self.hparams.fsdp_param_dtype, extra_units=self.extra_fsdp_units())
+        full = self._build_adapted().state_dict() if self._trainer.is_global_zero else {}
+        materialize_from_rank0(model, full, self._trainer.strategy.root_device)
+        return model
 
     def extra_fsdp_units(self) -> list[torch.nn.Module]:
         """Blocks besides the decoder layers that get their own FSDP2 group (VisionLanguageModule: none)."""
@@ -158,19 +184,17 @@ class CausalLMModule(pl.LightningModule):
                 "(FSDP2, preferred)."
             )
 
-    def build_base_model(self) -> PreTrainedModel:
-        """The frozen base LM; VisionLanguageModule overrides this to add the vision side."""
+    def build_base_model(self, meta: bool = False) -> PreTrainedModel:
+        """The frozen base LM (on the meta device if asked); VisionLanguageModule overrides this."""
         hp = self.hparams
-        return load_causal_lm(hp.model_path, hp.model_config, hp.dtype, hp.init_seed)
+        return load_causal_lm(hp.model_path, hp.model_config, hp.dtype, hp.init_seed, meta=meta)
 
     def configure_callbacks(self) -> list[pl.Callback]:
         return [self.reducer] if self.reducer is not None else []
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        self.tokenizer = getattr(dm, "tokenizer", None)
-        if self.tokenizer is None and self.hparams.model_path is not None:
-            self.tokenizer = load_tokenizer(self.hparams.model_path)
+        self.tokenizer = getattr(dm, "tokenizer", None)  # else loaded from model_path when generation needs it
 
     def forward(self, **batch: torch.Tensor) -> Any:
         return self.model(**batch)
@@ -211,6 +235,8 @@ class CausalLMModule(pl.LightningModule):
         metric.update(batch["task"], torch.tensor(correct, device=self.device), batch["sample_id"])
 
     def _require_tokenizer(self) -> PreTrainedTokenizerBase:
+        if self.tokenizer is None and self.hparams.model_path is not None:
+            self.tokenizer = load_tokenizer(self.hparams.model_path)
         if self.tokenizer is None:
             raise RuntimeError("Generation needs a tokenizer: use a datamodule with a .tokenizer, or set model_path.")
         return self.tokenizer

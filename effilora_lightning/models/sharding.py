@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["decoder_layers", "shard_model"]
+__all__ = ["decoder_layers", "materialize_from_rank0", "shard_model"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -53,3 +53,35 @@ def shard_model(
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)  # the root owns embeddings, head, shared A
     return model
+
+
+def materialize_from_rank0(model: nn.Module, full_state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Give a sharded model built on the meta device its real weights, read on rank 0 only.
+
+    Every rank allocates just its shards (``to_empty``); rank 0 passes the full state dict (other ranks an
+    empty one) and ``set_model_state_dict`` broadcasts it shard by shard. Non-persistent buffers (rotary
+    ``inv_freq``) are not in any state dict: their modules are rebuilt from their config on ``device``.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    model.to_empty(device=device)
+    _rebuild_non_persistent_buffers(model, device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
+    set_model_state_dict(model, full_state, options=options)
+
+
+def _rebuild_non_persistent_buffers(model: nn.Module, device: torch.device) -> None:
+    for module in model.modules():
+        names = getattr(module, "_non_persistent_buffers_set", set())
+        if not names:
+            continue
+        config = getattr(module, "config", None)
+        if config is None:
+            raise ValueError(
+                f"{type(module).__name__} has non-persistent buffers {sorted(names)} and no config to rebuild them "
+                "after meta-device init; load this model without sharded_init."
+            )
+        with torch.device(device):
+            fresh = type(module)(config)
+        for name in names:
+            setattr(module, name, getattr(fresh, name))

@@ -50,8 +50,18 @@ def _single(out: Path, *args: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict:
-    return _single(tmp_path_factory.mktemp("single"), "--steps", str(STEPS))
+def checkpoint_dir(tmp_path_factory) -> Path:
+    """The tiny model saved as a Hugging Face directory, so that runs load it like a real checkpoint."""
+    from helpers import tiny_llama
+
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_llama(layers=4).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, checkpoint_dir) -> dict:
+    return _single(tmp_path_factory.mktemp("single"), "--steps", str(STEPS), "--model-path", str(checkpoint_dir))
 
 
 def _assert_same_run(ranks: list[dict], reference: dict, upto: int | None = None) -> None:
@@ -62,9 +72,11 @@ def _assert_same_run(ranks: list[dict], reference: dict, upto: int | None = None
             assert abs(a - b) <= 1e-5, (r["losses"], reference["losses"])
 
 
-def test_fsdp2_matches_one_process_saves_once_and_resumes_exactly(tmp_path, reference):
+def test_fsdp2_matches_one_process_saves_once_and_resumes_exactly(tmp_path, reference, checkpoint_dir):
+    """FSDP2 with meta-device init and a rank-0 load broadcast into the shards (no N copies in RAM)."""
+    source = ("--model-path", str(checkpoint_dir))
     full = _torchrun(tmp_path / "full", "--strategy", "fsdp2", "--steps", str(STEPS), "--ckpt-every", "4",
-                     "--save", str(tmp_path / "adapter"))
+                     "--save", str(tmp_path / "adapter"), *source)
     _assert_same_run(full, reference)
     assert abs(full[0]["checksum"] - reference["checksum"]) < 1e-4
     # saved once, atomically, with the full (gathered) tensors: loads in ONE process and matches
@@ -74,12 +86,12 @@ def test_fsdp2_matches_one_process_saves_once_and_resumes_exactly(tmp_path, refe
 
     model = tiny_llama(layers=4)
     load_adapter(model, tmp_path / "adapter")
-    total = sum(float(p.double().abs().sum()) for n, p in model.named_parameters() if is_adapter_param(n))
+    total = sum(float(p.detach().double().abs().sum()) for n, p in model.named_parameters() if is_adapter_param(n))
     assert abs(total - reference["checksum"]) < 1e-4
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp dirs left
     # "kill" after step 4, resume from the step-4 checkpoint: same selections and losses as uninterrupted
     ckpt = next((tmp_path / "full" / "ckpt").glob("*step=4*"))
-    resumed = _torchrun(tmp_path / "resumed", "--strategy", "fsdp2", "--steps", str(STEPS), "--resume", str(ckpt))
+    resumed = _torchrun(tmp_path / "resumed", "--strategy", "fsdp2", "--steps", str(STEPS), "--resume", str(ckpt), *source)
     for r in resumed:
         assert r["history"] == reference["history"]
         assert len(r["losses"]) == STEPS - 4
@@ -87,7 +99,7 @@ def test_fsdp2_matches_one_process_saves_once_and_resumes_exactly(tmp_path, refe
             assert abs(a - b) <= 1e-5
 
 
-def test_simulated_two_node_ddp_grad_drop_launch_matches_one_process(tmp_path, reference):
+def test_simulated_two_node_ddp_grad_drop_launch_matches_one_process(tmp_path, reference, checkpoint_dir):
     """Two launches on loopback as node 0 and node 1 (one process each, num_nodes=2), plain DDP (no
     find_unused_parameters) with the callback's grad_drop mode."""
     port = _port()
@@ -95,7 +107,8 @@ def test_simulated_two_node_ddp_grad_drop_launch_matches_one_process(tmp_path, r
     for node in (0, 1):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={node}",
                "--master_addr=127.0.0.1", f"--master_port={port}", str(WORKER), "--out", str(tmp_path / "nodes"),
-               "--strategy", "ddp", "--steps", "4", "--num-nodes", "2", "--freeze-mode", "grad_drop"]
+               "--strategy", "ddp", "--steps", "4", "--num-nodes", "2", "--freeze-mode", "grad_drop",
+               "--model-path", str(checkpoint_dir)]
         procs.append(subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     for p in procs:
         out, _ = p.communicate(timeout=240)

@@ -75,6 +75,7 @@ def main() -> None:
     ap.add_argument("--resume", default=None)
     ap.add_argument("--save", default=None)
     ap.add_argument("--num-nodes", type=int, default=1)
+    ap.add_argument("--model-path", default=None, help="a checkpoint directory (FSDP2: meta init + rank-0 load)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -86,7 +87,8 @@ def main() -> None:
     }[args.strategy]
     module = CausalLMModule(
         adapter=EffiLoRAConfig(rank=4, target_modules=["q_proj", "v_proj", "down_proj"]),
-        model_config={"model_type": "llama", **tiny_llama_config(layers=4).to_dict()},
+        model_path=args.model_path,
+        model_config=None if args.model_path else {"model_type": "llama", **tiny_llama_config(layers=4).to_dict()},
         learning_rate=1e-2, weight_decay=0.1, scheduler="constant",
         reducer={"keep_ratio": 0.5, "warmup_steps": 0, "freeze_mode": args.freeze_mode, "heatmap": False},
     )
