@@ -14,7 +14,8 @@ vicuna_v1 (LLaVA-1.5), with the tokenizer's eos as the end of turn (LLaVA's "</s
 llama3 (LLaMA-3 chat; the LLaVA reference has none)::
 
     <|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\n{system}<|eot_id|>
-    <|start_header_id|>user<|end_header_id|>\\n\\n<image>\\n{q1}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\\n\\n
+    <|start_header_id|>user<|end_header_id|>\\n\\n<image>\\n{q1}<|eot_id|>
+    <|start_header_id|>assistant<|end_header_id|>\\n\\n
     {a1}<|eot_id|>...
 
 Rules:
@@ -32,6 +33,7 @@ Rules:
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Sequence
@@ -50,6 +52,7 @@ __all__ = [
     "MismatchCounter",
     "check_template",
     "encode_conversation",
+    "encode_conversations",
     "encode_prompt",
     "get_template",
     "validate_conversation",
@@ -206,11 +209,18 @@ def _move_images_to_start(message: str) -> str:
     return (IMAGE_TOKEN + "\n") * count + message.replace(IMAGE_TOKEN, "").strip()
 
 
+@functools.lru_cache(maxsize=64)
+def _format_pieces(fmt: str, specials: tuple[str, ...]) -> tuple[str, ...]:
+    """A format string cut at its special tokens (cached: there are a handful of formats)."""
+    if not specials:
+        return (fmt,)
+    return tuple(p for p in re.split("(" + "|".join(map(re.escape, specials)) + ")", fmt) if p)
+
+
 def _split(fmt: str, template: ConversationTemplate, trainable: bool, turn: int, **values: str) -> list[_Segment]:
     """Cut a format string at its special tokens, then fill placeholders (values never become specials)."""
     segments = []
-    pattern = "(" + "|".join(map(re.escape, template.special_tokens)) + ")" if template.special_tokens else None
-    for piece in re.split(pattern, fmt) if pattern else [fmt]:
+    for piece in _format_pieces(fmt, template.special_tokens):
         if piece in template.special_tokens:
             segments.append(_Segment("special", piece, trainable, turn))
             continue
@@ -266,23 +276,26 @@ class EncodedConversation:
     """Why the ids do not spell the rendered text (None: they do, or the check was skipped)."""
 
 
-def _tokenize(segments: Sequence[_Segment], tokenizer: Any, template: ConversationTemplate) -> list[list[int]]:
-    """Ids of every segment; all text goes through the tokenizer in one batched call."""
-    texts = [s.text for s in segments if s.kind == "text"]
+def _tokenize(rendered: Sequence[Sequence[_Segment]], tokenizer: Any, template: ConversationTemplate
+              ) -> list[list[list[int]]]:
+    """Ids of every segment of every sample; all text goes through the tokenizer in ONE batched call
+    (per-call overhead dominates otherwise: setup tokenizes every record)."""
+    texts = [seg.text for segments in rendered for seg in segments if seg.kind == "text"]
     encoded = iter(tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"] if texts else [])
+    specials = {seg.text for segments in rendered for seg in segments if seg.kind == "special"}
+    special_ids = {token: _special_id(tokenizer, token, template) for token in specials}
     pieces = []
-    for seg in segments:
-        if seg.kind == "text":
-            pieces.append(list(next(encoded)))
-        elif seg.kind == "special":
-            pieces.append([_special_id(tokenizer, seg.text, template)])
-        else:
-            pieces.append([IMAGE_TOKEN_INDEX])
+    for segments in rendered:
+        pieces.append([
+            list(next(encoded)) if seg.kind == "text"
+            else [special_ids[seg.text]] if seg.kind == "special" else [IMAGE_TOKEN_INDEX]
+            for seg in segments
+        ])
     return pieces
 
 
-def _check_round_trip(segments: Sequence[_Segment], pieces: Sequence[list[int]], tokenizer: Any) -> str | None:
-    """None when the ids between image placeholders decode to exactly the rendered text, else the reason."""
+def _runs(segments: Sequence[_Segment], pieces: Sequence[list[int]]) -> tuple[list[str], list[list[int]]]:
+    """Rendered text and ids of the stretches between image placeholders."""
     runs_text, runs_ids = [""], [[]]
     for seg, ids in zip(segments, pieces, strict=True):
         if seg.kind == "image":
@@ -291,11 +304,63 @@ def _check_round_trip(segments: Sequence[_Segment], pieces: Sequence[list[int]],
         else:
             runs_text[-1] += seg.text
             runs_ids[-1] += ids
-    for want, ids in zip(runs_text, runs_ids, strict=True):
-        got = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        if got != want:
-            return f"ids decode to {got[:80]!r}... but the template renders {want[:80]!r}..."
-    return None
+    return runs_text, runs_ids
+
+
+def _first_difference(got: str, want: str) -> str:
+    """Where decoded ids and rendered text part, with some context."""
+    at = next((i for i, (g, w) in enumerate(zip(got, want)) if g != w), min(len(got), len(want)))
+    start = max(0, at - 20)
+    got, want = got[start: at + 40], want[start: at + 40]
+    return f"at character {at} the ids decode to {got!r}, the template renders {want!r}"
+
+
+def _check_round_trips(rendered: Sequence[Sequence[_Segment]], pieces: Sequence[Sequence[list[int]]],
+                       tokenizer: Any) -> list[str | None]:
+    """Per sample: None when the ids between image placeholders decode to exactly the rendered text."""
+    texts, ids, owner = [], [], []
+    for n, (segments, sample_pieces) in enumerate(zip(rendered, pieces, strict=True)):
+        run_texts, run_ids = _runs(segments, sample_pieces)
+        texts += run_texts
+        ids += run_ids
+        owner += [n] * len(run_texts)
+    decoded = tokenizer.batch_decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    reasons: list[str | None] = [None] * len(rendered)
+    for n, got, want in zip(owner, decoded, texts, strict=True):
+        if got != want and reasons[n] is None:
+            reasons[n] = _first_difference(got, want)
+    return reasons
+
+
+def encode_conversations(
+    conversations: Sequence[list[dict[str, str]]],
+    template: ConversationTemplate,
+    tokenizer: Any,
+    *,
+    num_images: Sequence[int] | None = None,
+    sample_ids: Sequence[str] | None = None,
+    check: bool = True,
+) -> list[EncodedConversation]:
+    """`encode_conversation` for many samples with one tokenizer call (what setup uses).
+
+    Raises:
+        ValueError: the first invalid conversation (naming its id) or a template the tokenizer cannot express.
+    """
+    num_images = list(num_images) if num_images is not None else [0] * len(conversations)
+    sample_ids = list(sample_ids) if sample_ids is not None else [str(i) for i in range(len(conversations))]
+    for conv, n, sid in zip(conversations, num_images, sample_ids, strict=True):
+        validate_conversation(sid, conv, n)
+    rendered = [_render(conv, template, tokenizer) for conv in conversations]
+    pieces = _tokenize(rendered, tokenizer, template)
+    reasons = _check_round_trips(rendered, pieces, tokenizer) if check else [None] * len(rendered)
+    out = []
+    for segments, sample_pieces, n, reason in zip(rendered, pieces, num_images, reasons, strict=True):
+        input_ids, labels = [], []
+        for seg, ids in zip(segments, sample_pieces, strict=True):
+            input_ids += ids
+            labels += ids if seg.trainable else [IGNORE_INDEX] * len(ids)
+        out.append(EncodedConversation(input_ids, labels, n, reason))
+    return out
 
 
 def encode_conversation(
@@ -312,15 +377,8 @@ def encode_conversation(
     Raises:
         ValueError: an invalid conversation (naming `sample_id`) or a template the tokenizer cannot express.
     """
-    validate_conversation(sample_id, conversations, num_images)
-    segments = _render(conversations, template, tokenizer)
-    pieces = _tokenize(segments, tokenizer, template)
-    input_ids, labels = [], []
-    for seg, ids in zip(segments, pieces, strict=True):
-        input_ids += ids
-        labels += ids if seg.trainable else [IGNORE_INDEX] * len(ids)
-    mismatch = _check_round_trip(segments, pieces, tokenizer) if check else None
-    return EncodedConversation(input_ids, labels, num_images, mismatch)
+    return encode_conversations([conversations], template, tokenizer, num_images=[num_images],
+                                sample_ids=[sample_id], check=check)[0]
 
 
 def encode_prompt(
@@ -337,8 +395,7 @@ def encode_prompt(
     segments = _render(conversations, template, tokenizer)
     last_turn = len(conversations) - 1
     prompt = [s for s in segments if s.turn < last_turn]
-    ids = [i for piece in _tokenize(prompt, tokenizer, template) for i in piece]
-    return ids, conversations[-1]["value"]
+    return [i for piece in _tokenize([prompt], tokenizer, template)[0] for i in piece], conversations[-1]["value"]
 
 
 # ---------------------------------------------------------------------------------------- mismatch counting

@@ -56,12 +56,17 @@ from .conversation import (
     MismatchCounter,
     check_template,
     encode_conversation,
+    encode_conversations,
     encode_prompt,
     get_template,
+    validate_conversation,
 )
 from .tokenizer import load_tokenizer
 
 __all__ = [
+    "OPENAI_CLIP_MEAN",
+    "OPENAI_CLIP_STD",
+    "BadRecordError",
     "ModalityLengthGroupedSampler",
     "VisualInstructionCollator",
     "VisualInstructionDataModule",
@@ -71,6 +76,7 @@ __all__ = [
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_CHUNK = 1024  # records tokenized per tokenizer call in setup
 
 
 # ------------------------------------------------------------------------------------------------- images
@@ -400,8 +406,11 @@ class VisualInstructionDataModule(pl.LightningDataModule):
     def _build(self, split: str, records: list[dict[str, Any]], path: str) -> None:
         """Check the split's records and keep the usable ones (errors or counts, see module docstring)."""
         stats, counter = Counter(total=len(records)), MismatchCounter(split=split)
-        generation = split != "train"
-        samples = [s for i, r in enumerate(records) if (s := self._check(r, i, path, generation, stats, counter))]
+        generation, samples = split != "train", []
+        for start in range(0, len(records), _CHUNK):
+            checked = [self._check_record(r, start + i, path, stats)
+                       for i, r in enumerate(records[start: start + _CHUNK])]
+            samples += self._encode_checked([c for c in checked if c is not None], generation, stats, counter)
         counter.raise_if_above(self.hparams.max_mismatch_ratio)
         if generation:
             _require_unique_ids(samples, path)
@@ -413,15 +422,14 @@ class VisualInstructionDataModule(pl.LightningDataModule):
                                                         generation=generation)
         rank_zero_info(f"visual instruction {split} ({path}): {dict(stats)}")
 
-    def _check(self, record: dict[str, Any], index: int, path: str, generation: bool, stats: Counter[str],
-               counter: MismatchCounter) -> _Sample | None:
-        """One record -> a checked sample, None when skipped (counted), or an error naming it."""
+    def _check_record(self, record: dict[str, Any], index: int, path: str, stats: Counter[str]) -> _Sample | None:
+        """Conversation structure and image files of one record: a sample (length unknown yet), None when
+        skipped (counted), or an error naming the sample id (and the image path)."""
         hp = self.hparams
         sample_id = str(record.get("id", f"{Path(path).name}#{index}"))
         try:
             images = _image_paths(record, sample_id, Path(hp.image_folder))
-            encoded = encode_conversation(record.get("conversations"), self.template, self.tokenizer,
-                                          num_images=len(images), sample_id=sample_id)
+            validate_conversation(sample_id, record.get("conversations"), len(images))
             for image in images:
                 _check_image(sample_id, image)
         except ValueError as err:
@@ -429,14 +437,25 @@ class VisualInstructionDataModule(pl.LightningDataModule):
                 raise err if isinstance(err, BadRecordError) else ValueError(f"{path}: {err}") from err
             stats[getattr(err, "kind", "bad_conversation")] += 1
             return None
-        counter.add(sample_id, encoded.mismatch)
-        if encoded.mismatch is not None:
-            return None
-        length = _fitted_length(encoded.input_ids, encoded.labels, hp.max_length, whole=generation)
-        if length is None:
-            stats["too_long"] += 1
-            return None
-        return _Sample(sample_id, images, record["conversations"], length)
+        return _Sample(sample_id, images, record["conversations"], 0)
+
+    def _encode_checked(self, samples: list[_Sample], generation: bool, stats: Counter[str],
+                        counter: MismatchCounter) -> list[_Sample]:
+        """Tokenize checked samples in one batch; drop (and count) mismatches and samples that cannot fit."""
+        encoded = encode_conversations([s.conversations for s in samples], self.template, self.tokenizer,
+                                       num_images=[len(s.images) for s in samples],
+                                       sample_ids=[s.sample_id for s in samples])
+        kept = []
+        for sample, enc in zip(samples, encoded, strict=True):
+            counter.add(sample.sample_id, enc.mismatch)
+            if enc.mismatch is not None:
+                continue
+            length = _fitted_length(enc.input_ids, enc.labels, self.hparams.max_length, whole=generation)
+            if length is None:
+                stats["too_long"] += 1
+                continue
+            kept.append(replace(sample, length=length))
+        return kept
 
     def train_dataloader(self) -> DataLoader:
         data, hp = self.datasets["train"], self.hparams

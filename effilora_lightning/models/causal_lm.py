@@ -92,9 +92,11 @@ class CausalLMModule(pl.LightningModule):
         init_seed: seeds model_config initialisation (adapter init is seeded by the adapter config).
     """
 
+    requires_adapter = True  # VisionLanguageModule's stage 1 trains the projector alone
+
     def __init__(
         self,
-        adapter: AdapterConfig,
+        adapter: AdapterConfig | None = None,
         model_path: str | None = None,
         model_config: dict[str, Any] | None = None,
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
@@ -116,7 +118,9 @@ class CausalLMModule(pl.LightningModule):
         init_seed: int = 0,
     ) -> None:
         super().__init__()
-        if not isinstance(adapter, AdapterConfig):
+        if adapter is None and self.requires_adapter:
+            raise ValueError(f"{type(self).__name__} needs an adapter config (LoRAConfig, EffiLoRAConfig, ...).")
+        if adapter is not None and not isinstance(adapter, AdapterConfig):
             raise TypeError(f"adapter must be an adapter config (LoRAConfig, EffiLoRAConfig, ...), got {type(adapter).__name__}.")
         if model_path is None and model_config is None:
             raise ValueError("CausalLMModule needs model_path (a local checkpoint directory) or model_config.")

@@ -1,0 +1,224 @@
+"""VisualInstructionDataModule: mixed batches, pad vs resize, bad records, mismatches, grouping sampler."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+from effilora_lightning.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from effilora_lightning.data.visual_instruction import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    BadRecordError,
+    ModalityLengthGroupedSampler,
+    VisualInstructionDataModule,
+    preprocess_image,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+SIZE = 16
+RED = (255, 0, 0)
+
+
+def save_byte_tokenizer(directory: Path, lowercase: bool = False) -> Path:
+    """A LLaMA-3-like byte tokenizer (token id == byte value, specials from 256, no pad) saved to `directory`."""
+    from transformers import PreTrainedTokenizerFast
+
+    printable = set(range(33, 127)) | set(range(161, 173)) | set(range(174, 256))
+    chars, shifted = {}, 0
+    for b in range(256):
+        chars[b] = chr(b) if b in printable else chr(256 + shifted)
+        shifted += b not in printable
+    tok = Tokenizer(models.BPE(vocab={c: b for b, c in chars.items()}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    if lowercase:
+        tok.normalizer = normalizers.Lowercase()
+    tok.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                            "<|eot_id|>", "<|reserved_special_token_0|>"])
+    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                       special_tokens=[("<|begin_of_text|>", 256)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
+    fast.save_pretrained(str(directory))
+    return directory
+
+
+def turn(question: str, answer: str) -> list[dict[str, str]]:
+    return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    """Two image samples (one non-square) and a text-only one in between; a byte tokenizer next to them."""
+    Image.new("RGB", (SIZE, SIZE), RED).save(tmp_path / "a.png")
+    Image.new("RGB", (SIZE * 2, SIZE), RED).save(tmp_path / "wide.png")
+    records = [
+        {"id": "img-a", "image": "a.png", "conversations": turn("<image>\nColor?", "red")},
+        {"id": "txt-b", "conversations": turn("Say hi", "hi") + turn("Again", "hi hi")},
+        {"id": "img-c", "image": "wide.png", "conversations": turn("Shape?\n<image>", "rectangle")},
+    ]
+    (tmp_path / "train.json").write_text(json.dumps(records))
+    save_byte_tokenizer(tmp_path / "tok")
+    return tmp_path
+
+
+def module(root: Path, data: str = "train.json", **kw) -> VisualInstructionDataModule:
+    args = {"image_size": SIZE, "template": "llama3", "system_prompt": "", "val_data_path": str(root / data)} | kw
+    dm = VisualInstructionDataModule(str(root / data), str(root), str(root / "tok"), **args)
+    dm.setup("fit")
+    return dm
+
+
+def test_text_only_sample_shares_a_batch_with_image_samples(dataset):
+    dm = module(dataset)
+    batch = next(iter(dm.val_dataloader()))  # file order: img-a, txt-b, img-c
+    assert batch["sample_id"] == ["img-a", "txt-b", "img-c"]
+    assert batch["images"].shape == (2, 3, SIZE, SIZE) and batch["images"].dtype == torch.float32
+    assert batch["image_counts"].tolist() == [1, 0, 1]
+    assert ((batch["input_ids"] == IMAGE_TOKEN_INDEX).sum(dim=1)).tolist() == [1, 0, 1]
+    lengths = batch["attention_mask"].sum(dim=1)
+    longest = int(lengths.max())
+    assert batch["input_ids"].shape == batch["labels"].shape == (3, longest)
+    for row, n in enumerate(lengths.tolist()):  # right padding: pad id after the tokens, labels -100 there
+        assert batch["attention_mask"][row, :n].all() and not batch["attention_mask"][row, n:].any()
+        assert (batch["input_ids"][row, n:] == dm.tokenizer.pad_token_id).all()
+        assert (batch["labels"][row, n:] == IGNORE_INDEX).all()
+    assert dm.tokenizer.decode(batch["labels"][1][batch["labels"][1] != IGNORE_INDEX]) == "hi<|eot_id|>hi hi<|eot_id|>"
+
+
+def test_generation_batch_is_left_padded_prompt_and_answer(dataset):
+    dm = module(dataset)
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["answer"] == ["red", "hi hi", "rectangle"]
+    header = [258] + list(b"assistant") + [259] + list(b"\n\n")
+    for row, ids in enumerate(batch["prompt_input_ids"]):
+        n = int(batch["prompt_attention_mask"][row].sum())
+        assert ids[-len(header):].tolist() == header  # every prompt ends where the reply starts
+        assert (ids[: len(ids) - n] == dm.tokenizer.pad_token_id).all()
+        assert batch["prompt_attention_mask"][row, -n:].all() and not batch["prompt_attention_mask"][row, :-n].any()
+        full = batch["input_ids"][row, :n]  # the prompt is the prefix of the full conversation
+        assert torch.equal(full, ids[len(ids) - n:])
+
+
+def test_pad_fills_with_the_mean_colour_and_resize_squashes():
+    wide = Image.new("RGB", (40, 20), RED)
+    pad = preprocess_image(wide, 20, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, "pad")
+    squash = preprocess_image(wide, 20, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, "resize")
+    red = (torch.tensor([1.0, 0.0, 0.0]) - torch.tensor(OPENAI_CLIP_MEAN)) / torch.tensor(OPENAI_CLIP_STD)
+    mean_fill = (torch.tensor([round(255 * m) / 255 for m in OPENAI_CLIP_MEAN]) - torch.tensor(OPENAI_CLIP_MEAN)) \
+        / torch.tensor(OPENAI_CLIP_STD)
+    assert pad.shape == squash.shape == (3, 20, 20)
+    assert torch.allclose(pad[:, 0, 10], mean_fill, atol=1e-6)  # top row: padding, ~0 after normalising
+    assert torch.allclose(pad[:, 10, 10], red, atol=1e-5)  # centre: the image
+    assert torch.allclose(pad[:, 2, 10], mean_fill, atol=1e-6) and torch.allclose(pad[:, 7, 10], red, atol=1e-5)
+    assert torch.allclose(squash, red.view(3, 1, 1).expand(3, 20, 20), atol=1e-5)  # no padding anywhere
+
+
+def test_missing_image_error_names_sample_and_path(dataset):
+    records = json.loads((dataset / "train.json").read_text())
+    records[2]["image"] = "gone/missing.png"
+    (dataset / "broken.json").write_text(json.dumps(records))
+    with pytest.raises(BadRecordError, match=r"sample 'img-c': image not found: .*gone/missing\.png"):
+        module(dataset, "broken.json")
+
+
+def test_skip_mode_drops_and_counts_each_kind(dataset):
+    (dataset / "garbage.png").write_bytes(b"not a png at all")
+    records = json.loads((dataset / "train.json").read_text()) + [
+        {"id": "x1", "image": "nope.png", "conversations": turn("<image>", "a")},
+        {"id": "x2", "image": "garbage.png", "conversations": turn("<image>", "a")},
+        {"id": "x3", "conversations": turn("<image>", "a")},  # a token but no image
+        {"id": "x4", "conversations": turn("q", "a")[:1]},  # ends on a human turn
+    ]
+    (dataset / "dirty.json").write_text(json.dumps(records))
+    dm = module(dataset, "dirty.json", on_bad_record="skip")
+    stats = dm.stats["train"]
+    assert (stats["total"], stats["kept"]) == (7, 3)
+    assert (stats["missing_image"], stats["unreadable_image"], stats["bad_conversation"]) == (1, 1, 2)
+    assert [s.sample_id for s in dm.datasets["train"].samples] == ["img-a", "txt-b", "img-c"]
+    with pytest.raises(BadRecordError, match=r"sample 'x1': image not found: .*nope\.png"):
+        module(dataset, "dirty.json", on_bad_record="error")
+    (dataset / "dirty2.json").write_text(json.dumps(records[-1:]))
+    with pytest.raises(ValueError, match=r"dirty2\.json: sample 'x4': the conversation ends on a human turn"):
+        module(dataset, "dirty2.json", on_bad_record="error")
+
+
+def test_tokenization_mismatch_fails_past_the_threshold(dataset):
+    save_byte_tokenizer(dataset / "tok", lowercase=True)  # "user" round-trips, "Color?" does not
+    with pytest.raises(RuntimeError, match=r"train: 3 of 3 samples \(100.00%\) do not tokenize"):
+        module(dataset)
+    dm = module(dataset, max_mismatch_ratio=1.0)
+    assert (dm.stats["train"]["mismatch"], dm.stats["train"]["kept"]) == (3, 0)
+
+
+def test_truncation_keeps_images_and_drops_what_cannot_fit(dataset):
+    # llama3, no system block, byte tokens. Replies start at: img-a 31, img-c 31, txt-b 29 ("hi") and 58;
+    # img-late: "yo" at 25, its image at 36. Full lengths: 35, 41, 65, 47.
+    records = json.loads((dataset / "train.json").read_text())
+    late = turn("Hi", "yo") + turn("<image>\nColor?", "red")
+    records.append({"id": "img-late", "image": "a.png", "conversations": late})
+    (dataset / "late.json").write_text(json.dumps(records))
+    dm = module(dataset, "late.json", max_length=31, val_data_path=None)
+    assert {s.sample_id: s.length for s in dm.datasets["train"].samples} == {"txt-b": 31}
+    assert dm.stats["train"]["too_long"] == 3  # no reply left (img-a, img-c), image cut off (img-late)
+    item = dm.datasets["train"][0]
+    assert item["input_ids"].shape == item["labels"].shape == (31,)
+    assert dm.tokenizer.decode(item["labels"][item["labels"] != IGNORE_INDEX]) == "hi"
+    dm = module(dataset, "late.json", max_length=36, val_data_path=None)
+    lengths = {s.sample_id: s.length for s in dm.datasets["train"].samples}
+    assert lengths == {"img-a": 35, "img-c": 36, "txt-b": 36}
+    val = module(dataset, "late.json", max_length=36).stats["val"]  # evaluation samples must fit whole
+    assert (val["kept"], val["too_long"]) == (1, 3)
+
+
+def test_val_set_size_split_is_seeded_and_disjoint(dataset):
+    a = module(dataset, val_data_path=None, val_set_size=1, seed=3)
+    b = module(dataset, val_data_path=None, val_set_size=1, seed=3)
+    ids = lambda dm, s: [x.sample_id for x in dm.datasets[s].samples]  # noqa: E731
+    assert ids(a, "val") == ids(b, "val") and len(ids(a, "val")) == 1
+    assert sorted(ids(a, "train") + ids(a, "val")) == ["img-a", "img-c", "txt-b"]
+
+
+def test_grouping_sampler_is_deterministic_and_homogeneous():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, 500, (103,), generator=g).tolist()
+    has_image = (torch.rand(103, generator=g) < 0.7).tolist()
+
+    def make(seed: int) -> ModalityLengthGroupedSampler:
+        return ModalityLengthGroupedSampler(lengths, has_image, batch_size=4, num_replicas=2, seed=seed)
+
+    first, again = make(5), make(5)
+    order = list(first)
+    assert order == list(again) and sorted(order) == list(range(103))
+    assert list(first) != order  # the next pass (epoch) reshuffles ...
+    first.set_epoch(0)
+    assert list(first) == order  # ... and set_epoch replays it
+    assert list(make(6)) != order
+    full = [order[k: k + 8] for k in range(0, 103, 8)]
+    n_full = sum(has_image) // 8 + (103 - sum(has_image)) // 8
+    for window in full[:n_full]:  # every full window: one modality, longest first
+        assert len({has_image[i] for i in window}) == 1
+        assert [lengths[i] for i in window] == sorted((lengths[i] for i in window), reverse=True)
+
+
+def test_train_loader_uses_the_grouping_sampler(dataset):
+    dm = module(dataset, batch_size=1)
+    loader = dm.train_dataloader()
+    assert isinstance(loader.sampler, ModalityLengthGroupedSampler)
+    assert sorted(sid for batch in loader for sid in batch["sample_id"]) == ["img-a", "img-c", "txt-b"]
+
+
+@pytest.mark.skipif(not (ROOT / "data/tiny-llama/tokenizer.json").is_file(), reason="data/tiny-llama not built")
+@pytest.mark.parametrize("template", ["vicuna_v1", "llama3"])
+def test_bundled_llava_set_loads_cleanly(template):
+    dm = VisualInstructionDataModule(str(ROOT / "data/llava/llava_train.json"), str(ROOT / "data/llava"),
+                                     str(ROOT / "data/tiny-llama"), template=template, image_size=64,
+                                     val_data_path=str(ROOT / "data/llava/llava_test.json"))
+    dm.setup("fit")
+    assert dm.stats["train"]["kept"] == dm.stats["train"]["total"] == 576
+    assert dm.stats["val"]["kept"] == dm.stats["val"]["total"] == 144
