@@ -95,6 +95,11 @@ class AdapterConfig:
         if isinstance(self.layers_to_transform, int):
             self.layers_to_transform = [self.layers_to_transform]
 
+    def _check_dropout(self) -> None:
+        """Shared by every method with a ``dropout`` field."""
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"{type(self).__name__}.dropout must be in [0, 1), got {self.dropout}.")
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict, with the method name, for adapter_config.json."""
         return {"method": self.method, **dataclasses.asdict(self)}

@@ -61,8 +61,7 @@ class EffiLoRAConfig(AdapterConfig):
         super().__post_init__()
         if self.num_heads < 1:
             raise ValueError(f"EffiLoRAConfig.num_heads must be >= 1, got {self.num_heads}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"EffiLoRAConfig.dropout must be in [0, 1), got {self.dropout}.")
+        self._check_dropout()
 
 
 class EffiLoRASharedA(nn.ParameterDict):

@@ -41,8 +41,7 @@ class HydraLoRAConfig(AdapterConfig):
         super().__post_init__()
         if self.num_heads < 1:
             raise ValueError(f"HydraLoRAConfig.num_heads must be >= 1, got {self.num_heads}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"HydraLoRAConfig.dropout must be in [0, 1), got {self.dropout}.")
+        self._check_dropout()
 
 
 class HydraLoRALinear(AdapterLinear):

@@ -56,8 +56,7 @@ class LilyConfig(AdapterConfig):
         for name in ("num_a", "num_b"):
             if getattr(self, name) < 1:
                 raise ValueError(f"LilyConfig.{name} must be >= 1, got {getattr(self, name)}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LilyConfig.dropout must be in [0, 1), got {self.dropout}.")
+        self._check_dropout()
 
 
 class LilyShared(nn.Module):

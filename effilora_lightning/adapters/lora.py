@@ -35,8 +35,7 @@ class LoRAConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRAConfig.dropout must be in [0, 1), got {self.dropout}.")
+        self._check_dropout()
 
 
 class LoRALinear(AdapterLinear):
