@@ -37,6 +37,7 @@ __all__ = [
     "build_eval_prompt",
     "build_train_prompt",
     "extract_answer",
+    "response_text",
 ]
 
 TASKS: tuple[str, ...] = (
