@@ -7,9 +7,9 @@ and lightning are imported once: the two together take well under 90 s on 2 CPU 
 from __future__ import annotations
 
 import importlib.util
-import sys
 import json
 import math
+import sys
 from pathlib import Path
 from types import ModuleType
 
