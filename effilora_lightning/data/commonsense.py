@@ -41,6 +41,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from effilora_lightning.data.sampling import ResumableSampler, consumed_batches
 from effilora_lightning.data.templates import ANSWER_PATTERNS, TASKS, build_eval_prompt, build_train_prompt
 from effilora_lightning.data.tokenizer import load_tokenizer
 
@@ -280,6 +281,7 @@ class CommonsenseDataModule(LightningDataModule):
         self._train: list[dict[str, list[int]]] | None = None
         self._val: list[dict[str, list[int]]] = []
         self._test: list[dict[str, Any]] | None = None
+        self._resume: dict[str, int] | None = None  # from a checkpoint: epoch and batches already consumed
 
     # ------------------------------------------------------------------ setup
 
@@ -364,12 +366,25 @@ class CommonsenseDataModule(LightningDataModule):
     # ------------------------------------------------------------------ loaders
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled (seeded) right-padded loss batches."""
+        """Shuffled right-padded loss batches; the order depends only on (seed, epoch) and resumes mid-epoch."""
         self._require(self._train, "fit")
-        return DataLoader(self._train, batch_size=self.hparams.batch_size, shuffle=True,
-                          generator=torch.Generator().manual_seed(self.hparams.seed),
+        trainer = getattr(self, "trainer", None)
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = ResumableSampler(self._train, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed)
+        if self._resume is not None:
+            sampler.resume_at(self._resume["epoch"], self._resume["batches"] * self.hparams.batch_size)
+            self._resume = None
+        return DataLoader(self._train, batch_size=self.hparams.batch_size, sampler=sampler,
                           collate_fn=partial(collate_train, pad_id=self.tokenizer.pad_token_id),
                           num_workers=self.hparams.num_workers)
+
+    def state_dict(self) -> dict[str, int]:
+        """Where training stands in the epoch, so that a resumed run continues the same data order."""
+        trainer = getattr(self, "trainer", None)
+        return consumed_batches(trainer) if trainer is not None and trainer.training else {}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._resume = dict(state_dict) if state_dict else None
 
     def val_dataloader(self) -> list[DataLoader]:
         """[loss loader over the held-out split, generation loader over a capped test subset], each if enabled."""

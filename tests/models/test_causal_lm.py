@@ -115,3 +115,51 @@ def test_generation_scores_the_first_regex_match_against_the_answer():
              "sample_id": torch.tensor([0, 1, 2])}
     module._score_generation(batch, metric)
     assert {k: float(v) for k, v in metric.compute().items()} == {"boolq": 1.0, "piqa": 0.0, "average": 0.5}
+
+
+class _Losses(pl.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+class _KillAt(pl.Callback):
+    """Stops the run after ``step`` optimizer steps, as a kill would (the schedule still plans for max_steps)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:  # the step-``step`` checkpoint is written by now
+            raise KeyboardInterrupt
+
+
+def _fit_steps(tmp_path, steps, ckpt_path=None, every=None, kill_at=None):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    module = _module(learning_rate=1e-3, warmup_steps=2, reducer={"warmup_steps": 0, "heatmap": False})
+    losses = _Losses()
+    callbacks = [losses] + ([_KillAt(kill_at)] if kill_at else [])
+    if every:
+        callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=every, save_top_k=-1))
+    trainer = _trainer(tmp_path, max_steps=steps, limit_val_batches=0, callbacks=callbacks,
+                       enable_checkpointing=bool(every))
+    if kill_at:  # Lightning turns the interrupt into SystemExit after its graceful shutdown
+        with pytest.raises(SystemExit):
+            trainer.fit(module, datamodule=_datamodule(val_set_size=0), ckpt_path=ckpt_path)
+    else:
+        trainer.fit(module, datamodule=_datamodule(val_set_size=0), ckpt_path=ckpt_path)
+    return losses.losses, module.reducer.history
+
+
+def test_mid_epoch_resume_continues_the_same_data_order_losses_and_selections(tmp_path):
+    full_losses, full_history = _fit_steps(tmp_path / "full", 6)
+    _fit_steps(tmp_path / "part", 6, every=3, kill_at=3)  # killed after step 3, mid-epoch (hundreds of batches)
+    ckpt = next((tmp_path / "part" / "ck").glob("*step=3*"))
+    losses, history = _fit_steps(tmp_path / "resumed", 6, ckpt_path=str(ckpt))
+    assert len(losses) == 3
+    for a, b in zip(losses, full_losses[3:]):
+        assert abs(a - b) <= 1e-6, (losses, full_losses)
+    assert [h.tolist() for h in history] == [h.tolist() for h in full_history]
