@@ -12,6 +12,7 @@ from .adapters import AdapterReport, EffiLoRAConfig, HydraLoRAConfig, LilyConfig
 __version__ = "0.1.0"
 
 _LAZY = {
+    "AdapterModelParallelStrategy": "effilora_lightning.strategies",
     "EffiLoRACallback": "effilora_lightning.callbacks",
     "CausalLMModule": "effilora_lightning.models",
     "VisionLanguageModule": "effilora_lightning.models",

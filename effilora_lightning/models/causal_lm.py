@@ -7,7 +7,8 @@
     test_step            generation on every eval task -> per-task table and average
     configure_optimizers AdamW over EVERY adapter parameter (by name) in fixed groups shared_a/a/b/router,
                          each with its own learning rate; warm-up then cosine/linear/constant
-    checkpoints          adapter weights only (base weights reload from model_path)
+    checkpoints          adapter weights only (base weights reload from model_path); sharded FSDP2 ones
+                         too under effilora_lightning.strategies.AdapterModelParallelStrategy
 
 With an EffiLoRA adapter the module adds ``EffiLoRACallback(**reducer)`` itself (``configure_callbacks``),
 so switching methods in YAML is one line: the adapter's ``class_path``.
@@ -22,7 +23,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -33,6 +34,7 @@ from ..data.commonsense import is_generation_batch
 from ..data.templates import TASKS, extract_answer
 from ..data.tokenizer import load_tokenizer
 from ..metrics import TaskAccuracy, format_table
+from ..strategies import AdapterModelParallelStrategy
 from .sharding import materialize_from_rank0, shard_model
 
 __all__ = ["CausalLMModule", "load_causal_lm"]
@@ -187,6 +189,12 @@ class CausalLMModule(pl.LightningModule):
                 "share FSDP units). Set strategy.init_args.use_orig_params: true, or use ModelParallelStrategy "
                 "(FSDP2, preferred)."
             )
+        if _saves_full_shards(strategy):
+            rank_zero_warn(
+                "ModelParallelStrategy(save_distributed_checkpoint=True) can only resume from sharded checkpoints "
+                "holding the whole model, so each checkpoint will also hold the frozen base weights. Use "
+                "effilora_lightning.strategies.AdapterModelParallelStrategy (same arguments) for adapter-only ones."
+            )
 
     def build_base_model(self, meta: bool = False) -> PreTrainedModel:
         """The frozen base LM (on the meta device if asked); VisionLanguageModule overrides this."""
@@ -300,20 +308,37 @@ class CausalLMModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep adapter weights only: base weights reload from model_path (or are rebuilt from model_config).
+        """Keep what ``in_checkpoint`` accepts (adapter weights): base weights reload from model_path (or are
+        rebuilt from model_config), so checkpoints stay small and every rank writes only adapter shards.
 
-        Except for FSDP2 distributed (sharded) checkpoints: Lightning reloads those into the full module state
-        and would miss the base keys, so there each rank keeps its 1/N shard of everything.
+        Except for sharded checkpoints written by Lightning's own ModelParallelStrategy: it reloads every key of
+        the model and would miss the base keys, so there each rank keeps its 1/N shard of everything.
+        AdapterModelParallelStrategy loads adapter-only sharded checkpoints.
         """
-        if getattr(self._trainer.strategy, "_save_distributed_checkpoint", False) if self._trainer else False:
+        if self._trainer is not None and _saves_full_shards(self._trainer.strategy):
             return
         state = checkpoint["state_dict"]
-        for key in [k for k in state if not is_adapter_param(k) and not self.keep_in_checkpoint(k)]:
+        for key in [k for k in state if not self.in_checkpoint(k)]:
             del state[key]
+
+    def in_checkpoint(self, key: str) -> bool:
+        """Whether a state-dict key is saved in checkpoints (and so required when resuming from one)."""
+        return is_adapter_param(key) or self.keep_in_checkpoint(key)
 
     def keep_in_checkpoint(self, key: str) -> bool:
         """Non-adapter weights that still train (VisionLanguageModule keeps its projector)."""
         return False
+
+
+def _saves_full_shards(strategy: object) -> bool:
+    """Lightning's ModelParallelStrategy writing sharded checkpoints: it can only resume from full ones."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return (
+        isinstance(strategy, ModelParallelStrategy)
+        and not isinstance(strategy, AdapterModelParallelStrategy)
+        and strategy._save_distributed_checkpoint
+    )
 
 
 def _lr_lambda(kind: str, warmup: int, total: int, min_ratio: float):

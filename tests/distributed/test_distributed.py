@@ -1,7 +1,9 @@
-"""Two processes over gloo on CPU: DDP and FSDP2 (ModelParallelStrategy) match one process, agree on every
-selection, resume exactly, and their adapters load in one process; plus a simulated two-node launch.
+"""Two processes over gloo on CPU: DDP and FSDP2 (AdapterModelParallelStrategy) match one process, agree on
+every selection, write adapter-only checkpoints, resume exactly, and their adapters load in one process;
+an FSDP2 resume into another adapter is refused naming the keys; plus a simulated two-node launch.
 
-Each case runs tests/distributed/worker.py under torchrun; one launch takes ~20-30 s on 2 cores.
+Each case runs tests/distributed/worker.py under torchrun; one launch takes ~20-35 s on 2 cores (the module
+runs 8 launches: about 3-4 minutes in all).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 WORKER = Path(__file__).with_name("worker.py")
 STEPS = 8  # two epochs of 4 steps; checkpoints at the epoch boundary resume exactly
+STRATEGIES = ["ddp", "fsdp2"]  # DDP: requires_grad freeze mode with find_unused_parameters
 
 
 def _port() -> int:
@@ -34,10 +38,14 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _torchrun(out: Path, *args: str, nproc: int = 2, extra: tuple[str, ...] = ()) -> list[dict]:
+def _launch(out: Path, *args: str, nproc: int = 2) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_port()}",
-           *extra, str(WORKER), "--out", str(out), *args]
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+           str(WORKER), "--out", str(out), *args]
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+
+
+def _torchrun(out: Path, *args: str, nproc: int = 2) -> list[dict]:
+    done = _launch(out, *args, nproc=nproc)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
 
@@ -72,31 +80,109 @@ def _assert_same_run(ranks: list[dict], reference: dict, upto: int | None = None
             assert abs(a - b) <= 1e-5, (r["losses"], reference["losses"])
 
 
-def test_fsdp2_matches_one_process_saves_once_and_resumes_exactly(tmp_path, reference, checkpoint_dir):
-    """FSDP2 with meta-device init and a rank-0 load broadcast into the shards (no N copies in RAM)."""
-    source = ("--model-path", str(checkpoint_dir))
-    full = _torchrun(tmp_path / "full", "--strategy", "fsdp2", "--steps", str(STEPS), "--ckpt-every", "4",
-                     "--save", str(tmp_path / "adapter"), *source)
-    _assert_same_run(full, reference)
-    assert abs(full[0]["checksum"] - reference["checksum"]) < 1e-4
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, checkpoint_dir) -> Callable[[str], tuple[Path, list[dict]]]:
+    """Two ranks train STEPS steps with a checkpoint every 4 and save the adapter at the end, once per strategy
+    (its tests share the run). FSDP2 builds on the meta device and broadcasts rank 0's load into the shards."""
+    runs: dict[str, tuple[Path, list[dict]]] = {}
+
+    def run(strategy: str) -> tuple[Path, list[dict]]:
+        if strategy not in runs:
+            out = tmp_path_factory.mktemp(strategy)
+            ranks = _torchrun(out / "run", "--strategy", strategy, "--steps", str(STEPS), "--ckpt-every", "4",
+                              "--save", str(out / "adapter"), "--model-path", str(checkpoint_dir))
+            runs[strategy] = (out, ranks)
+        return runs[strategy]
+
+    return run
+
+
+def _step4_checkpoint(out: Path) -> Path:
+    return next((out / "run" / "ckpt").glob("*step=4*"))
+
+
+def _adapter_shapes() -> dict[str, torch.Size]:
+    """Key -> shape of every adapter tensor of the workers' module (``model.`` + the adapted LM's names)."""
+    from helpers import tiny_llama
+    from worker import adapter_config
+
+    from effilora_lightning import apply_adapter
+    from effilora_lightning.adapters import is_adapter_param
+
+    model = tiny_llama(layers=4)
+    apply_adapter(model, adapter_config())
+    return {f"model.{k}": v.shape for k, v in model.state_dict().items() if is_adapter_param(k)}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_two_ranks_match_one_process_and_save_the_adapter_once(strategy, trained, reference):
+    out, ranks = trained(strategy)
+    _assert_same_run(ranks, reference)
+    assert abs(ranks[0]["checksum"] - reference["checksum"]) < 1e-4
     # saved once, atomically, with the full (gathered) tensors: loads in ONE process and matches
     from helpers import tiny_llama
 
     from effilora_lightning.adapters import is_adapter_param, load_adapter
 
     model = tiny_llama(layers=4)
-    load_adapter(model, tmp_path / "adapter")
+    load_adapter(model, out / "adapter")
     total = sum(float(p.detach().double().abs().sum()) for n, p in model.named_parameters() if is_adapter_param(n))
     assert abs(total - reference["checksum"]) < 1e-4
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp dirs left
-    # "kill" after step 4, resume from the step-4 checkpoint: same selections and losses as uninterrupted
-    ckpt = next((tmp_path / "full" / "ckpt").glob("*step=4*"))
-    resumed = _torchrun(tmp_path / "resumed", "--strategy", "fsdp2", "--steps", str(STEPS), "--resume", str(ckpt), *source)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temp dirs left
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_checkpoint_holds_the_adapter_weights_only(strategy, trained):
+    """DDP: one file; FSDP2: a directory of shards whose metadata lists every tensor saved."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    out, _ = trained(strategy)
+    ckpt = _step4_checkpoint(out)
+    expected = _adapter_shapes()
+    if strategy == "ddp":
+        assert ckpt.is_file()
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+        assert {k: v.shape for k, v in state.items()} == expected
+        return
+    assert ckpt.is_dir()
+    entries = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    model = {k.removeprefix("state_dict."): v.size for k, v in entries.items() if k.startswith("state_dict.")}
+    assert model == expected  # global shapes: the shards of all ranks together, and not one base key
+    optimizer = {k.removeprefix("optimizer_0.state.").rsplit(".", 1)[0] for k in entries
+                 if k.startswith("optimizer_0.state.")}
+    assert optimizer and optimizer <= set(expected)  # AdamW state exists for adapter parameters only
+    assert {k.split(".")[0] for k in entries} == {"state_dict", "optimizer_0"}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_resume_after_step_4_equals_the_uninterrupted_run(strategy, trained, reference, tmp_path, checkpoint_dir):
+    """"Kill" after step 4, resume from the step-4 checkpoint: same selections and losses as uninterrupted."""
+    out, _ = trained(strategy)
+    resumed = _torchrun(tmp_path / "resumed", "--strategy", strategy, "--steps", str(STEPS),
+                        "--resume", str(_step4_checkpoint(out)), "--model-path", str(checkpoint_dir))
     for r in resumed:
+        assert r["global_step"] == STEPS
         assert r["history"] == reference["history"]
         assert len(r["losses"]) == STEPS - 4
         for a, b in zip(r["losses"], reference["losses"][4:]):
-            assert abs(a - b) <= 1e-5
+            assert abs(a - b) <= 1e-5, (r["losses"], reference["losses"][4:])
+
+
+def test_fsdp2_resume_into_another_adapter_is_refused_naming_the_keys(trained, tmp_path, checkpoint_dir):
+    """Rank 8 instead of 4: the strategy refuses before loading anything. Every rank runs the same check on the
+    same metadata; torchrun stops the others at the first failure, so only rank 0's report is asserted."""
+    out, _ = trained("fsdp2")
+    ckpt = _step4_checkpoint(out)
+    done = _launch(tmp_path / "wrong", "--strategy", "fsdp2", "--steps", str(STEPS), "--adapter-rank", "8",
+                   "--resume", str(ckpt), "--model-path", str(checkpoint_dir))
+    assert done.returncode != 0
+    log = [line.removeprefix("[rank0]: ") for line in (done.stdout + done.stderr).splitlines()
+           if line.startswith("[rank0]: ")]  # the ranks' reports may interleave line by line
+    start = log.index(f"ValueError: The checkpoint {ckpt} does not fit this model's adapter:")
+    assert log[start + 1].startswith("  15 keys of another shape (checkpoint vs model): "
+                                     "model.effilora_shared_a.down_proj (4, 64) vs (8, 64), ")
+    assert log[start + 2].startswith("Resume with the adapter configuration the checkpoint was trained with")
+    assert not (tmp_path / "wrong").exists()  # no rank got as far as training and writing its results
 
 
 def test_simulated_two_node_ddp_grad_drop_launch_matches_one_process(tmp_path, reference, checkpoint_dir):

@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -27,8 +27,14 @@ from helpers import tiny_llama_config  # noqa: E402
 
 from effilora_lightning import CausalLMModule, EffiLoRAConfig  # noqa: E402
 from effilora_lightning.adapters import is_adapter_param, save_adapter  # noqa: E402
+from effilora_lightning.strategies import AdapterModelParallelStrategy  # noqa: E402
 
 GLOBAL_BATCH = 8
+
+
+def adapter_config(rank: int = 4) -> EffiLoRAConfig:
+    """The adapter every run trains (the tests build the same one to know its keys)."""
+    return EffiLoRAConfig(rank=rank, target_modules=["q_proj", "v_proj", "down_proj"])
 
 
 class Tokens(Dataset):
@@ -76,17 +82,18 @@ def main() -> None:
     ap.add_argument("--save", default=None)
     ap.add_argument("--num-nodes", type=int, default=1)
     ap.add_argument("--model-path", default=None, help="a checkpoint directory (FSDP2: meta init + rank-0 load)")
+    ap.add_argument("--adapter-rank", type=int, default=4)
     args = ap.parse_args()
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     strategy = {
         "single": "auto",
         "ddp": DDPStrategy(find_unused_parameters=args.freeze_mode == "requires_grad", process_group_backend="gloo"),
-        "fsdp2": ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1, process_group_backend="gloo",
-                                       save_distributed_checkpoint=True),
+        "fsdp2": AdapterModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1,
+                                              process_group_backend="gloo", save_distributed_checkpoint=True),
     }[args.strategy]
     module = CausalLMModule(
-        adapter=EffiLoRAConfig(rank=4, target_modules=["q_proj", "v_proj", "down_proj"]),
+        adapter=adapter_config(args.adapter_rank),
         model_path=args.model_path,
         model_config=None if args.model_path else {"model_type": "llama", **tiny_llama_config(layers=4).to_dict()},
         learning_rate=1e-2, weight_decay=0.1, scheduler="constant",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -163,3 +164,46 @@ def test_mid_epoch_resume_continues_the_same_data_order_losses_and_selections(tm
     for a, b in zip(losses, full_losses[3:]):
         assert abs(a - b) <= 1e-6, (losses, full_losses)
     assert [h.tolist() for h in history] == [h.tolist() for h in full_history]
+
+
+@pytest.mark.parametrize(("strategy", "keeps_base"), [
+    ("lightning_sharded", True),  # Lightning's own loader reloads every key: keep the base shards
+    ("lightning_single_file", False),
+    ("adapter_sharded", False),
+    ("adapter_single_file", False),
+])
+def test_checkpoint_keeps_base_weights_only_for_lightning_model_parallel_shards(strategy, keeps_base):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from effilora_lightning.strategies import AdapterModelParallelStrategy
+
+    kind, layout = strategy.split("_", 1)
+    cls = ModelParallelStrategy if kind == "lightning" else AdapterModelParallelStrategy
+    module = _module()
+    module.configure_model()
+    module._trainer = SimpleNamespace(strategy=cls(save_distributed_checkpoint=layout == "sharded"))
+    state = module.state_dict()
+    checkpoint = {"state_dict": dict(state)}
+    module.on_save_checkpoint(checkpoint)
+    adapter = {k for k in state if is_adapter_param(k)}
+    assert set(checkpoint["state_dict"]) == (set(state) if keeps_base else adapter)
+    assert adapter and all(module.in_checkpoint(k) == (k in adapter) for k in state)
+
+
+def test_lightning_model_parallel_with_shards_warns_to_use_the_adapter_strategy():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from effilora_lightning.strategies import AdapterModelParallelStrategy
+
+    module = _module()
+    module._trainer = SimpleNamespace(strategy=ModelParallelStrategy(save_distributed_checkpoint=True))
+    with pytest.warns(UserWarning, match="effilora_lightning.strategies.AdapterModelParallelStrategy"):
+        module._check_strategy()
+    module._trainer = SimpleNamespace(strategy=AdapterModelParallelStrategy(save_distributed_checkpoint=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module._check_strategy()
