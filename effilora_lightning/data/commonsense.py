@@ -380,8 +380,7 @@ class CommonsenseDataModule(LightningDataModule):
 
     def state_dict(self) -> dict[str, int]:
         """Where training stands in the epoch, so that a resumed run continues the same data order."""
-        trainer = getattr(self, "trainer", None)
-        return consumed_batches(trainer) if trainer is not None and trainer.training else {}
+        return consumed_batches(getattr(self, "trainer", None))
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self._resume = dict(state_dict) if state_dict else None

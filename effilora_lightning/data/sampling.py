@@ -4,6 +4,8 @@ Lightning restores a checkpoint's training progress but not a plain DataLoader's
 would replay its epoch from the start. ``ResumableSampler`` is a ``DistributedSampler`` (so Lightning keeps
 it, and every rank reads its own shard) whose order depends only on (seed, epoch); the DataModule records
 how many batches of the epoch were consumed and the sampler skips them once, on the first pass after resume.
+
+Subclasses with another order (``ModalityLengthGroupedSampler``) override ``rank_indices`` and keep the skip.
 """
 
 from __future__ import annotations
@@ -25,21 +27,39 @@ class ResumableSampler(DistributedSampler):
         self.resume_skip = 0  # samples of this rank to skip in ``resume_epoch``
 
     def resume_at(self, epoch: int, samples: int) -> None:
+        """Skip this rank's first ``samples`` indices of ``epoch`` (every pass over it, none after it).
+
+        Also moves to ``epoch``: with ``num_workers > 0`` Lightning draws the first indices when it builds the
+        iterator, before its ``set_epoch`` call, and a fresh sampler would otherwise start from epoch 0.
+        """
+        if epoch < 0 or samples < 0:
+            raise ValueError(f"resume_at needs epoch >= 0 and samples >= 0, got epoch={epoch}, samples={samples}")
         self.resume_epoch, self.resume_skip = epoch, samples
+        self.set_epoch(epoch)
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.resume_epoch:
             self.resume_epoch = None  # the resumed epoch is over: later epochs run whole
         super().set_epoch(epoch)
 
+    def rank_indices(self) -> list[int]:
+        """This rank's whole share of the current epoch, before any resume skip; depends on (seed, epoch) only."""
+        return list(super().__iter__())
+
     def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
+        indices = self.rank_indices()
         if self.resume_epoch == self.epoch:  # every pass over the resumed epoch (Lightning may call iter twice)
             indices = indices[self.resume_skip:]
         return iter(indices)
 
 
 def consumed_batches(trainer: Any) -> dict[str, int]:
-    """Epoch and training batches consumed so far in it (a save in on_train_batch_end counts its batch)."""
+    """Epoch and training batches consumed so far in it (a save in on_train_batch_end counts its batch);
+    empty outside of fitting. Fitting, not ``trainer.training``: ModelCheckpoint saves in
+    ``on_validation_end`` after a mid-epoch validation, when ``trainer.training`` is False."""
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+        return {}
     progress = trainer.fit_loop.epoch_loop.batch_progress.current
     return {"epoch": int(trainer.current_epoch), "batches": int(progress.processed)}

@@ -38,17 +38,17 @@ import json
 import math
 import random
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .conversation import (
     IGNORE_INDEX,
@@ -61,6 +61,7 @@ from .conversation import (
     get_template,
     validate_conversation,
 )
+from .sampling import ResumableSampler, consumed_batches
 from .tokenizer import load_tokenizer
 
 __all__ = [
@@ -272,42 +273,52 @@ class VisualInstructionCollator:
 # ------------------------------------------------------------------------------------------------ sampler
 
 
-class ModalityLengthGroupedSampler(Sampler[int]):
+class ModalityLengthGroupedSampler(ResumableSampler):
     """Seeded order in which every window of `batch_size * num_replicas` indices is one modality (all with
     images or all text-only) and sorted by length, so each rank's batch is homogeneous and little padded.
 
-    Windows are cut from a per-modality shuffle and then shuffled; the two partial windows go last. Under
-    DDP, Lightning shards this order without shuffling (rank r takes positions r, r + W, ...), which keeps
-    the property per rank. `set_epoch` (called by Lightning) reseeds; otherwise each pass advances it.
+    Windows are cut from a per-modality shuffle and then shuffled; the two partial windows go last. The
+    sampler shards itself: rank r takes positions r, r + R, ... of the (padded) order, so batch b of every
+    rank lies inside window b. Being a DistributedSampler (via `ResumableSampler`), Lightning keeps it under
+    DDP instead of wrapping it. The order depends only on (seed, epoch): iterating twice in an epoch gives the
+    same indices, Lightning's `set_epoch` moves to the next order, and `resume_at` skips consumed samples.
+    Only the last (at most two) batches of a rank can mix modalities: the partial windows and the padding.
     """
 
     def __init__(self, lengths: Sequence[int], has_image: Sequence[bool], batch_size: int,
-                 num_replicas: int = 1, seed: int = 0) -> None:
+                 num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
         if len(lengths) != len(has_image):
             raise ValueError(f"lengths ({len(lengths)}) and has_image ({len(has_image)}) differ in length")
+        if batch_size < 1 or num_replicas < 1:
+            raise ValueError(f"batch_size and num_replicas must be >= 1, got {batch_size} and {num_replicas}")
+        # DistributedSampler only takes len() of its dataset: the indices stand in for it
+        super().__init__(range(len(lengths)), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.lengths, self.has_image = list(lengths), list(has_image)
         self.window = batch_size * num_replicas
-        self.seed, self.epoch = seed, 0
 
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
+    def global_order(self) -> list[int]:
+        """Every index once, for all ranks together: full one-modality windows (longest first) in a seeded
+        shuffle, then the partial windows. Depends on (seed, epoch) only."""
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
-        self.epoch += 1
         full, partial = [], []
         for modality in (True, False):
             idx = [i for i, m in enumerate(self.has_image) if m == modality]
             rng.shuffle(idx)
-            windows = [idx[k: k + self.window] for k in range(0, len(idx), self.window)]
-            for w in windows:
-                w.sort(key=lambda i: -self.lengths[i])
-                (full if len(w) == self.window else partial).append(w)
+            for window in (idx[k: k + self.window] for k in range(0, len(idx), self.window)):
+                window.sort(key=lambda i: -self.lengths[i])
+                (full if len(window) == self.window else partial).append(window)
         rng.shuffle(full)
-        return iter([i for w in full + partial for i in w])
+        return [i for window in full + partial for i in window]
+
+    def rank_indices(self) -> list[int]:
+        """This rank's positions of the global order, padded like DistributedSampler (repeating its start)
+        so that every rank gets `num_samples` indices."""
+        order = self.global_order()
+        if not order:
+            return []
+        while len(order) < self.total_size:
+            order += order[: self.total_size - len(order)]
+        return order[self.rank: self.total_size: self.num_replicas]
 
 
 # --------------------------------------------------------------------------------------------- datamodule
@@ -329,7 +340,8 @@ class VisualInstructionDataModule(pl.LightningDataModule):
         batch_size / eval_batch_size: per-device batch sizes for training and validation/test.
         on_bad_record: "error" stops at the first bad record; "skip" drops and counts it.
         max_mismatch_ratio: largest share of tokenization mismatches tolerated per split.
-        group_by_modality_length: training order from `ModalityLengthGroupedSampler`, else a seeded shuffle.
+        group_by_modality_length: training order from `ModalityLengthGroupedSampler`, else a seeded shuffle
+            (`ResumableSampler`); either resumes mid-epoch from a checkpoint (`state_dict`).
         seed: shuffling and the validation split.
         pad_token: explicit pad token for `load_tokenizer` (None: its default choice).
         system_prompt: replaces the template's system prompt ("" drops the system block; None keeps it).
@@ -369,6 +381,7 @@ class VisualInstructionDataModule(pl.LightningDataModule):
         self.datasets: dict[str, VisualInstructionDataset] = {}
         self.stats: dict[str, Counter[str]] = {}
         self.mismatches: dict[str, MismatchCounter] = {}
+        self._resume: dict[str, int] | None = None  # from a checkpoint: epoch and batches already consumed
 
     def setup(self, stage: str | None = None) -> None:
         """Load the tokenizer and build (once) the splits the stage needs, checking every record."""
@@ -458,13 +471,49 @@ class VisualInstructionDataModule(pl.LightningDataModule):
         return kept
 
     def train_dataloader(self) -> DataLoader:
+        """Training batches whose order depends only on (seed, epoch) and resumes mid-epoch from a checkpoint.
+
+        Both samplers are DistributedSamplers that shard per rank, so Lightning uses them as they are.
+        """
         data, hp = self.datasets["train"], self.hparams
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        sampler: ResumableSampler
         if hp.group_by_modality_length:
-            replicas = self.trainer.world_size if self.trainer is not None else 1
-            sampler = ModalityLengthGroupedSampler(data.lengths, data.has_image, hp.batch_size, replicas, hp.seed)
+            sampler = ModalityLengthGroupedSampler(data.lengths, data.has_image, hp.batch_size, world, rank, hp.seed)
         else:
-            sampler = RandomSampler(data, generator=torch.Generator().manual_seed(hp.seed))
+            sampler = ResumableSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=hp.seed)
+        self._apply_resume(sampler, world)
         return self._loader(data, hp.batch_size, sampler)
+
+    def state_dict(self) -> dict[str, int]:
+        """Where training stands in its epoch (and the layout that order was cut for), so that a run resumed
+        from this checkpoint continues the same data order; empty outside of fitting."""
+        position = consumed_batches(self.trainer)
+        if not position:
+            return {}
+        return position | {"world_size": self.trainer.world_size, "batch_size": self.hparams.batch_size}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Remember the checkpoint's position; the next `train_dataloader` skips what it had consumed."""
+        if state_dict and not {"epoch", "batches"} <= state_dict.keys():
+            raise ValueError(f"datamodule state {state_dict} lacks 'epoch'/'batches': the checkpoint was not written "
+                             "by VisualInstructionDataModule; resume from one of its checkpoints")
+        self._resume = dict(state_dict) if state_dict else None
+
+    def _apply_resume(self, sampler: ResumableSampler, world: int) -> None:
+        """Make the sampler skip this rank's consumed samples of the checkpoint's epoch, once (later loaders,
+        e.g. reloaded ones, start whole). A changed world or batch size cannot replay the order: warn."""
+        if self._resume is None:
+            return
+        state, self._resume = self._resume, None
+        batch_size = self.hparams.batch_size
+        saved = (state.get("world_size", world), state.get("batch_size", batch_size))
+        if saved != (world, batch_size):
+            rank_zero_warn(f"resuming epoch {state['epoch']} with world_size={world}, batch_size={batch_size} but the "
+                           f"checkpoint used world_size={saved[0]}, batch_size={saved[1]}: the rest of this epoch "
+                           "follows another order (some samples repeat or are missed). Resume with the same devices "
+                           "and batch size for an exact continuation.")
+        sampler.resume_at(state["epoch"], state["batches"] * batch_size)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._split("val"), self.hparams.eval_batch_size, None)

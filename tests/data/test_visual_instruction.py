@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from torch.utils.data import DistributedSampler
 
 from effilora_lightning.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from effilora_lightning.data.visual_instruction import (
@@ -184,26 +187,70 @@ def test_val_set_size_split_is_seeded_and_disjoint(dataset):
     assert sorted(ids(a, "train") + ids(a, "val")) == ["img-a", "img-c", "txt-b"]
 
 
-def test_grouping_sampler_is_deterministic_and_homogeneous():
+def _lengths_and_modalities(n: int = 103) -> tuple[list[int], list[bool]]:
     g = torch.Generator().manual_seed(0)
-    lengths = torch.randint(5, 500, (103,), generator=g).tolist()
-    has_image = (torch.rand(103, generator=g) < 0.7).tolist()
+    return torch.randint(5, 500, (n,), generator=g).tolist(), (torch.rand(n, generator=g) < 0.7).tolist()
+
+
+def test_grouping_sampler_order_depends_only_on_seed_and_epoch():
+    lengths, has_image = _lengths_and_modalities()
 
     def make(seed: int) -> ModalityLengthGroupedSampler:
-        return ModalityLengthGroupedSampler(lengths, has_image, batch_size=4, num_replicas=2, seed=seed)
+        return ModalityLengthGroupedSampler(lengths, has_image, batch_size=4, num_replicas=1, seed=seed)
 
-    first, again = make(5), make(5)
-    order = list(first)
-    assert order == list(again) and sorted(order) == list(range(103))
-    assert list(first) != order  # the next pass (epoch) reshuffles ...
-    first.set_epoch(0)
-    assert list(first) == order  # ... and set_epoch replays it
+    sampler = make(5)
+    order = list(sampler)
+    assert sorted(order) == list(range(103)) and len(sampler) == 103
+    assert list(sampler) == order and list(make(5)) == order  # a second pass in the epoch, a fresh sampler
+    sampler.set_epoch(1)
+    assert list(sampler) != order and sorted(sampler) == list(range(103))
+    sampler.set_epoch(0)
+    assert list(sampler) == order
     assert list(make(6)) != order
-    full = [order[k: k + 8] for k in range(0, 103, 8)]
+
+
+def test_grouping_sampler_windows_are_one_modality_longest_first():
+    lengths, has_image = _lengths_and_modalities()
+    order = ModalityLengthGroupedSampler(lengths, has_image, batch_size=4, num_replicas=2, seed=5).global_order()
+    assert sorted(order) == list(range(103))
+    windows = [order[k: k + 8] for k in range(0, 103, 8)]
     n_full = sum(has_image) // 8 + (103 - sum(has_image)) // 8
-    for window in full[:n_full]:  # every full window: one modality, longest first
+    for window in windows[:n_full]:
         assert len({has_image[i] for i in window}) == 1
         assert [lengths[i] for i in window] == sorted((lengths[i] for i in window), reverse=True)
+
+
+def test_grouping_sampler_shards_ranks_into_homogeneous_batches():
+    lengths, has_image = _lengths_and_modalities()
+    ranks = [ModalityLengthGroupedSampler(lengths, has_image, batch_size=4, num_replicas=2, rank=r, seed=5)
+             for r in (0, 1)]
+    shares = [list(s) for s in ranks]
+    assert [len(share) for share in shares] == [len(s) for s in ranks] == [52, 52]
+    assert set(shares[0] + shares[1]) == set(range(103))  # one index repeated as padding
+    n_full = sum(has_image) // 8 + (103 - sum(has_image)) // 8
+    for b in range(n_full):  # batch b of both ranks comes from window b: one modality across the step
+        batches = [share[4 * b: 4 * b + 4] for share in shares]
+        assert len({has_image[i] for batch in batches for i in batch}) == 1
+    assert isinstance(ranks[0], DistributedSampler)  # so Lightning keeps it under DDP instead of wrapping it
+
+
+def test_grouping_sampler_resume_skips_exactly_the_consumed_samples():
+    lengths, has_image = _lengths_and_modalities()
+
+    def rank1() -> ModalityLengthGroupedSampler:
+        return ModalityLengthGroupedSampler(lengths, has_image, batch_size=4, num_replicas=2, rank=1, seed=5)
+
+    whole = rank1()
+    whole.set_epoch(2)
+    expected = list(whole)
+    resumed = rank1()
+    resumed.resume_at(2, 3 * 4)  # 3 batches of 4 consumed on this rank in epoch 2
+    assert list(resumed) == expected[12:] and list(resumed) == expected[12:]  # Lightning may iterate twice
+    resumed.set_epoch(2)  # Lightning's own call for the resumed epoch keeps the skip
+    assert list(resumed) == expected[12:]
+    resumed.set_epoch(3)
+    whole.set_epoch(3)
+    assert list(resumed) == list(whole)  # later epochs run whole
 
 
 def test_train_loader_uses_the_grouping_sampler(dataset):
@@ -211,6 +258,42 @@ def test_train_loader_uses_the_grouping_sampler(dataset):
     loader = dm.train_dataloader()
     assert isinstance(loader.sampler, ModalityLengthGroupedSampler)
     assert sorted(sid for batch in loader for sid in batch["sample_id"]) == ["img-a", "img-c", "txt-b"]
+
+
+def _sample_ids(dm: VisualInstructionDataModule) -> list[str]:
+    return [sid for batch in dm.train_dataloader() for sid in batch["sample_id"]]
+
+
+def _fitting_trainer(epoch: int, batches: int) -> SimpleNamespace:
+    """What `state_dict` reads from a Trainer: its stage, world size and epoch progress."""
+    progress = SimpleNamespace(current=SimpleNamespace(processed=batches))
+    return SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.FITTING), world_size=1, global_rank=0,
+                           current_epoch=epoch, fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(
+                               batch_progress=progress)))
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_train_loader_resumes_from_the_state_dict_once(dataset, grouped):
+    saved = module(dataset, batch_size=1, group_by_modality_length=grouped)
+    saved.trainer = _fitting_trainer(epoch=0, batches=1)
+    state = saved.state_dict()
+    assert state == {"epoch": 0, "batches": 1, "world_size": 1, "batch_size": 1}
+    saved.trainer = None
+    assert saved.state_dict() == {}  # nothing to resume outside of fitting
+    whole = _sample_ids(saved)
+    resumed = module(dataset, batch_size=1, group_by_modality_length=grouped)
+    resumed.load_state_dict(state)
+    assert _sample_ids(resumed) == whole[1:]
+    assert _sample_ids(resumed) == whole  # a reloaded loader starts whole: the skip is applied once
+
+
+def test_resume_with_another_world_or_batch_size_warns_and_a_foreign_state_is_refused(dataset):
+    dm = module(dataset, batch_size=1)
+    dm.load_state_dict({"epoch": 0, "batches": 1, "world_size": 2, "batch_size": 1})
+    with pytest.warns(UserWarning, match="checkpoint used world_size=2, batch_size=1.*same devices"):
+        dm.train_dataloader()
+    with pytest.raises(ValueError, match="lacks 'epoch'/'batches'"):
+        dm.load_state_dict({"step": 3})
 
 
 @pytest.mark.skipif(not (ROOT / "data/tiny-llama/tokenizer.json").is_file(), reason="data/tiny-llama not built")

@@ -3,6 +3,7 @@ adapters only on the LLM, text-only samples, and the stage-1 -> stage-2 projecto
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -90,3 +91,64 @@ def test_stage1_trains_the_projector_only_and_stage2_loads_it(tmp_path):
 def test_missing_stage1_projector_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="No stage-1 projector at .*nope.safetensors"):
         _module(EffiLoRAConfig(rank=4), projector_path=str(tmp_path / "nope.safetensors"))
+
+
+class _Record(pl.Callback):
+    """Training loss and sample ids of every step."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.sample_ids: list[list[str]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+        self.sample_ids.append(list(batch["sample_id"]))
+
+
+class _KillAfter(pl.Callback):
+    """Stops the run after `step` optimizer steps, as a kill would (the schedule still plans for max_steps)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:  # the step-`step` checkpoint is written by now
+            raise KeyboardInterrupt
+
+
+def _fit_steps(root: Path, data_path: Path, steps: int, ckpt_path: str | None = None, every: int | None = None,
+               kill_at: int | None = None) -> _Record:
+    """Stage-2 run with epochs of 3 batches (`limit_train_batches`), so that 4 steps cross into epoch 1."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    pl.seed_everything(0, verbose=False)  # the projector's initialisation draws from the global generator
+    module = _module(EffiLoRAConfig(rank=4), learning_rate=1e-3, lr_projector=1e-3, warmup_steps=2,
+                     reducer={"warmup_steps": 0, "heatmap": False})
+    record = _Record()
+    callbacks: list[pl.Callback] = [record] + ([_KillAfter(kill_at)] if kill_at else [])
+    if every:
+        callbacks.append(ModelCheckpoint(dirpath=root / "ck", every_n_train_steps=every, save_top_k=-1))
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, limit_train_batches=3, limit_val_batches=0,
+                         logger=False, enable_checkpointing=bool(every), callbacks=callbacks, default_root_dir=root,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    dm = _datamodule(data_path=str(data_path), val_set_size=0, batch_size=2, max_length=64)
+    if kill_at:  # Lightning turns the interrupt into SystemExit after its graceful shutdown
+        with pytest.raises(SystemExit):
+            trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    else:
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    return record
+
+
+def test_mid_epoch_resume_continues_the_same_data_order_and_losses(tmp_path):
+    records = json.loads((ROOT / "data/llava/llava_train.json").read_text())
+    data = tmp_path / "train.json"  # a slice of the bundled set (images stay under data/llava): faster setup
+    data.write_text(json.dumps(records[:48]))
+    full = _fit_steps(tmp_path / "full", data, 4)
+    _fit_steps(tmp_path / "part", data, 4, every=2, kill_at=2)  # killed after step 2 of epoch 0 (3 batches)
+    ckpt = next((tmp_path / "part" / "ck").glob("*step=2*"))
+    resumed = _fit_steps(tmp_path / "resumed", data, 4, ckpt_path=str(ckpt))
+    assert resumed.sample_ids == full.sample_ids[2:]  # the rest of epoch 0, then epoch 1's own order
+    assert len(resumed.losses) == 2
+    for a, b in zip(resumed.losses, full.losses[2:]):
+        assert abs(a - b) <= 1e-6, (resumed.losses, full.losses)

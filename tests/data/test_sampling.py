@@ -1,0 +1,61 @@
+"""ResumableSampler: order by (seed, epoch) only, and a resume skip that lasts exactly the resumed epoch."""
+
+from __future__ import annotations
+
+import pytest
+
+from effilora_lightning.data.sampling import ResumableSampler
+
+
+def _sampler(rank: int = 0) -> ResumableSampler:
+    return ResumableSampler(list(range(23)), num_replicas=2, rank=rank, shuffle=True, seed=7)
+
+
+def _epoch_order(epoch: int, rank: int = 0) -> list[int]:
+    sampler = _sampler(rank)
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def test_resume_at_moves_to_the_epoch_before_any_set_epoch():
+    # with num_workers > 0 Lightning draws the first indices before it calls set_epoch
+    sampler = _sampler(rank=1)
+    sampler.resume_at(3, 5)
+    assert sampler.epoch == 3
+    assert list(sampler) == _epoch_order(3, rank=1)[5:]
+
+
+def test_skip_holds_for_every_pass_over_the_resumed_epoch_only():
+    sampler = _sampler()
+    sampler.resume_at(1, 4)
+    sampler.set_epoch(1)
+    assert list(sampler) == list(sampler) == _epoch_order(1)[4:]
+    sampler.set_epoch(2)
+    assert list(sampler) == _epoch_order(2)
+    sampler.set_epoch(1)  # the skip is gone for good once the resumed epoch is over
+    assert list(sampler) == _epoch_order(1)
+
+
+def test_resume_at_refuses_negative_positions():
+    with pytest.raises(ValueError, match="epoch >= 0 and samples >= 0"):
+        _sampler().resume_at(0, -1)
+
+
+def _trainer(fn: str, training: bool, epoch: int = 2, processed: int = 5):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    progress = SimpleNamespace(current=SimpleNamespace(processed=processed))
+    return SimpleNamespace(state=SimpleNamespace(fn=TrainerFn(fn)), training=training, current_epoch=epoch,
+                           fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
+
+
+def test_position_is_recorded_during_a_mid_epoch_validation_save():
+    """ModelCheckpoint saves in on_validation_end, where trainer.training is False: still fitting."""
+    from effilora_lightning.data.sampling import consumed_batches
+
+    assert consumed_batches(_trainer("fit", training=False)) == {"epoch": 2, "batches": 5}
+    assert consumed_batches(_trainer("fit", training=True)) == {"epoch": 2, "batches": 5}
+    assert consumed_batches(_trainer("validate", training=False)) == {}
+    assert consumed_batches(None) == {}
