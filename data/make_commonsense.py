@@ -26,9 +26,9 @@ model did not learn in minutes of CPU training (measured), so no kind requires i
     hellaswag      how a story ends (the thing's category, or the person's need)
     winogrande     where the person fetched the thing (place pair); whether it fit in a small box (size)
     ARC-Easy       one-hop facts: colour, place, kind of a thing
-    ARC-Challenge  two hops: what you do with a thing (-> category -> use), what it smells of or how the
-                   weather treats it (-> place -> rule)
-    openbookqa     colour rules ("open book" facts) applied to a thing
+    ARC-Challenge  two hops: what you do with a thing (-> category -> use), what is true of it where it is
+                   kept (-> place -> rule: smells of bread / gets wet when it rains / ...)
+    openbookqa     colour rules ("open book" facts) applied to a thing outdoors
 
 Held-out generalisation: for every kind a quarter of the subjects (things, or people for need questions),
 balanced over answers, appear only in the test set, so a test question is about a fact the fine-tuning data
@@ -214,8 +214,9 @@ KINDS: dict[str, tuple[Kind, ...]] = {
              tuple(f"it {PLACE_RULES[p]}" for p in PLACES), _thing_attr("place", PLACES)),
     ),
     "openbookqa": (
-        Kind("colour_rule", ("Which of these is true of the {x}?", "{p} looks at the {x}. What is true of it?",
-                             "{p} points at the {x}. Which of these is true of it?"),
+        Kind("colour_rule", ("What is true of the {x} outdoors?",
+                             "{p} takes the {x} outside. What is true of it there?",
+                             "{p} leaves the {x} outdoors. Which of these is true of it outdoors?"),
              tuple(f"it {COLOUR_RULES[c]}" for c in COLOURS), _thing_attr("colour", COLOURS)),
     ),
 }

@@ -21,10 +21,20 @@ What it writes, and why:
 
 Pretraining (1000 steps of 32 x 128 tokens, 3 to 6 minutes on one CPU thread) reads documents about the world of
 data/make_commonsense.py: profiles of every thing, consequences of the rules, general rules, comparisons,
-stories of people with needs, and facts asked and answered in prose ("what colour is the plum? the answer is
-blue."). It never contains the Alpaca prompt, the instruction patterns of the test sets, answer options,
-answer labels or "the correct answer is": fine-tuning teaches the format and the mapping to labels, the base
-model brings the facts.
+stories of people with needs, facts asked and answered in prose ("what colour is the plum? the answer is
+blue."), and multiple-choice quizzes in a plain format of their own with the choices in SHUFFLED order
+("quiz: what colour is the plum? answer1 green, answer2 blue, ... the right one is answer2."; "true or false:
+is the plum red? false."). It also reads pictures like those of data/make_llava.py described in words ("the
+picture shows two red circles, at the top left and bottom right. how many circles are there? two.") and the
+general facts the visual demo's text-only questions need.
+
+Why quizzes and pictures: a real LLaMA-3 has written digits, "answer2", "true", "triangle" and "three" many
+times before anyone fine-tunes it. A base that never produced a token keeps an untrained output row for it,
+and a low-rank adapter cannot learn to aim at it in a CPU demo's few hundred steps (measured: LoRA on the
+commonsense demo stayed at 6 % with the label tokens untrained, 55 % once they were trainable). It never
+contains the Alpaca prompt, the instruction patterns of the test sets, "the correct answer is" or the test
+sets' fixed answer keys (their options come in one fixed order per kind; a quiz shuffles them), so
+fine-tuning still has to teach the format and the mapping from the recalled fact to the label.
 
 Determinism: fixed seeds, torch.set_num_threads(1) and a single-threaded tokenizer trainer; the script prints a
 sha256 per file, and rebuilding with the same library versions gives identical bytes.
@@ -51,6 +61,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_commonsense as world_rules  # noqa: E402
+import make_llava as pictures  # noqa: E402
 from make_commonsense import (  # noqa: E402
     CATEGORIES,
     COLOUR_RULES,
@@ -73,7 +84,7 @@ SEQ_LEN = 128
 BATCH_SIZE = 32
 STEPS = 1000
 LR = 3e-3
-N_DOCS = 24000
+N_DOCS = 30000
 
 # LLaMA-3's pre-tokenizer pattern (published in its tokenizer.json)
 LLAMA3_SPLIT = (
@@ -144,32 +155,71 @@ def _rules(rng: random.Random) -> str:
     return " ".join(rng.sample(rules, 4))
 
 
-def _questions(t: Thing, rng: random.Random) -> str:
-    """Facts about one thing asked and answered in prose: free-text answers, sometimes after "the answer is"."""
-    x = t.name
+def _qa(t: Thing, rng: random.Random) -> list[tuple[str, str, str, tuple[str, ...]]]:
+    """Questions about one thing: (question, short answer, full answer, every possible short answer)."""
+    x, yes_no = t.name, ("yes", "no")
     wrong = {a: rng.choice([v for v in values if v != t.attr(a)])
              for a, values in (("colour", COLOURS), ("size", SIZES), ("place", PLACES), ("category", tuple(KIND)))}
     fits = "yes" if t.size == "small" else "no"
-    qa = [  # (question, short answer, full answer)
-        (f"what colour is the {x}?", t.colour, f"the {x} is {t.colour}."),
-        (f"where is the {x} kept?", f"in the {t.place}", f"the {x} is kept in the {t.place}."),
-        (f"what kind of thing is the {x}?", KIND[t.category], f"the {x} is {KIND[t.category]}."),
-        (f"what can you do with the {x}?", f"{t.verb} it", f"you can {t.verb} it."),
-        (f"is the {x} {t.colour}?", "yes", f"yes, the {x} is {t.colour}."),
-        (f"is the {x} {wrong['colour']}?", "no", f"no, the {x} is {t.colour}."),
-        (f"is the {x} {t.size}?", "yes", f"yes, the {x} is {t.size}."),
-        (f"is the {x} {wrong['size']}?", "no", f"no, the {x} is {t.size}."),
-        (f"is the {x} kept in the {t.place}?", "yes", f"yes, it is kept in the {t.place}."),
-        (f"is the {x} kept in the {wrong['place']}?", "no", f"no, it is kept in the {t.place}."),
-        (f"is the {x} {KIND[t.category]}?", "yes", f"yes, the {x} is {KIND[t.category]}."),
-        (f"is the {x} {KIND[wrong['category']]}?", "no", f"no, the {x} is {KIND[t.category]}."),
-        (f"can you {t.verb} the {x}?", "yes", f"yes, you can {t.verb} it."),
-        (f"would the {x} fit in a small box?", fits, f"{fits}, it is {t.size}."),
-        (f"what is true of the {x}?", f"it {COLOUR_RULES[t.colour]}", f"it {COLOUR_RULES[t.colour]}."),
-        (f"what is true of the {x}?", f"it {PLACE_RULES[t.place]}", f"it {PLACE_RULES[t.place]}."),
+    return [
+        (f"what colour is the {x}?", t.colour, f"the {x} is {t.colour}.", COLOURS),
+        (f"where is the {x} kept?", f"in the {t.place}", f"the {x} is kept in the {t.place}.",
+         tuple(f"in the {p}" for p in PLACES)),
+        (f"what kind of thing is the {x}?", KIND[t.category], f"the {x} is {KIND[t.category]}.",
+         tuple(KIND.values())),
+        (f"what can you do with the {x}?", f"{t.verb} it", f"you can {t.verb} it.",
+         tuple(f"{v} it" for v, _, _ in CATEGORIES.values())),
+        (f"is the {x} {t.colour}?", "yes", f"yes, the {x} is {t.colour}.", yes_no),
+        (f"is the {x} {wrong['colour']}?", "no", f"no, the {x} is {t.colour}.", yes_no),
+        (f"is the {x} {t.size}?", "yes", f"yes, the {x} is {t.size}.", yes_no),
+        (f"is the {x} {wrong['size']}?", "no", f"no, the {x} is {t.size}.", yes_no),
+        (f"is the {x} kept in the {t.place}?", "yes", f"yes, it is kept in the {t.place}.", yes_no),
+        (f"is the {x} kept in the {wrong['place']}?", "no", f"no, it is kept in the {t.place}.", yes_no),
+        (f"is the {x} {KIND[t.category]}?", "yes", f"yes, the {x} is {KIND[t.category]}.", yes_no),
+        (f"is the {x} {KIND[wrong['category']]}?", "no", f"no, the {x} is {KIND[t.category]}.", yes_no),
+        (f"can you {t.verb} the {x}?", "yes", f"yes, you can {t.verb} it.", yes_no),
+        (f"would the {x} fit in a small box?", fits, f"{fits}, it is {t.size}.", yes_no),
+        (f"what is true of the {x} outdoors?", f"it {COLOUR_RULES[t.colour]}", f"it {COLOUR_RULES[t.colour]}.",
+         tuple(f"it {r}" for r in COLOUR_RULES.values())),
+        (f"what is true of the {x} where it is kept?", f"it {PLACE_RULES[t.place]}", f"it {PLACE_RULES[t.place]}.",
+         tuple(f"it {r}" for r in PLACE_RULES.values())),
     ]
-    picked = rng.sample(qa, 3)
-    return " ".join(f"{q} the answer is {short}." if rng.random() < 0.5 else f"{q} {full}" for q, short, full in picked)
+
+
+def _questions(t: Thing, rng: random.Random) -> str:
+    """Facts about one thing asked and answered in prose: free-text answers, sometimes after "the answer is"."""
+    return " ".join(_answered(*entry, rng) for entry in rng.sample(_qa(t, rng), 3))
+
+
+def _answered(question: str, short: str, full: str, values: tuple[str, ...], rng: random.Random) -> str:
+    """A question answered at once, or after the possible answers are named ("red or blue or ..."), so the
+    base model learns to recall a fact across intervening text that names the other values too."""
+    style = rng.random()
+    if style < 0.35:
+        return f"{question} {full}"
+    if style < 0.7:
+        return f"{question} the answer is {short}."
+    return f"{question} the choices are {' or '.join(values)}. the answer is {short}."
+
+
+QUIZ_LABELS = {2: ("answer", "solution", "option", "ending"), 3: ("answer", "ending"), 4: ("answer", "ending")}
+
+
+def _quiz(t: Thing, rng: random.Random) -> str:
+    """A multiple-choice quiz in a plain format of its own: numbered choices in SHUFFLED order and the number
+    of the right one ("option1 yes, option2 no. the right one is option2."), or a yes/no question answered
+    true or false. A real base model has read many such quizzes; this one needs them to have ever produced
+    the label tokens (the digits after answer/solution/option/ending, true, false) the fine-tuning format
+    asks for. The order is shuffled, so the quiz never teaches the fine-tuning sets' fixed answer keys."""
+    question, short, _, values = rng.choice(_qa(t, rng))
+    if values == ("yes", "no") and rng.random() < 0.5:
+        verdict = "true" if short == "yes" else "false"
+        return f"true or false: {question} {verdict}."
+    choices = list(values)
+    rng.shuffle(choices)
+    word = rng.choice(QUIZ_LABELS[len(choices)])
+    listed = ", ".join(f"{word}{i} {c}" for i, c in enumerate(choices, 1))
+    return f"quiz: {question} {listed}. the right one is {word}{choices.index(short) + 1}."
 
 
 def _need_question(rng: random.Random) -> str:
@@ -188,6 +238,34 @@ def _story(world: tuple[Thing, ...], rng: random.Random) -> str:
             f"to {t.verb} the {t.name}.")
 
 
+def _picture(rng: random.Random) -> str:
+    """A picture like those of data/make_llava.py described in words, then asked about in prose: the words
+    its short answers use (shapes, colours, counts, sides) are ones the base model has already written."""
+    shape, colour = rng.choice(pictures.SHAPES), rng.choice(list(pictures.COLOURS))
+    where = rng.sample(pictures.QUADRANTS, rng.randint(1, 4))
+    count, plural = pictures.NUMBERS[len(where)], shape + ("s" if len(where) > 1 else "")
+    spots = " and ".join(f"{v} {h}" for v, h in where)
+    qa = [(f"how many {shape}s are there?", count), ("how many shapes are in the picture?", count),
+          (f"what color {'are the' if len(where) > 1 else 'is the'} {plural}?", colour),
+          ("what shape is shown in the picture?", shape), (f"is there a {colour} {shape}?", "yes"),
+          (f"is there a {rng.choice([c for c in pictures.COLOURS if c != colour])} {shape}?", "no"),
+          (f"is there a {colour} {rng.choice([x for x in pictures.SHAPES if x != shape])}?", "no")]
+    if len(where) == 1:
+        qa += [(f"is the {shape} on the left or on the right?", where[0][1]),
+               (f"is the {shape} at the top or at the bottom?", where[0][0])]
+    asked = " ".join(f"{q} {a}." for q, a in rng.sample(qa, 2))
+    return f"the picture shows {count} {colour} {plural}, at the {spots}. {asked}"
+
+
+def _picture_facts(rng: random.Random) -> str:
+    """General facts the visual-instruction demo's text-only questions ask about."""
+    facts = ["a triangle has three sides.", "a square has four sides.", "a circle has no corners.",
+             "a square has four corners.", "a triangle has three corners.", "blue and yellow make green.",
+             "red and yellow make orange.", "red and blue make purple."]
+    facts += [f"after {a} comes {b}." for a, b in zip(pictures.NUMBERS, pictures.NUMBERS[1:])]
+    return " ".join(rng.sample(facts, 3))
+
+
 def build_corpus(seed: int = SEED, n_docs: int = N_DOCS) -> list[str]:
     """Documents about the world (never in the Q/A format of the test sets)."""
     world = world_rules.build_world(world_rules.SEED)
@@ -196,7 +274,9 @@ def build_corpus(seed: int = SEED, n_docs: int = N_DOCS) -> list[str]:
               lambda: _consequences(rng.choice(world), rng), lambda: _consequences(rng.choice(world), rng),
               lambda: _contrast(world, rng), lambda: _rules(rng), lambda: _story(world, rng),
               lambda: _questions(rng.choice(world), rng), lambda: _questions(rng.choice(world), rng),
-              lambda: _need_question(rng)]
+              lambda: _need_question(rng), lambda: _quiz(rng.choice(world), rng),
+              lambda: _quiz(rng.choice(world), rng), lambda: _picture(rng), lambda: _picture(rng),
+              lambda: _picture_facts(rng)]
     return [rng.choice(makers)() for _ in range(n_docs)]
 
 

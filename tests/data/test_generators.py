@@ -6,6 +6,7 @@ The slow pretraining in data/make_tiny_llama.py is never re-run here.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import re
@@ -99,6 +100,12 @@ def test_test_set_pattern_size_and_exact_label_balance(tests, task: str) -> None
     assert counts == {label: 48 // len(LABELS[task]) for label in LABELS[task]}
 
 
+@functools.cache
+def _things(mc) -> dict:
+    return {t.name: t for t in mc.build_world()}
+
+
+@functools.cache
 def _stem_regex(stem: str) -> str:
     """A stem template as a regex: {x} captures the thing, {p} matches a name."""
     return re.escape(stem).replace(r"\{x\}", r"(?P<x>\w+)").replace(r"\{p\}", r"\w+")
@@ -107,7 +114,7 @@ def _stem_regex(stem: str) -> str:
 def parse(mc, record: dict[str, str]) -> tuple[str, tuple, tuple, str]:
     """(task, kind key, subject key, the answer the world's rules give) for one generated record."""
     text = record["instruction"]
-    things = {t.name: t for t in mc.build_world()}
+    things = _things(mc)
     if text.startswith("Please answer the following question with true or false"):
         q = re.fullmatch(PATTERNS["boolq"], text, flags=re.S).group(1)
         (kind, name), = [(k, m.group("x")) for k in mc.KINDS["boolq"] for stem in k.stems
@@ -128,24 +135,29 @@ def parse(mc, record: dict[str, str]) -> tuple[str, tuple, tuple, str]:
     return task, (task, kind.name), key, mc.label(task, kind.answer(subject))
 
 
-def test_every_answer_follows_the_rules_of_the_world(make_commonsense, train, tests) -> None:
-    for record in train + [r for records in tests.values() for r in records]:
-        assert parse(make_commonsense, record)[3] == record["answer"], record["instruction"]
+@pytest.fixture(scope="module")
+def parsed(make_commonsense, train, tests) -> dict[str, list[tuple[str, tuple, tuple, str]]]:
+    return {"train": [parse(make_commonsense, r) for r in train],
+            "test": [parse(make_commonsense, r) for records in tests.values() for r in records]}
 
 
-def test_training_file_has_every_task_with_balanced_labels(make_commonsense, train) -> None:
+def test_every_answer_follows_the_rules_of_the_world(parsed, train, tests) -> None:
+    records = train + [r for records in tests.values() for r in records]
+    for record, (_, _, _, expected) in zip(records, parsed["train"] + parsed["test"], strict=True):
+        assert expected == record["answer"], record["instruction"]
+
+
+def test_training_file_has_every_task_with_balanced_labels(parsed, train) -> None:
     assert len(train) == 8 * 408
-    by_task = Counter(parse(make_commonsense, r)[0] for r in train)
-    assert by_task == {task: 408 for task in TASKS}
-    for task in TASKS:
-        labels = Counter(r["answer"] for r in train if parse(make_commonsense, r)[0] == task)
-        assert labels == {label: 408 // len(LABELS[task]) for label in LABELS[task]}
+    assert Counter(task for task, *_ in parsed["train"]) == {task: 408 for task in TASKS}
+    labels = Counter((task, r["answer"]) for (task, *_), r in zip(parsed["train"], train, strict=True))
+    assert labels == {(task, label): 408 // len(LABELS[task]) for task in TASKS for label in LABELS[task]}
 
 
-def test_test_subjects_are_never_asked_about_in_training(make_commonsense, train, tests) -> None:
+def test_test_subjects_are_never_asked_about_in_training(parsed, train, tests) -> None:
     """Held out per question kind: the fine-tuning data never asks that kind of question about them."""
-    seen = {parse(make_commonsense, r)[1:3] for r in train}
-    held_out = [parse(make_commonsense, r)[1:3] for records in tests.values() for r in records]
+    seen = {p[1:3] for p in parsed["train"]}
+    held_out = [p[1:3] for p in parsed["test"]]
     assert not seen & set(held_out)
     instructions = [r["instruction"] for r in train] + [r["instruction"] for rs in tests.values() for r in rs]
     assert len(set(instructions)) == len(instructions) == 8 * (408 + 48)
