@@ -63,6 +63,10 @@ class EffiLoRACallback(Callback):
         seed: seeds the per-step draw; with the step it fixes the selection on every rank.
         log_every_n_steps: logging period in optimizer steps (default: the Trainer's).
         heatmap: write ``effilora_selection.png`` (units x steps) into the log directory at the end of fit.
+        peak_flops: peak FLOP/s of ONE device, for ``perf/mfu``. Default: Lightning's table for the CUDA
+            device at the compute dtype (the module's ``compute_dtype`` if it has one, e.g. FSDP2's bf16
+            all-gather under 32-true, else the precision plugin's: bf16-mixed computes in bf16, not in the
+            parameters' fp32). MFU is not logged when the peak is unknown (CPU, unlisted GPUs).
 
     Raises:
         ValueError: at construction for an argument out of range or an unknown name; in ``setup`` /
@@ -89,6 +93,7 @@ class EffiLoRACallback(Callback):
         seed: int = 0,
         log_every_n_steps: int | None = None,
         heatmap: bool = True,
+        peak_flops: float | None = None,
     ) -> None:
         super().__init__()
         _check_args(keep_ratio, importance, selection, temperature, ema_beta, warmup_steps, every_n_steps,
@@ -101,6 +106,9 @@ class EffiLoRACallback(Callback):
         self._restored: dict[str, Any] | None = None
         self._applied_step = -1  # global_step whose selection is in force (once-per-step guard)
         self._scored_step = -1
+        if peak_flops is not None and not peak_flops > 0:
+            raise ValueError(f"peak_flops must be a positive FLOP/s figure or None, got {peak_flops}")
+        self.peak_flops = peak_flops
         self._meter = _Meter()
 
     # Read-only views of the reducer's state (tests and users look at these).
@@ -133,6 +141,7 @@ class EffiLoRACallback(Callback):
             raise ValueError(_NO_EFFILORA)
         if self.freeze_mode == "requires_grad":
             _refuse_compile_and_plain_ddp(trainer, pl_module)
+        self._meter.peak_flops = self.peak_flops or _device_peak_flops(trainer, pl_module)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -289,6 +298,7 @@ class _Meter:
         self.steps = 0
         self.t0 = time.perf_counter()
         self.params_total: int | None = None
+        self.peak_flops: float | None = None  # per device; None: MFU not logged
 
     def count_batch(self, batch: Any) -> None:
         ids, mask = _ids_and_mask(batch)
@@ -316,11 +326,21 @@ class _Meter:
             "perf/step_time_sec": elapsed / max(self.steps, 1),
             "perf/peak_memory_mb": float(mem.item()),
         }
-        peak = get_available_flops(device, next(pl_module.parameters()).dtype) if device.type == "cuda" else None
-        if peak:
-            out["perf/mfu"] = flops_per_token * tokens / elapsed / (peak * world)
+        if self.peak_flops:
+            out["perf/mfu"] = flops_per_token * tokens / elapsed / (self.peak_flops * world)
         self.tokens, self.samples, self.steps, self.t0 = None, 0, 0, time.perf_counter()
         return out
+
+
+def _device_peak_flops(trainer: pl.Trainer, pl_module: pl.LightningModule) -> float | None:
+    """Peak FLOP/s of one CUDA device at the dtype the matmuls run in; None elsewhere or when unlisted."""
+    device = trainer.strategy.root_device
+    if device.type != "cuda":
+        return None
+    from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
+
+    dtype = getattr(pl_module, "compute_dtype", None) or _plugin_to_compute_dtype(trainer.precision_plugin)
+    return get_available_flops(device, dtype)
 
 
 def _ids_and_mask(batch: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -150,6 +150,13 @@ class CausalLMModule(pl.LightningModule):
         if mesh is not None:
             shard_model(self.model, mesh["data_parallel"], hp.fsdp_param_dtype, extra_units=self.extra_fsdp_units())
 
+    @property
+    def compute_dtype(self) -> torch.dtype | None:
+        """The matmul dtype when FSDP2 all-gathers in ``fsdp_param_dtype`` (EffiLoRACallback's MFU reads it);
+        None: the precision plugin's dtype applies."""
+        sharded = getattr(self, "_device_mesh", None) is not None and self.hparams.fsdp_param_dtype is not None
+        return getattr(torch, self.hparams.fsdp_param_dtype) if sharded else None
+
     def _build_adapted(self, meta: bool = False) -> PreTrainedModel:
         """Base model (train mode) + adapter (+ saved adapter weights) + activation checkpointing."""
         hp = self.hparams

@@ -154,7 +154,9 @@ class VisionLanguageModule(CausalLMModule):
         hp = self.hparams
         llm = load_causal_lm(hp.model_path, hp.model_config, hp.dtype, hp.init_seed)
         tower = VisionTower(hp.vision_tower, hp.vision_pretrained, hp.select_layer)
-        proj = build_projector(hp.projector, tower.hidden_size, llm.config.hidden_size)
+        with torch.random.fork_rng(devices=[]):  # seeded: every rank and every fresh run start alike
+            torch.manual_seed(hp.init_seed)
+            proj = build_projector(hp.projector, tower.hidden_size, llm.config.hidden_size)
         if hp.projector_path:
             _load_projector(proj, hp.projector_path)
         else:

@@ -221,3 +221,37 @@ def test_requires_grad_mode_refuses_compile_and_plain_ddp():
         _refuse_compile_and_plain_ddp(SimpleNamespace(strategy=DDPStrategy()), plain_module(EffiLoRAConfig(rank=4)))
     _refuse_compile_and_plain_ddp(SimpleNamespace(strategy=DDPStrategy(find_unused_parameters=True)),
                                   plain_module(EffiLoRAConfig(rank=4)))
+
+
+def test_mfu_uses_the_given_peak_and_equals_flops_times_tokens_per_second():
+    meter = _Meter()
+    meter.peak_flops = 1e9
+    meter.count_batch({"input_ids": torch.ones(2, 8, dtype=torch.long)})
+    module = SimpleNamespace(device=torch.device("cpu"))
+    out = meter.flush(module, flops_per_token=1000.0)
+    assert out["perf/mfu"] == pytest.approx(1000.0 * out["perf/tokens_per_sec"] / 1e9, rel=1e-12)
+    meter.peak_flops = None  # unknown peak (CPU): no MFU rather than a made-up one
+    meter.count_batch({"input_ids": torch.ones(2, 8, dtype=torch.long)})
+    assert "perf/mfu" not in meter.flush(module, flops_per_token=1000.0)
+    with pytest.raises(ValueError, match="peak_flops"):
+        EffiLoRACallback(peak_flops=0)
+
+
+@pytest.mark.parametrize(("precision", "compute_dtype", "expected"), [
+    ("bf16-mixed", None, torch.bfloat16),       # parameters stay fp32; the matmuls run in bf16
+    ("32-true", None, torch.float32),
+    ("32-true", torch.bfloat16, torch.bfloat16),  # FSDP2 all-gathering in bf16 (CausalLMModule.compute_dtype)
+])
+def test_mfu_peak_is_looked_up_at_the_compute_dtype(monkeypatch, precision, compute_dtype, expected):
+    from lightning.pytorch.plugins import MixedPrecision, Precision
+
+    from effilora_lightning.callbacks import effilora as module
+
+    seen = []
+    monkeypatch.setattr(module, "get_available_flops", lambda device, dtype: seen.append(dtype) or 1e15)
+    plugin = MixedPrecision("bf16-mixed", "cuda") if precision == "bf16-mixed" else Precision()
+    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)), precision_plugin=plugin)
+    assert module._device_peak_flops(trainer, SimpleNamespace(compute_dtype=compute_dtype)) == 1e15
+    assert seen == [expected]
+    cpu = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")), precision_plugin=plugin)
+    assert module._device_peak_flops(cpu, SimpleNamespace()) is None

@@ -152,3 +152,13 @@ def test_mid_epoch_resume_continues_the_same_data_order_and_losses(tmp_path):
     assert len(resumed.losses) == 2
     for a, b in zip(resumed.losses, full.losses[2:]):
         assert abs(a - b) <= 1e-6, (resumed.losses, full.losses)
+
+
+def test_projector_init_is_seeded_by_init_seed_not_the_global_rng():
+    torch.manual_seed(1)
+    first = _module().model.mm_projector.state_dict()
+    torch.manual_seed(2)  # another global state: the projector must not care
+    second = _module().model.mm_projector.state_dict()
+    other = _module(init_seed=5).model.mm_projector.state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert not torch.equal(first["0.weight"], other["0.weight"])
