@@ -5,6 +5,7 @@
     python benchmarks/speed.py --device cuda --json speed_h200.json            # LLaMA-3-8B shapes, bf16
     python benchmarks/speed.py --methods floor peft_lora effilora_k0.5 --reps 3 --profile benchmarks/results/profile
     python benchmarks/speed.py --rss                                           # + peak RSS, one process per method
+    python benchmarks/speed.py --threads 1 --op-costs                          # each adapter op's cost, isolated
 
 CPU default: a LLaMA-shaped model (8 layers, 512 wide, MLP 1792 = 3.5x as in LLaMA-3-8B, 8 query heads over 2
 key/value heads, vocab 4096 so the LM head is ~7 % of the weights as in the 8B), batch 4 x 256 tokens, fp32,
@@ -89,6 +90,9 @@ class Preset:
 
 PRESETS = {
     "cpu": Preset(8, 512, 1792, 8, 2, 4096, 4, 256, "float32"),
+    # Two decoder layers of "cpu" and a small vocabulary: the same per-layer adapter work in ~1/6 of the step
+    # time, so on a shared, noisy machine the same wall time buys ~6x the repetitions.
+    "cpu-slice": Preset(2, 512, 1792, 8, 2, 256, 4, 256, "float32"),
     "smoke": Preset(2, 64, 224, 4, 2, 256, 2, 32, "float32", rank=4, alpha=8.0),
     "llama3-8b": Preset(32, 4096, 14336, 32, 8, 128256, 2, 2048, "bfloat16"),
 }
@@ -122,6 +126,7 @@ METHODS = {
     ]
 }
 DEFAULT_CUDA = [n for n in METHODS if n != "full_ft"]  # full AdamW on 8B needs ~64 GiB more than one GPU has
+
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -460,11 +465,53 @@ def profile_methods(benches: list[Bench], batch: dict[str, torch.Tensor], out_di
             f.write(f"# {b.method.name}: {steps} steps\n\n{by_op}\n\n# by input shape\n\n{by_shape}\n")
 
 
+def op_costs(preset: Preset, reps: int = 100) -> str:
+    """Median time of each operation a rank-r adapter adds to one projection, next to the base GEMM (N = B*T).
+
+    The profile in numbers: which adapter ops cost what at this model's shapes, measured in isolation with the
+    thread's CPU clock (so other processes on the machine barely move them).
+    """
+    n, r, kv = preset.batch * preset.seq, preset.rank, preset.hidden * preset.kv_heads // preset.heads
+    shapes = {"q/o": (preset.hidden, preset.hidden), "k/v": (preset.hidden, kv),
+              "gate/up": (preset.hidden, preset.intermediate), "down": (preset.intermediate, preset.hidden)}
+    cols = {f"{name} ({i}->{o})": _op_column(n, r, i, o, reps) for name, (i, o) in shapes.items()}
+    head = [f"op (median us, N = {n}, r = {r})", *cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for op in next(iter(cols.values())):
+        lines.append("| " + " | ".join([op, *(f"{c[op]:,.0f}" for c in cols.values())]) + " |")
+    return "\n".join(lines)
+
+
+def _op_column(n: int, r: int, d_in: int, d_out: int, reps: int) -> dict[str, float]:
+    x, w, a, b = torch.randn(n, d_in), torch.randn(d_out, d_in), torch.randn(r, d_in), torch.randn(d_out, r)
+    y, g, h = torch.randn(n, d_out), torch.randn(n, d_out), torch.randn(n, r)
+    ops = {
+        "base GEMM x W0^T (forward)": lambda: x @ w.t(), "A x (down-projection)": lambda: x @ a.t(),
+        "B h (up-projection)": lambda: h @ b.t(), "y * scale": lambda: y * 2.0, "y + delta": lambda: y + g,
+        "dH = g B": lambda: g @ b, "dB = g^T h (autograd's orientation)": lambda: g.t() @ h,
+        "dB = (h^T g)^T": lambda: (h.t() @ g).t(), "dA = dH^T x": lambda: h.t() @ x,
+        "dX_a = dH A": lambda: h @ a, "dX accumulate (dX + dX_a)": lambda: x + x,
+        "fused in place: y.addmm_(h, B^T)": lambda: y.addmm_(h, b.t(), alpha=1e-3),
+    }
+    return {k: _median_us(f, reps) for k, f in ops.items()}
+
+
+def _median_us(fn: Callable[[], Any], reps: int) -> float:
+    for _ in range(3):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.thread_time()
+        fn()
+        ts.append(time.thread_time() - t0)
+    return 1e6 * statistics.median(ts)
+
+
 def machine() -> dict[str, Any]:
     info = {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
             "nproc": os.cpu_count(), "cpu": platform.processor() or platform.machine()}
     try:
-        info["loadavg_start"] = os.getloadavg()
+        info["loadavg_end"] = os.getloadavg()
         with open("/proc/cpuinfo") as f:
             info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
@@ -490,6 +537,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--rss", action="store_true", help="also peak RSS, each method in a fresh process (CPU)")
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="after timing, write torch.profiler tables of every selected method to DIR")
+    ap.add_argument("--op-costs", action="store_true",
+                    help="only print the cost of each adapter operation at the preset's shapes (microbenchmark)")
     ap.add_argument("--_rss-probe", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.smoke:
@@ -505,13 +554,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args._rss_probe:
         print(json.dumps(rss_probe(args._rss_probe, args.preset, args.seed)))
         return []
+    if args.op_costs:
+        print(op_costs(PRESETS[args.preset]))
+        return []
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     preset, device = PRESETS[args.preset], torch.device(args.device)
     base = build_base(preset, device, args.seed)
     benches = [make_bench(METHODS[n], base, preset) for n in args.methods]
     batch = make_batch(preset, device, args.seed)
     log(f"built {len(benches)} models on {device} ({args.preset}); warm-up {args.warmup}, reps {args.reps}")
-    started = time.time()
+    if device.type == "cpu" and os.getloadavg()[0] > (os.cpu_count() or 1) - 0.5:
+        log(f"warning: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs: other processes share the "
+            "cores, wall-clock times will be noisy (compare the CPU-time columns; consider --threads 1 and more --reps)")
+    started, load = time.time(), os.getloadavg()
     run_interleaved(benches, batch, device, args.warmup, args.reps, log)
     memory = {b.method.name: measure_memory(b, batch, device) for b in benches}
     if args.rss:
@@ -527,7 +582,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.json:
         payload = {"preset": asdict(preset), "preset_name": args.preset, "device": args.device, "reps": args.reps,
                    "warmup": args.warmup, "targets": TARGETS, "machine": machine(), "rows": rows, "target": check,
-                   "seconds": time.time() - started, "loadavg_end": os.getloadavg()}
+                   "seconds": time.time() - started, "loadavg_start": load}
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=2)

@@ -172,7 +172,30 @@ class AdapterLinear(nn.Module):
         out = self.base_layer(x)
         if self.merged:
             return out
-        return out + self.delta(x).to(out.dtype)
+        factors = self.low_rank(x)
+        if factors is None or not self._can_add_in_place(out, factors[1]):
+            return out + self.delta(x).to(out.dtype)
+        h, b = factors  # (..., r), (d_out, r)
+        if out.dim() == 2:
+            return out.addmm_(h, b.t(), alpha=self.scaling)
+        return out.baddbmm_(h, b.t().expand(out.shape[0], -1, -1), alpha=self.scaling)  # (B, T, d_out)
+
+    def low_rank(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(h, B) when ``delta(x) == scaling * h @ B^T``, so ``forward`` can add it into the base output in
+        place; None for updates of another form (routers, Lily's mixtures)."""
+        return None
+
+    def _can_add_in_place(self, out: torch.Tensor, b: torch.Tensor) -> bool:
+        """In place is exact and safe on the fresh output of a plain ``nn.Linear``: its backward saves the
+        input and the weight, never the output. One fused GEMM then replaces B h, the scaling and the sum,
+        and their (..., d_out) temporaries (measured in BENCHMARKS.md)."""
+        return (
+            type(self.base_layer) is nn.Linear
+            and not (self.base_layer._forward_hooks or self.base_layer._forward_pre_hooks)
+            and out._base is None
+            and out.dtype == b.dtype
+            and out.dim() in (2, 3)
+        )
 
     @torch.no_grad()
     def merge(self) -> None:

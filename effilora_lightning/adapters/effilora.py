@@ -128,6 +128,11 @@ class EffiLoRALinear(AdapterLinear):
             return F.linear(h, self.effilora_B[0]) * self.scaling  # (..., d_out)
         return mix_heads(x, h, self.effilora_router.weight, self.effilora_B) * self.scaling
 
+    def low_rank(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.num_heads > 1:
+            return None  # routed mixture of heads: not one product
+        return self._shared.project(x, self.group, self.dropout), self.effilora_B[0]  # (..., r), (d_out, r)
+
     def delta_weight(self) -> torch.Tensor:
         if self.num_heads > 1:
             return super().delta_weight()

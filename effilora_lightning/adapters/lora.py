@@ -54,8 +54,11 @@ class LoRALinear(AdapterLinear):
         nn.init.zeros_(self.lora_B)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., r)
-        return F.linear(h, self.lora_B) * self.scaling  # (..., d_out)
+        h, b = self.low_rank(x)
+        return F.linear(h, b) * self.scaling  # (..., d_out)
+
+    def low_rank(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A), self.lora_B  # (..., r), (d_out, r)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling  # (d_out, d_in)

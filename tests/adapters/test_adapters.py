@@ -220,3 +220,54 @@ def test_trainable_parameter_counts_match_methods_md_on_llama3_8b_shapes(cfg, ex
 
 def test_lily_reference_recipe_is_about_1_19m():
     assert apply_adapter(_llama3_8b_on_meta(), LilyConfig()).trainable == 1_185_792
+
+
+@pytest.mark.parametrize("cfg", [LoRAConfig(rank=4, target_modules=["q_proj", "v_proj", "down_proj"]),
+                                 EffiLoRAConfig(rank=4), EffiLoRAConfig(rank=4, share_a_by="in_features")],
+                         ids=["lora", "effilora", "effilora_in_features"])
+def test_in_place_low_rank_add_equals_out_plus_delta(monkeypatch, cfg):
+    """The fused forward (one addmm/baddbmm into the base output) changes speed, not arithmetic: same
+    logits and the same gradient for every adapter tensor as ``out + delta(x)``."""
+    results = []
+    for in_place in (True, False):
+        if not in_place:
+            monkeypatch.setattr(AdapterLinear, "_can_add_in_place", lambda self, out, b: False)
+        model = tiny_llama()
+        apply_adapter(model, cfg)
+        _randomise_adapters(model)
+        x = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+        wrapped = [m for m in model.modules() if isinstance(m, AdapterLinear)]
+        calls: list[str] = []
+        record = calls.append
+        hooks = [m.register_forward_hook(lambda m, a, o, record=record: record(o.grad_fn.name())) for m in wrapped]
+        out = model(x, labels=x)
+        out.loss.backward()
+        for h in hooks:
+            h.remove()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if is_adapter_param(n)}
+        results.append((out.logits.detach(), grads, calls))
+    (logits, grads, calls), (ref_logits, ref_grads, ref_calls) = results
+    assert all(c in ("BaddbmmBackward0", "AddmmBackward0") for c in calls)  # the fused path really ran
+    assert all(c == "AddBackward0" for c in ref_calls)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-6)
+
+
+def test_in_place_add_is_refused_where_it_would_be_unsafe_or_wrong():
+    layer = tiny_llama()
+    apply_adapter(layer, LoRAConfig(rank=4, target_modules=["q_proj"]))
+    q = layer.model.layers[0].self_attn.q_proj
+    b = q.lora_B
+    out = torch.zeros(2, 3, b.shape[0])
+    assert q._can_add_in_place(out, b)
+    assert not q._can_add_in_place(out[:, :2], b)  # a view: in place would write through to its base
+    assert not q._can_add_in_place(out.bfloat16(), b)  # bf16 base with fp32 adapters: add after the cast
+    handle = q.base_layer.register_forward_hook(lambda m, a, o: None)  # someone may keep the output
+    assert not q._can_add_in_place(out, b)
+    handle.remove()
+    with torch.no_grad():
+        b.normal_()
+    tokens = torch.randn(5, q.in_features)  # 2-D input: the addmm_ branch
+    torch.testing.assert_close(q(tokens), q.base_layer(tokens) + q.delta(tokens), rtol=1e-5, atol=1e-6)

@@ -72,3 +72,4 @@ def test_quality_smoke_has_every_method_with_sane_numbers(tmp_path: Path) -> Non
     assert rows["effilora_k0.5"]["updated_per_step"] < rows["effilora_k1.0"]["updated_per_step"]
     assert rows["effilora_k1.0"]["trainable"] < rows["lora"]["trainable"]
     assert len(payload["runs"]) == len(quality.METHODS)  # smoke: one seed, one learning rate
+

@@ -73,6 +73,10 @@ def reference(tmp_path_factory, checkpoint_dir) -> dict:
 
 
 def _assert_same_run(ranks: list[dict], reference: dict, upto: int | None = None) -> None:
+    from worker import CLIP
+
+    for r in [*ranks, reference]:  # clipped by the GLOBAL norm (FSDP2: all shards together), in every step
+        assert len(r["grad_norms"]) == len(r["losses"]) and all(abs(n - CLIP) <= 1e-4 * CLIP for n in r["grad_norms"])
     for r in ranks:
         assert r["history"] == ranks[0]["history"]  # every rank selected the same units at every step
         assert r["history"] == reference["history"][: len(r["history"])]
@@ -183,6 +187,25 @@ def test_fsdp2_resume_into_another_adapter_is_refused_naming_the_keys(trained, t
                                      "model.effilora_shared_a.down_proj (4, 64) vs (8, 64), ")
     assert log[start + 2].startswith("Resume with the adapter configuration the checkpoint was trained with")
     assert not (tmp_path / "wrong").exists()  # no rank got as far as training and writing its results
+
+
+def test_fsdp2_bf16_all_gather_with_activation_checkpointing(tmp_path, reference, checkpoint_dir):
+    """The multinode recipe's settings on 2 ranks: weights all-gathered and computed in bf16 while the sharded
+    adapter masters stay fp32, non-reentrant checkpointing recomputes each layer once in backward, gradients
+    clipped by the global norm, and both ranks still select the same units."""
+    steps = 4
+    ranks = _torchrun(tmp_path / "bf16", "--strategy", "fsdp2", "--steps", str(steps), "--param-dtype", "bfloat16",
+                      "--checkpointing", "--model-path", str(checkpoint_dir))
+    from worker import CLIP
+
+    for r in ranks:
+        assert r["compute_dtypes"] == ["torch.bfloat16"] and r["adapter_dtypes"] == ["torch.float32"]
+        assert r["layer0_forwards"] == 2 * steps  # forward + recomputation in backward, every step
+        assert r["history"] == ranks[0]["history"]
+        assert all(abs(n - CLIP) <= 1e-4 * CLIP for n in r["grad_norms"])
+        for a, b in zip(r["losses"], reference["losses"][:steps], strict=True):
+            assert abs(a - b) <= 0.05 * abs(b)  # bf16 matmuls: close to the fp32 run, not equal
+    assert reference["compute_dtypes"] == ["torch.float32"] and reference["layer0_forwards"] == STEPS
 
 
 def test_simulated_two_node_ddp_grad_drop_launch_matches_one_process(tmp_path, reference, checkpoint_dir):

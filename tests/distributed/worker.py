@@ -27,9 +27,11 @@ from helpers import tiny_llama_config  # noqa: E402
 
 from effilora_lightning import CausalLMModule, EffiLoRAConfig  # noqa: E402
 from effilora_lightning.adapters import is_adapter_param, save_adapter  # noqa: E402
+from effilora_lightning.models.sharding import decoder_layers  # noqa: E402
 from effilora_lightning.strategies import AdapterModelParallelStrategy  # noqa: E402
 
 GLOBAL_BATCH = 8
+CLIP = 1e-3  # gradient_clip_val of every run: below every step's gradient norm, so clipping always acts
 
 
 def adapter_config(rank: int = 4) -> EffiLoRAConfig:
@@ -54,12 +56,44 @@ class Tokens(Dataset):
 class Record(Callback):
     def __init__(self) -> None:
         self.losses: list[float] = []
+        self.grad_norms: list[float] = []  # global norm of the adapter gradients the optimizer stepped with
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"].detach().clone()
         if dist.is_initialized():
             dist.all_reduce(loss, op=dist.ReduceOp.AVG)
         self.losses.append(float(loss))
+        self.grad_norms.append(_global_grad_norm(pl_module))
+
+
+def _global_grad_norm(pl_module) -> float:
+    """The gradients the optimizer just stepped with (zeroed only when the next step starts), all shards
+    together: a rank that clipped by its LOCAL shard norm leaves a global norm != CLIP."""
+    total = torch.zeros((), dtype=torch.float64)
+    for p in pl_module.parameters():
+        if p.grad is not None:
+            grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            total += grad.double().pow(2).sum()
+    return float(total.sqrt())
+
+
+class Probe(Callback):
+    """Layer 0 from the inside: how often its attention runs forward and in which dtype its q_proj weight computes."""
+
+    def __init__(self) -> None:
+        self.layer0_forwards = 0
+        self.compute_dtypes: set[str] = set()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        layer = decoder_layers(pl_module.model)[0]
+        layer.self_attn.register_forward_pre_hook(self._count)  # the layer's own hook misses HF's recompute
+        layer.self_attn.q_proj.base_layer.register_forward_pre_hook(self._dtype)
+
+    def _count(self, module, args) -> None:
+        self.layer0_forwards += 1
+
+    def _dtype(self, module, args) -> None:
+        self.compute_dtypes.add(str(module.weight.dtype))  # FSDP2: the all-gathered (unsharded) weight
 
 
 def adapter_checksum(module: CausalLMModule) -> float:
@@ -83,6 +117,8 @@ def main() -> None:
     ap.add_argument("--num-nodes", type=int, default=1)
     ap.add_argument("--model-path", default=None, help="a checkpoint directory (FSDP2: meta init + rank-0 load)")
     ap.add_argument("--adapter-rank", type=int, default=4)
+    ap.add_argument("--param-dtype", default=None, help="FSDP2 all-gather/compute dtype (fsdp_param_dtype)")
+    ap.add_argument("--checkpointing", action="store_true", help="non-reentrant activation checkpointing")
     args = ap.parse_args()
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -97,16 +133,17 @@ def main() -> None:
         model_path=args.model_path,
         model_config=None if args.model_path else {"model_type": "llama", **tiny_llama_config(layers=4).to_dict()},
         learning_rate=1e-2, weight_decay=0.1, scheduler="constant",
+        fsdp_param_dtype=args.param_dtype, gradient_checkpointing=args.checkpointing,
         reducer={"keep_ratio": 0.5, "warmup_steps": 0, "freeze_mode": args.freeze_mode, "heatmap": False},
     )
-    record = Record()
-    callbacks: list[Callback] = [record]
+    record, probe = Record(), Probe()
+    callbacks: list[Callback] = [record, probe]
     if args.ckpt_every:
         callbacks.append(ModelCheckpoint(dirpath=Path(args.out) / "ckpt", save_last=True,
                                          every_n_train_steps=args.ckpt_every, save_top_k=-1))
     trainer = pl.Trainer(
         accelerator="cpu", devices=world // args.num_nodes, num_nodes=args.num_nodes, strategy=strategy,
-        max_steps=args.steps, callbacks=callbacks, logger=False, enable_checkpointing=bool(args.ckpt_every),
+        max_steps=args.steps, callbacks=callbacks, gradient_clip_val=CLIP, logger=False, enable_checkpointing=bool(args.ckpt_every),
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=args.out,
         use_distributed_sampler=False,  # ours below, unshuffled: the global batch equals the 1-process batch
     )
@@ -118,8 +155,10 @@ def main() -> None:
         save_adapter(module.model, args.save)
     reducer = module.reducer
     out = {
-        "world": world, "losses": record.losses, "checksum": adapter_checksum(module),
+        "world": world, "losses": record.losses, "grad_norms": record.grad_norms, "checksum": adapter_checksum(module),
         "history": torch.stack(reducer.history).int().tolist(), "global_step": trainer.global_step,
+        "layer0_forwards": probe.layer0_forwards, "compute_dtypes": sorted(probe.compute_dtypes),
+        "adapter_dtypes": sorted({str(p.dtype) for n, p in module.model.named_parameters() if is_adapter_param(n)}),
     }
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"rank{trainer.global_rank}.json").write_text(json.dumps(out))
