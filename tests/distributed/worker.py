@@ -162,6 +162,9 @@ def main() -> None:
     }
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"rank{trainer.global_rank}.json").write_text(json.dumps(out))
+    if dist.is_initialized():  # tear down together: a rank exiting while its peer's gloo threads still talk to
+        dist.barrier()  # it can abort the peer at interpreter exit (seen once as SIGABRT after a DDP resume)
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
