@@ -196,6 +196,13 @@ class CausalLMModule(pl.LightningModule):
                 "share FSDP units). Set strategy.init_args.use_orig_params: true, or use ModelParallelStrategy "
                 "(FSDP2, preferred)."
             )
+        if isinstance(strategy, FSDPStrategy) and getattr(strategy, "_state_dict_type", "full") == "sharded":
+            raise ValueError(
+                "FSDPStrategy (FSDP1) with state_dict_type='sharded' reloads every key of the model, and our checkpoints "
+                "hold the adapter only, so such a run could not resume. Use state_dict_type='full' (one adapter-only "
+                "file, written by rank 0), or effilora_lightning.AdapterModelParallelStrategy (FSDP2, sharded "
+                "adapter-only checkpoints)."
+            )
         if _saves_full_shards(strategy):
             rank_zero_warn(
                 "ModelParallelStrategy(save_distributed_checkpoint=True) can only resume from sharded checkpoints "

@@ -207,3 +207,23 @@ def test_lightning_model_parallel_with_shards_warns_to_use_the_adapter_strategy(
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         module._check_strategy()
+
+
+@pytest.mark.parametrize(("kwargs", "error"), [
+    ({"use_orig_params": False}, "use_orig_params"),  # frozen base and trainable adapters share FSDP1 units
+    ({"use_orig_params": True, "state_dict_type": "sharded"}, "state_dict_type='sharded'"),
+    ({}, None),  # Lightning's defaults: use_orig_params, full state dict (one adapter-only file)
+])
+def test_fsdp1_is_refused_at_start_where_it_cannot_train_or_resume(kwargs, error):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    module = _module()
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy(**kwargs))
+    if error is None:
+        module._check_strategy()
+        return
+    with pytest.raises(ValueError, match=error) as info:
+        module._check_strategy()
+    assert "AdapterModelParallelStrategy" in str(info.value) or "ModelParallelStrategy" in str(info.value)
