@@ -173,9 +173,11 @@ class AdapterLinear(nn.Module):
         if self.merged:
             return out
         factors = self.low_rank(x)
-        if factors is None or not self._can_add_in_place(out, factors[1]):
+        if factors is None:
             return out + self.delta(x).to(out.dtype)
         h, b = factors  # (..., r), (d_out, r)
+        if not self._can_add_in_place(out, b):  # e.g. a bf16 base with fp32 adapters: h is computed already
+            return out + (F.linear(h, b) * self.scaling).to(out.dtype)
         if out.dim() == 2:
             return out.addmm_(h, b.t(), alpha=self.scaling)
         return out.baddbmm_(h, b.t().expand(out.shape[0], -1, -1), alpha=self.scaling)  # (B, T, d_out)

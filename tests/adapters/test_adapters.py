@@ -271,3 +271,16 @@ def test_in_place_add_is_refused_where_it_would_be_unsafe_or_wrong():
         b.normal_()
     tokens = torch.randn(5, q.in_features)  # 2-D input: the addmm_ branch
     torch.testing.assert_close(q(tokens), q.base_layer(tokens) + q.delta(tokens), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cfg", [LoRAConfig(rank=4, target_modules=["q_proj"]), EffiLoRAConfig(rank=4, target_modules=["q_proj"])],
+                         ids=["lora", "effilora"])
+def test_not_in_place_path_projects_the_input_once(cfg):
+    """bf16 base with fp32 adapters takes the out-of-place add; it must reuse h = A x, not compute it again."""
+    model = tiny_llama().to(torch.bfloat16)
+    apply_adapter(model, cfg)
+    q = model.model.layers[0].self_attn.q_proj
+    projections = []
+    q.dropout.register_forward_hook(lambda m, a, o: projections.append(1))  # runs once per A x
+    out = q(torch.randn(2, 3, q.in_features, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and len(projections) == 1
