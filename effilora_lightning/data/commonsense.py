@@ -41,7 +41,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from effilora_lightning.data.sampling import ResumableSampler, consumed_batches
+from effilora_lightning.data.sampling import ResumableSampler, checked_position, resume_sampler, training_position
 from effilora_lightning.data.templates import ANSWER_PATTERNS, TASKS, build_eval_prompt, build_train_prompt
 from effilora_lightning.data.tokenizer import load_tokenizer
 
@@ -371,8 +371,8 @@ class CommonsenseDataModule(LightningDataModule):
         trainer = getattr(self, "trainer", None)
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = ResumableSampler(self._train, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed)
-        if self._resume is not None:
-            sampler.resume_at(self._resume["epoch"], self._resume["batches"] * self.hparams.batch_size)
+        if self._resume is not None:  # once: a reloaded loader starts whole
+            resume_sampler(sampler, self._resume, self.hparams.batch_size)
             self._resume = None
         return DataLoader(self._train, batch_size=self.hparams.batch_size, sampler=sampler,
                           collate_fn=partial(collate_train, pad_id=self.tokenizer.pad_token_id),
@@ -380,10 +380,10 @@ class CommonsenseDataModule(LightningDataModule):
 
     def state_dict(self) -> dict[str, int]:
         """Where training stands in the epoch, so that a resumed run continues the same data order."""
-        return consumed_batches(getattr(self, "trainer", None))
+        return training_position(getattr(self, "trainer", None), self.hparams.batch_size)
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self._resume = dict(state_dict) if state_dict else None
+        self._resume = checked_position(state_dict, type(self).__name__)
 
     def val_dataloader(self) -> list[DataLoader]:
         """[loss loader over the held-out split, generation loader over a capped test subset], each if enabled."""

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch.utils.data import Dataset, DistributedSampler
 
-__all__ = ["ResumableSampler", "consumed_batches"]
+__all__ = ["ResumableSampler", "checked_position", "consumed_batches", "resume_sampler", "training_position"]
 
 
 class ResumableSampler(DistributedSampler):
@@ -63,3 +63,35 @@ def consumed_batches(trainer: Any) -> dict[str, int]:
         return {}
     progress = trainer.fit_loop.epoch_loop.batch_progress.current
     return {"epoch": int(trainer.current_epoch), "batches": int(progress.processed)}
+
+
+def training_position(trainer: Any, batch_size: int) -> dict[str, int]:
+    """A DataModule's ``state_dict``: the position in the epoch and the layout (world size, per-device batch)
+    that the order was cut for; empty outside of fitting."""
+    position = consumed_batches(trainer)
+    return position | {"world_size": trainer.world_size, "batch_size": batch_size} if position else {}
+
+
+def checked_position(state: dict[str, int], owner: str) -> dict[str, int] | None:
+    """A DataModule's ``load_state_dict`` input, checked: None when empty, an error when not ours."""
+    if not state:
+        return None
+    if not {"epoch", "batches"} <= state.keys():
+        raise ValueError(f"datamodule state {state} lacks 'epoch'/'batches': the checkpoint was not written "
+                         f"by {owner}; resume from one of its checkpoints")
+    return dict(state)
+
+
+def resume_sampler(sampler: ResumableSampler, position: dict[str, int], batch_size: int) -> None:
+    """Make ``sampler`` skip this rank's consumed samples of the checkpoint's epoch. A changed world or batch
+    size cannot replay the order: warn (positions saved before these keys existed are taken as unchanged)."""
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    world = sampler.num_replicas
+    saved = (position.get("world_size", world), position.get("batch_size", batch_size))
+    if saved != (world, batch_size):
+        rank_zero_warn(f"resuming epoch {position['epoch']} with world_size={world}, batch_size={batch_size} but the "
+                       f"checkpoint used world_size={saved[0]}, batch_size={saved[1]}: the rest of this epoch "
+                       "follows another order (some samples repeat or are missed). Resume with the same devices "
+                       "and batch size for an exact continuation.")
+    sampler.resume_at(position["epoch"], position["batches"] * batch_size)

@@ -45,7 +45,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -61,7 +61,7 @@ from .conversation import (
     get_template,
     validate_conversation,
 )
-from .sampling import ResumableSampler, consumed_batches
+from .sampling import ResumableSampler, checked_position, resume_sampler, training_position
 from .tokenizer import load_tokenizer
 
 __all__ = [
@@ -482,38 +482,19 @@ class VisualInstructionDataModule(pl.LightningDataModule):
             sampler = ModalityLengthGroupedSampler(data.lengths, data.has_image, hp.batch_size, world, rank, hp.seed)
         else:
             sampler = ResumableSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=hp.seed)
-        self._apply_resume(sampler, world)
+        if self._resume is not None:  # once: a reloaded loader starts whole
+            resume_sampler(sampler, self._resume, hp.batch_size)
+            self._resume = None
         return self._loader(data, hp.batch_size, sampler)
 
     def state_dict(self) -> dict[str, int]:
-        """Where training stands in its epoch (and the layout that order was cut for), so that a run resumed
-        from this checkpoint continues the same data order; empty outside of fitting."""
-        position = consumed_batches(self.trainer)
-        if not position:
-            return {}
-        return position | {"world_size": self.trainer.world_size, "batch_size": self.hparams.batch_size}
+        """Where training stands in its epoch, so that a run resumed from this checkpoint continues the same
+        data order; empty outside of fitting."""
+        return training_position(self.trainer, self.hparams.batch_size)
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         """Remember the checkpoint's position; the next `train_dataloader` skips what it had consumed."""
-        if state_dict and not {"epoch", "batches"} <= state_dict.keys():
-            raise ValueError(f"datamodule state {state_dict} lacks 'epoch'/'batches': the checkpoint was not written "
-                             "by VisualInstructionDataModule; resume from one of its checkpoints")
-        self._resume = dict(state_dict) if state_dict else None
-
-    def _apply_resume(self, sampler: ResumableSampler, world: int) -> None:
-        """Make the sampler skip this rank's consumed samples of the checkpoint's epoch, once (later loaders,
-        e.g. reloaded ones, start whole). A changed world or batch size cannot replay the order: warn."""
-        if self._resume is None:
-            return
-        state, self._resume = self._resume, None
-        batch_size = self.hparams.batch_size
-        saved = (state.get("world_size", world), state.get("batch_size", batch_size))
-        if saved != (world, batch_size):
-            rank_zero_warn(f"resuming epoch {state['epoch']} with world_size={world}, batch_size={batch_size} but the "
-                           f"checkpoint used world_size={saved[0]}, batch_size={saved[1]}: the rest of this epoch "
-                           "follows another order (some samples repeat or are missed). Resume with the same devices "
-                           "and batch size for an exact continuation.")
-        sampler.resume_at(state["epoch"], state["batches"] * batch_size)
+        self._resume = checked_position(state_dict, type(self).__name__)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._split("val"), self.hparams.eval_batch_size, None)
