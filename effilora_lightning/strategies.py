@@ -22,14 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.strategies.fsdp import _is_sharded_checkpoint
-from lightning.fabric.utilities.load import _METADATA_FILENAME
-from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 __all__ = ["AdapterModelParallelStrategy", "check_checkpoint_keys", "saved_model_shapes"]
 
 MODEL_KEY = "state_dict"  # where Lightning's ModelParallelStrategy puts the model state in a DCP checkpoint
+LIGHTNING_META_FILE = "meta.pt"  # the rest of a sharded Lightning checkpoint (loops, callbacks, ...), beside the shards
+DCP_METADATA_FILE = ".metadata"  # written by torch.distributed.checkpoint into every checkpoint directory
 _SHOWN = 5  # keys named per kind of mismatch in an error
 
 
@@ -38,16 +37,23 @@ def saved_model_shapes(path: str | Path) -> dict[str, torch.Size | None]:
 
     Read from the checkpoint's metadata only: no tensor is loaded.
     """
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     prefix = MODEL_KEY + "."
-    metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    metadata = _read_metadata(path)
     return {
         key[len(prefix):]: entry.size if isinstance(entry, TensorStorageMetadata) else None
         for key, entry in metadata.items()
         if key.startswith(prefix)
     }
+
+
+def _read_metadata(path: str | Path) -> dict[str, Any]:
+    """Flattened key -> storage metadata of a DCP checkpoint directory (``state_dict.<key>``,
+    ``optimizer_<i>.state.<fqn>.<name>``, ...)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return FileSystemReader(str(path)).read_metadata().state_dict_metadata
 
 
 def check_checkpoint_keys(
@@ -105,14 +111,14 @@ class AdapterModelParallelStrategy(ModelParallelStrategy):
     error, raised on every rank alike (so no rank waits in a collective).
     """
 
-    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
         """Restore model keys the checkpoint holds, optimizer states; return the rest (loops, callbacks...)."""
         path = Path(self.broadcast(checkpoint_path))
-        if not _is_sharded_checkpoint(path):
+        if not (path.is_dir() and (path / DCP_METADATA_FILE).is_file()):
             return super().load_checkpoint(path, weights_only=weights_only)
         self._load_model_state(path)
         self._load_optimizer_states(path)
-        return torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
+        return torch.load(path / LIGHTNING_META_FILE, weights_only=weights_only)
 
     def _load_model_state(self, path: Path) -> None:
         """Check the checkpoint's model keys against the model, then load those keys only into the shards."""
@@ -127,7 +133,12 @@ class AdapterModelParallelStrategy(ModelParallelStrategy):
         set_model_state_dict(self.model, partial[MODEL_KEY], options=StateDictOptions(strict=False))
 
     def _load_optimizer_states(self, path: Path) -> None:
-        """Each optimizer from its ``optimizer_<i>`` entry; they hold adapter parameters only, all saved."""
+        """Each optimizer from its ``optimizer_<i>`` entry (adapter parameters only).
+
+        A parameter that never had a gradient before the save (a B no selection had picked yet) has no state
+        in the checkpoint, and must have none after loading: AdamW creates it at that parameter's first step,
+        exactly as in the uninterrupted run. So only the saved entries are read and loaded (``strict=False``).
+        """
         from torch.distributed.checkpoint import load
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -135,12 +146,18 @@ class AdapterModelParallelStrategy(ModelParallelStrategy):
             set_optimizer_state_dict,
         )
 
+        saved = set(_read_metadata(path))
         for idx, optimizer in enumerate(self.optimizers):
             key = f"optimizer_{idx}"
-            state = {key: get_optimizer_state_dict(self.model, optimizer)}
+            template = get_optimizer_state_dict(self.model, optimizer)  # every parameter, states initialised
+            template["state"] = {
+                fqn: entry for fqn, entry in template["state"].items()
+                if all(f"{key}.state.{fqn}.{name}" in saved for name in entry)
+            }
+            state = {key: template}
             load(state, checkpoint_id=path)
             set_optimizer_state_dict(self.model, optimizer, optim_state_dict=state[key],
-                                     options=StateDictOptions(cpu_offload=True))
+                                     options=StateDictOptions(cpu_offload=True, strict=False))
 
     def _required_keys(self, state: Mapping[str, Any]) -> list[str]:
         """The model keys a checkpoint must hold, as the LightningModule saves them (see the class docstring)."""

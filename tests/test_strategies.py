@@ -90,3 +90,16 @@ def test_a_full_checkpoint_passes_and_nothing_is_required_beyond_what_the_caller
     only_head = "^The checkpoint ckpt does not fit this model's adapter:\n  1 key missing from the checkpoint: model.lm_head.weight\n"
     with pytest.raises(ValueError, match=only_head):
         check_checkpoint_keys(saved, model, ["model.lm_head.weight"], "ckpt")
+
+
+def test_file_names_match_what_lightning_and_dcp_write(tmp_path):
+    """The strategy names two files instead of importing Lightning's private constants; an upgrade that renames
+    either fails here, not in a user's resume."""
+    from lightning.fabric.utilities.load import _METADATA_FILENAME
+    from torch.distributed.checkpoint import FileSystemWriter, save
+
+    from effilora_lightning.strategies import DCP_METADATA_FILE, LIGHTNING_META_FILE
+
+    assert LIGHTNING_META_FILE == _METADATA_FILENAME
+    save({"x": torch.zeros(2)}, storage_writer=FileSystemWriter(str(tmp_path)))
+    assert (tmp_path / DCP_METADATA_FILE).is_file()
