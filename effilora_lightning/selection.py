@@ -158,7 +158,8 @@ class Reducer:
             reducer.end_step(step, all_reduce)    # grads complete: score, reduce, EMA, pick next
             optimizer.step(); optimizer.zero_grad(set_to_none=True)
 
-    ``all_reduce(scores, sharded)`` completes the (U,) score vector across ranks (None in one process).
+    ``all_reduce(t)`` completes, in place, a vector of per-unit sums across ranks (None in one process): SUM
+    where ranks hold shards of B, the mean where they hold replicas.
     """
 
     def __init__(
@@ -189,7 +190,7 @@ class Reducer:
         if self.freeze_mode == "requires_grad":
             self.units.set_trainable(self.selected)
 
-    def end_step(self, step: int, all_reduce: Callable[[torch.Tensor, bool], None] | None = None) -> None:
+    def end_step(self, step: int, all_reduce: Callable[[torch.Tensor], None] | None = None) -> None:
         """Gradients of ``step`` are complete: drop unselected ones (grad_drop), score, EMA, choose step + 1."""
         units = self.units
         if self.freeze_mode == "grad_drop":
@@ -198,9 +199,14 @@ class Reducer:
                 if not keep[u]:
                     p.grad = None
         scores, observed = local_unit_scores(units.params, units.unit_of_param, units.num_units, self.importance)
+        # scores and observed flags travel together: one collective, one device-to-host transfer per step.
+        # A rank whose shard of a unit's B is empty sees no gradient for it; the OR over ranks is the truth.
+        packed = torch.cat([scores, torch.tensor(observed, dtype=scores.dtype).to(scores.device)])
         if all_reduce is not None:
-            all_reduce(scores, hasattr(units.params[0], "to_local"))
-        self.tracker.update(scores.cpu(), observed)  # the one device-to-host transfer of the step
+            all_reduce(packed)
+        packed = packed.cpu()
+        n = units.num_units
+        self.tracker.update(packed[:n], (packed[n:] > 0).tolist())
         self.history.append(self.selected.clone())
         self.selected = self.decide(step + 1)
 

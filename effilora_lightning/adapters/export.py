@@ -4,7 +4,10 @@ Keys are stored relative to the module ``apply_adapter`` was called on, so an ad
 LightningModule (``model.layers.0...`` under ``self.model``) loads onto the bare Hugging Face model.
 Files are written once (rank 0), into a temporary directory renamed into place: a crash mid-write
 never leaves a half adapter behind. Sharded (DTensor) parameters are gathered first; every rank
-must call ``save_adapter`` / ``export_peft_lora`` then, since the gather is a collective.
+must call ``save_adapter`` / ``export_peft_lora`` then, since the gather is a collective. FSDP1 keeps flat
+slices of its parameters outside forward: call these inside ``FullyShardedDataParallel.summon_full_params``
+of the root wrapper (``models.sharding.gathered_for_export`` does it for a Lightning run); FSDP1's wrapper
+names (``_fsdp_wrapped_module.``) never reach a file.
 """
 
 from __future__ import annotations
@@ -48,11 +51,19 @@ def _adapter_root(model: nn.Module) -> tuple[str, nn.Module, AdapterConfig]:
     raise ValueError(f"{type(model).__name__} has no adapter: call apply_adapter(model, config) first.")
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
+def full_cpu(t: torch.Tensor) -> torch.Tensor:
     """A plain CPU tensor; gathers a sharded DTensor (collective: every rank must get here)."""
     full = getattr(t, "full_tensor", None)
     t = full() if callable(full) else t
     return t.detach().to("cpu").contiguous()
+
+
+_FSDP1_WRAPPER = "_fsdp_wrapped_module."
+
+
+def _named(items: Any) -> Any:
+    """``named_parameters()`` / ``named_modules()`` with FSDP1's wrapper level removed from each name."""
+    return ((name.replace(_FSDP1_WRAPPER, ""), obj) for name, obj in items)
 
 
 def _is_rank0() -> bool:
@@ -91,10 +102,10 @@ def _write_dir_atomically(directory: Path, files: dict[str, Any]) -> None:
 def adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], AdapterConfig, dict[str, Any]]:
     """Adapter tensors (by name, frozen ones included), the config, and the wrapped-module map."""
     prefix, root, cfg = _adapter_root(model)
-    tensors = {n: _full(p) for n, p in root.named_parameters() if is_adapter_param(n)}
+    tensors = {n: full_cpu(p) for n, p in _named(root.named_parameters()) if is_adapter_param(n)}
     target_map = {
         n: {"in_features": m.in_features, "out_features": m.out_features, "class": type(m).__name__}
-        for n, m in root.named_modules()
+        for n, m in _named(root.named_modules())
         if isinstance(m, AdapterLinear)
     }
     return tensors, cfg, target_map
@@ -192,7 +203,7 @@ def export_peft_lora(model: nn.Module, directory: str | Path, base_model_name_or
         )
     tensors: dict[str, torch.Tensor] = {}
     names = []
-    for name, m in root.named_modules():
+    for name, m in _named(root.named_modules()):
         if isinstance(m, LoRALinear):
             a, b = m.lora_A, m.lora_B
         elif isinstance(m, EffiLoRALinear):
@@ -200,8 +211,8 @@ def export_peft_lora(model: nn.Module, directory: str | Path, base_model_name_or
         else:
             continue
         names.append(name)
-        tensors[f"base_model.model.{name}.lora_A.weight"] = _full(a).clone()  # clone: no shared storage in safetensors
-        tensors[f"base_model.model.{name}.lora_B.weight"] = _full(b)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = full_cpu(a).clone()  # clone: no shared storage in safetensors
+        tensors[f"base_model.model.{name}.lora_B.weight"] = full_cpu(b)
     peft_cfg = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.rank, "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,

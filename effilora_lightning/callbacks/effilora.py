@@ -15,10 +15,12 @@ seeded by (seed, step), so no RNG state needs saving and every rank agrees.
 
 from __future__ import annotations
 
+import functools
 import math
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -106,6 +108,7 @@ class EffiLoRACallback(Callback):
         self._restored: dict[str, Any] | None = None
         self._applied_step = -1  # global_step whose selection is in force (once-per-step guard)
         self._scored_step = -1
+        self._all_reduce: Callable[[torch.Tensor], None] | None = None  # bound in on_train_start
         if peak_flops is not None and not peak_flops > 0:
             raise ValueError(f"peak_flops must be a positive FLOP/s figure or None, got {peak_flops}")
         self.peak_flops = peak_flops
@@ -152,6 +155,7 @@ class EffiLoRACallback(Callback):
             units, self.keep_ratio, self.importance, self.selection, self.temperature, self.ema_beta,
             self._resolve_warmup(trainer), self.every_n_steps, self.freeze_mode, self.frozen_score, self.seed,
         )
+        self._all_reduce = functools.partial(_all_reduce, sharded=_shards_adapters(trainer, units))
         if self._restored:
             self.reducer.load_state_dict(self._restored)
             self._restored = None
@@ -184,7 +188,7 @@ class EffiLoRACallback(Callback):
         if trainer.global_step == self._scored_step:
             return  # a second optimizer in the same step: score once
         self._scored_step = trainer.global_step
-        self.reducer.end_step(trainer.global_step, _all_reduce)
+        self.reducer.end_step(trainer.global_step, self._all_reduce)
 
     # ---------------------------------------------------------------- logging
     @override
@@ -259,6 +263,19 @@ def _all_reduce(scores: torch.Tensor, sharded: bool) -> None:
         dist.all_reduce(scores, op=dist.ReduceOp.SUM)
         if not sharded:
             scores.div_(dist.get_world_size())
+
+
+def _shards_adapters(trainer: pl.Trainer, units: SelectableUnits) -> bool:
+    """Whether each rank holds a different part of the B: FSDP2 (DTensor parameters) or FSDP1 with any sharding
+    but NO_SHARD (its use_orig_params views are flat slices). Under hybrid sharding the SUM counts each shard
+    once per replica group: a uniform factor, which neither top-k nor the z-scored sampling sees."""
+    if hasattr(units.params[0], "to_local"):
+        return True
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp import ShardingStrategy
+
+    strategy = trainer.strategy
+    return isinstance(strategy, FSDPStrategy) and strategy.sharding_strategy != ShardingStrategy.NO_SHARD
 
 
 def _check_in_optimizer(trainer: pl.Trainer, units: SelectableUnits) -> None:

@@ -35,7 +35,7 @@ from ..data.templates import TASKS, extract_answer
 from ..data.tokenizer import load_tokenizer
 from ..metrics import TaskAccuracy, format_table
 from ..strategies import AdapterModelParallelStrategy
-from .sharding import materialize_from_rank0, shard_model
+from .sharding import fsdp1_wrap_policy, gathered_for_export, materialize_from_rank0, shard_model
 
 __all__ = ["CausalLMModule", "load_causal_lm"]
 
@@ -149,6 +149,18 @@ class CausalLMModule(pl.LightningModule):
         self.model = self._build_adapted()
         if mesh is not None:
             shard_model(self.model, mesh["data_parallel"], hp.fsdp_param_dtype, extra_units=self.extra_fsdp_units())
+        self._set_fsdp1_wrap_policy()
+
+    def _set_fsdp1_wrap_policy(self) -> None:
+        """Under FSDPStrategy (FSDP1) without an ``auto_wrap_policy``, supply ours (``fsdp1_wrap_policy``:
+        frozen projections, blocks, root) instead of Lightning's default of one unit for the whole model."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, FSDPStrategy) and strategy.kwargs.get("auto_wrap_policy") is None:
+            strategy.kwargs["auto_wrap_policy"] = fsdp1_wrap_policy(self.model, self.extra_fsdp_units())
+            rank_zero_info("FSDPStrategy: no auto_wrap_policy given; using effilora_lightning's fsdp1_wrap_policy "
+                           "(frozen projections, then blocks, then the root, each its own unit).")
 
     @property
     def compute_dtype(self) -> torch.dtype | None:
@@ -296,9 +308,10 @@ class CausalLMModule(pl.LightningModule):
         if self.hparams.export_dir is None:
             return
         out = Path(self.hparams.export_dir)
-        save_adapter(self.model, out / "adapter")
-        if self.adapter.method == "lora" or (self.adapter.method == "effilora" and self.adapter.num_heads == 1):
-            export_peft_lora(self.model, out / "peft", base_model_name_or_path=self.hparams.model_path)
+        with gathered_for_export(self.trainer.strategy.model):
+            save_adapter(self.model, out / "adapter")
+            if self.adapter.method == "lora" or (self.adapter.method == "effilora" and self.adapter.num_heads == 1):
+                export_peft_lora(self.model, out / "peft", base_model_name_or_path=self.hparams.model_path)
         rank_zero_info(f"Adapter written to {out}")
 
     # ------------------------------------------------------------------ optimisation
@@ -319,6 +332,21 @@ class CausalLMModule(pl.LightningModule):
         warmup = hp.warmup_steps if isinstance(hp.warmup_steps, int) else int(hp.warmup_steps * total)
         schedule = LambdaLR(optimizer, _lr_lambda(hp.scheduler, warmup, total, hp.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip by the GLOBAL norm under FSDP1 too: Lightning's FSDP precision plugin refuses norm clipping, and a
+        rank clipping its own shard by its shard's norm would clip each rank differently. The root
+        FullyShardedDataParallel's ``clip_grad_norm_`` all-reduces the norm; other strategies take Lightning's path."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        root = self.trainer.strategy.model
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and isinstance(root, FullyShardedDataParallel):
+            root.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -1,4 +1,5 @@
-"""FSDP2 (``fully_shard``) for adapted Hugging Face models, as ModelParallelStrategy expects it.
+"""FSDP2 (``fully_shard``) for adapted Hugging Face models, as ModelParallelStrategy expects it, and the
+FSDP1 wrap policy for FSDPStrategy.
 
 Order matters (PITFALLS.md): adapters are injected first, then every decoder layer becomes its own FSDP
 group, then the root. The shared EffiLoRA A (and Lily's HP/LP) live at the root, so each is managed by
@@ -10,10 +11,14 @@ fp32; the sharded master copies keep their own dtype (fp32 adapters stay fp32).
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
-__all__ = ["decoder_layers", "materialize_from_rank0", "shard_model"]
+__all__ = ["decoder_layers", "fsdp1_wrap_policy", "gathered_for_export", "materialize_from_rank0", "shard_model"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -53,6 +58,40 @@ def shard_model(
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)  # the root owns embeddings, head, shared A
     return model
+
+
+def fsdp1_wrap_policy(model: nn.Module, extra_units: list[nn.Module] | None = None) -> Callable[..., bool]:
+    """An ``auto_wrap_policy`` for FSDP1 (FSDPStrategy, ``use_orig_params=True``) that keeps adapters apart.
+
+    Units, inner first: every frozen ``nn.Linear`` inside a block (the adapted layers' ``base_layer`` and the
+    untouched projections), then every block (decoder layers and ``extra_units``), then the root, which FSDP
+    always wraps. A block's own unit is then left with its adapter weights (B, routers) and its norms: FSDP1
+    gives a unit one flat gradient as large as the unit, so mixing the frozen projections in would cost their
+    full gradient memory. The shared EffiLoRA A (and Lily's HP/LP) sit at the root: exactly one unit.
+    """
+    from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
+
+    blocks = [*(extra_units or []), *decoder_layers(model)]
+    units = {id(block) for block in blocks}
+    units.update(id(m) for block in blocks for m in block.modules() if _frozen_linear(m))
+    return functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda module: id(module) in units)
+
+
+def gathered_for_export(root: nn.Module) -> contextlib.AbstractContextManager:
+    """Full parameters on rank 0 while an adapter is written, under FSDP1 (``root``: Lightning's
+    ``trainer.strategy.model``). Outside forward FSDP1 leaves each rank a flat slice of every parameter;
+    ``summon_full_params`` all-gathers them (offloaded to CPU, rank 0 only: the one that writes). Collective:
+    every rank must enter. FSDP2 (DTensor, gathered by the writers themselves) and unsharded models need nothing.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if isinstance(root, FullyShardedDataParallel):
+        return FullyShardedDataParallel.summon_full_params(root, writeback=False, rank0_only=True, offload_to_cpu=True)
+    return contextlib.nullcontext()
+
+
+def _frozen_linear(module: nn.Module) -> bool:
+    return type(module) is nn.Linear and not any(p.requires_grad for p in module.parameters())
 
 
 def materialize_from_rank0(model: nn.Module, full_state: dict[str, torch.Tensor], device: torch.device) -> None:

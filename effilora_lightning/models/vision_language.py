@@ -22,10 +22,12 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..adapters import AdapterConfig, apply_adapter
+from ..adapters.export import full_cpu, save_adapter
 from ..data.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from ..metrics import TaskAccuracy, format_table
 from .causal_lm import CausalLMModule, load_causal_lm
 from .projector import build_projector
+from .sharding import gathered_for_export
 from .vision_tower import VisionTower
 
 __all__ = ["LlavaModel", "VisionLanguageModule"]
@@ -249,14 +251,14 @@ class VisionLanguageModule(CausalLMModule):
         if self.hparams.export_dir is None:
             return
         out = Path(self.hparams.export_dir)
-        if self.trainer.is_global_zero:
-            out.mkdir(parents=True, exist_ok=True)
-            state = {k: v.detach().cpu().contiguous() for k, v in self.model.mm_projector.state_dict().items()}
-            save_file(state, str(out / "mm_projector.safetensors"))
-        if self.adapter is not None:
-            from ..adapters.export import save_adapter
-
-            save_adapter(self.model, out / "adapter")
+        with gathered_for_export(self.trainer.strategy.model):
+            # every rank gathers (FSDP2 DTensors: a collective), rank 0 writes
+            state = {k: full_cpu(v) for k, v in self.model.mm_projector.state_dict().items()}
+            if self.trainer.is_global_zero:
+                out.mkdir(parents=True, exist_ok=True)
+                save_file(state, str(out / "mm_projector.safetensors"))
+            if self.adapter is not None:
+                save_adapter(self.model, out / "adapter")
         rank_zero_info(f"Projector{' and adapter' if self.adapter else ''} written to {out}")
 
 

@@ -1,9 +1,9 @@
-"""Two processes over gloo on CPU: DDP and FSDP2 (AdapterModelParallelStrategy) match one process, agree on
-every selection, write adapter-only checkpoints, resume exactly, and their adapters load in one process;
-an FSDP2 resume into another adapter is refused naming the keys; plus a simulated two-node launch.
+"""Two processes over gloo on CPU: DDP, FSDP1 (FSDPStrategy, through the worker's CPU shim) and FSDP2
+(AdapterModelParallelStrategy) match one process, agree on every selection, write adapter-only checkpoints,
+resume exactly, and their adapters load in one process; an FSDP2 resume into another adapter is refused
+naming the keys; plus a simulated two-node launch.
 
-Each case runs tests/distributed/worker.py under torchrun; one launch takes ~20-35 s on 2 cores (the module
-runs 8 launches: about 3-4 minutes in all).
+Each case runs tests/distributed/worker.py under torchrun; one launch takes ~15-25 s on 2 cores.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 WORKER = Path(__file__).with_name("worker.py")
 STEPS = 8  # two epochs of 4 steps; checkpoints at the epoch boundary resume exactly
-STRATEGIES = ["ddp", "fsdp2"]  # DDP: requires_grad freeze mode with find_unused_parameters
+STRATEGIES = ["ddp", "fsdp1", "fsdp2"]  # DDP: requires_grad freeze mode with find_unused_parameters
 
 
 def _port() -> int:
@@ -86,15 +86,16 @@ def _assert_same_run(ranks: list[dict], reference: dict, upto: int | None = None
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, checkpoint_dir) -> Callable[[str], tuple[Path, list[dict]]]:
-    """Two ranks train STEPS steps with a checkpoint every 4 and save the adapter at the end, once per strategy
-    (its tests share the run). FSDP2 builds on the meta device and broadcasts rank 0's load into the shards."""
+    """Two ranks train STEPS steps with a checkpoint every 4 and export the adapter at the end (``export_dir``),
+    once per strategy (its tests share the run). FSDP2 builds on the meta device and broadcasts rank 0's load
+    into the shards; FSDP1 wraps with fsdp1_wrap_policy and exports from summon_full_params."""
     runs: dict[str, tuple[Path, list[dict]]] = {}
 
     def run(strategy: str) -> tuple[Path, list[dict]]:
         if strategy not in runs:
             out = tmp_path_factory.mktemp(strategy)
             ranks = _torchrun(out / "run", "--strategy", strategy, "--steps", str(STEPS), "--ckpt-every", "4",
-                              "--save", str(out / "adapter"), "--model-path", str(checkpoint_dir))
+                              "--save", str(out / "export"), "--model-path", str(checkpoint_dir))
             runs[strategy] = (out, ranks)
         return runs[strategy]
 
@@ -129,24 +130,27 @@ def test_two_ranks_match_one_process_and_save_the_adapter_once(strategy, trained
     from effilora_lightning.adapters import is_adapter_param, load_adapter
 
     model = tiny_llama(layers=4)
-    load_adapter(model, out / "adapter")
+    load_adapter(model, out / "export" / "adapter")
     total = sum(float(p.detach().double().abs().sum()) for n, p in model.named_parameters() if is_adapter_param(n))
     assert abs(total - reference["checksum"]) < 1e-4
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temp dirs left
+    assert sorted(p.name for p in (out / "export").iterdir()) == ["adapter", "peft"]  # no temp dirs left
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_checkpoint_holds_the_adapter_weights_only(strategy, trained):
-    """DDP: one file; FSDP2: a directory of shards whose metadata lists every tensor saved."""
+    """DDP and FSDP1 (state_dict_type='full'): one file, written by rank 0 with full tensors; FSDP2: a directory
+    of shards whose metadata lists every tensor saved."""
     from torch.distributed.checkpoint import FileSystemReader
 
     out, _ = trained(strategy)
     ckpt = _step4_checkpoint(out)
     expected = _adapter_shapes()
-    if strategy == "ddp":
+    if strategy in ("ddp", "fsdp1"):
         assert ckpt.is_file()
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
-        assert {k: v.shape for k, v in state.items()} == expected
+        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+        assert {k: v.shape for k, v in checkpoint["state_dict"].items()} == expected
+        (optimizer,) = checkpoint["optimizer_states"]
+        assert sum(len(g["params"]) for g in optimizer["param_groups"]) == len(expected)  # adapter params only
         return
     assert ckpt.is_dir()
     entries = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata

@@ -4,7 +4,8 @@
     python tests/distributed/worker.py --strategy single --out DIR
 
 Writes DIR/rank<r>.json: the global mean loss of every step, the EffiLoRA selection of every step, and a
-checksum of the adapter; optionally saves the adapter (``--save``) and a checkpoint (``--ckpt-every``).
+checksum of the adapter; optionally exports the adapter (``--save DIR``: DIR/adapter, DIR/peft, as
+CausalLMModule's ``export_dir`` does) and writes checkpoints (``--ckpt-every``).
 """
 
 from __future__ import annotations
@@ -14,24 +15,59 @@ import json
 import os
 import sys
 from pathlib import Path
+from unittest import mock
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import tiny_llama_config  # noqa: E402
 
 from effilora_lightning import CausalLMModule, EffiLoRAConfig  # noqa: E402
-from effilora_lightning.adapters import is_adapter_param, save_adapter  # noqa: E402
+from effilora_lightning.adapters import is_adapter_param  # noqa: E402
 from effilora_lightning.models.sharding import decoder_layers  # noqa: E402
 from effilora_lightning.strategies import AdapterModelParallelStrategy  # noqa: E402
 
 GLOBAL_BATCH = 8
 CLIP = 1e-3  # gradient_clip_val of every run: below every step's gradient norm, so clipping always acts
+
+
+class CPUFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDPStrategy (FSDP1) on CPU, for tests. Two things stand in the way, neither in FSDP1 itself:
+    Lightning refuses the CPU accelerator for exactly ``FSDPStrategy`` (a type check: a subclass passes), and it
+    passes ``device_id=root_device.index``, None on CPU, from which torch infers "no accelerator" unless the
+    device is given. Everything else (wrapping, sharding, gradient reduce-scatter, full-state checkpoints) is
+    Lightning's and torch's own code."""
+
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        with mock.patch("torch.distributed.fsdp.FullyShardedDataParallel", _CPUFSDP):
+            return super()._setup_model(model)
+
+    def optimizer_state(self, optimizer) -> dict:
+        """A third CPU-only gap, in torch: gathering FSDP1's full optimizer state with offload_to_cpu (as Lightning
+        asks) takes each state's ``.cpu()``, a copy on GPU but the gathered buffer itself on CPU, and that buffer
+        is reused for the next state: exp_avg would come back equal to exp_avg_sq. Without offload it clones."""
+        with mock.patch("lightning.pytorch.strategies.fsdp._get_full_state_dict_context", _optim_state_on_device):
+            return super().optimizer_state(optimizer)
+
+
+def _optim_state_on_device(module: torch.nn.Module, world_size: int, rank0_only: bool = True):
+    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+
+    return FullyShardedDataParallel.state_dict_type(
+        module, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=True, rank0_only=rank0_only),
+        FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only),
+    )
+
+
+class _CPUFSDP(FullyShardedDataParallel):
+    def __init__(self, module: torch.nn.Module, *args, device_id=None, **kwargs) -> None:
+        super().__init__(module, *args, device_id=torch.device("cpu") if device_id is None else device_id, **kwargs)
 
 
 def adapter_config(rank: int = 4) -> EffiLoRAConfig:
@@ -74,7 +110,14 @@ def _global_grad_norm(pl_module) -> float:
         if p.grad is not None:
             grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
             total += grad.double().pow(2).sum()
-    return float(total.sqrt())
+    return float(_sum_flat_shards(pl_module, total).sqrt())
+
+
+def _sum_flat_shards(pl_module, local: torch.Tensor) -> torch.Tensor:
+    """FSDP1 (use_orig_params) leaves each rank a flat slice of every parameter: sum the slices' sums."""
+    if isinstance(pl_module.trainer.strategy, FSDPStrategy):
+        dist.all_reduce(local, op=dist.ReduceOp.SUM)
+    return local
 
 
 class Probe(Callback):
@@ -97,17 +140,17 @@ class Probe(Callback):
 
 
 def adapter_checksum(module: CausalLMModule) -> float:
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64)
     for name, p in module.model.named_parameters():
         if is_adapter_param(name):
             full = p.full_tensor() if hasattr(p, "full_tensor") else p
-            total += float(full.detach().double().abs().sum())
-    return total
+            total += full.detach().double().abs().sum()
+    return float(_sum_flat_shards(module, total))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--strategy", choices=["single", "ddp", "fsdp2"], required=True)
+    ap.add_argument("--strategy", choices=["single", "ddp", "fsdp1", "fsdp2"], required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--freeze-mode", default="requires_grad")
@@ -125,6 +168,7 @@ def main() -> None:
     strategy = {
         "single": "auto",
         "ddp": DDPStrategy(find_unused_parameters=args.freeze_mode == "requires_grad", process_group_backend="gloo"),
+        "fsdp1": CPUFSDPStrategy(use_orig_params=True, state_dict_type="full", process_group_backend="gloo"),
         "fsdp2": AdapterModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1,
                                               process_group_backend="gloo", save_distributed_checkpoint=True),
     }[args.strategy]
@@ -133,8 +177,9 @@ def main() -> None:
         model_path=args.model_path,
         model_config=None if args.model_path else {"model_type": "llama", **tiny_llama_config(layers=4).to_dict()},
         learning_rate=1e-2, weight_decay=0.1, scheduler="constant",
-        fsdp_param_dtype=args.param_dtype, gradient_checkpointing=args.checkpointing,
-        reducer={"keep_ratio": 0.5, "warmup_steps": 0, "freeze_mode": args.freeze_mode, "heatmap": False},
+        fsdp_param_dtype=args.param_dtype, gradient_checkpointing=args.checkpointing, export_dir=args.save,
+        reducer={"keep_ratio": 0.5, "warmup_steps": 0, "freeze_mode": args.freeze_mode, "heatmap": False,
+                 "granularity": "module"},  # one unit per B: under FSDP1 some rank holds none of a B's elements
     )
     record, probe = Record(), Probe()
     callbacks: list[Callback] = [record, probe]
@@ -150,9 +195,7 @@ def main() -> None:
     rank = int(os.environ.get("RANK", "0"))
     sampler = DistributedSampler(Tokens(), num_replicas=world, rank=rank, shuffle=False) if world > 1 else None
     loader = DataLoader(Tokens(), batch_size=GLOBAL_BATCH // world, sampler=sampler, shuffle=False)
-    trainer.fit(module, loader, ckpt_path=args.resume)
-    if args.save:
-        save_adapter(module.model, args.save)
+    trainer.fit(module, loader, ckpt_path=args.resume)  # with --save, on_train_end exports the adapter there
     reducer = module.reducer
     out = {
         "world": world, "losses": record.losses, "grad_norms": record.grad_norms, "checksum": adapter_checksum(module),

@@ -227,3 +227,36 @@ def test_fsdp1_is_refused_at_start_where_it_cannot_train_or_resume(kwargs, error
     with pytest.raises(ValueError, match=error) as info:
         module._check_strategy()
     assert "AdapterModelParallelStrategy" in str(info.value) or "ModelParallelStrategy" in str(info.value)
+
+
+def test_fsdp1_gets_a_wrap_policy_that_keeps_frozen_projections_out_of_the_adapter_units():
+    """Without an auto_wrap_policy Lightning would make the whole model one FSDP1 unit; the module supplies
+    fsdp1_wrap_policy: every frozen Linear inside a decoder layer, then each layer, is its own unit, so a
+    layer's unit keeps only its B and norms; the shared A, embeddings and head stay with the root."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from effilora_lightning.adapters.effilora import EffiLoRALinear
+
+    module = _module()
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy())
+    module.configure_model()
+    policy = module._trainer.strategy.kwargs["auto_wrap_policy"]
+    wrapped = {name for name, m in module.model.named_modules() if policy(m, recurse=False, nonwrapped_numel=0)}
+    layers = {f"model.layers.{i}" for i in range(module.model.config.num_hidden_layers)}
+    projections = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    adapted = {n.removesuffix(".base_layer") for n in wrapped if n.endswith(".base_layer")}
+    assert adapted == {n for n, m in module.model.named_modules() if isinstance(m, EffiLoRALinear)}
+    assert {n.removesuffix(".base_layer") for n in wrapped} == layers | {f"{layer}.{p}" for layer in layers for p in projections}
+    inner = tuple(w + "." for w in wrapped - layers)
+    for name, p in module.model.named_parameters():  # what a layer's own unit keeps: adapter B and the norms
+        if name.startswith(tuple(layer + "." for layer in layers)) and not name.startswith(inner):
+            assert p.requires_grad or name.endswith("layernorm.weight"), name
+
+    user_policy = object()  # a policy the user chose is theirs
+    module = _module()
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy(auto_wrap_policy=user_policy))
+    module.configure_model()
+    assert module._trainer.strategy.kwargs["auto_wrap_policy"] is user_policy
