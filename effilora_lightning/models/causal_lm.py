@@ -35,7 +35,13 @@ from ..data.templates import TASKS, extract_answer
 from ..data.tokenizer import load_tokenizer
 from ..metrics import TaskAccuracy, format_table
 from ..strategies import AdapterModelParallelStrategy
-from .sharding import fsdp1_wrap_policy, gathered_for_export, materialize_from_rank0, shard_model
+from .sharding import (
+    fsdp1_rank0_load_kwargs,
+    fsdp1_wrap_policy,
+    gathered_for_export,
+    materialize_from_rank0,
+    shard_model,
+)
 
 __all__ = ["CausalLMModule", "load_causal_lm"]
 
@@ -146,21 +152,31 @@ class CausalLMModule(pl.LightningModule):
         if mesh is not None and hp.model_path is not None:
             self.model = self._build_sharded(mesh["data_parallel"])
             return
-        self.model = self._build_adapted()
+        fsdp1 = self._fsdp1_strategy()
+        rank0_load = fsdp1 is not None and _fsdp1_can_load_on_rank0(fsdp1, hp.model_path)
+        self.model = self._build_adapted(meta=rank0_load and not self._trainer.is_global_zero)
         if mesh is not None:
             shard_model(self.model, mesh["data_parallel"], hp.fsdp_param_dtype, extra_units=self.extra_fsdp_units())
-        self._set_fsdp1_wrap_policy()
+        if fsdp1 is not None:
+            self._configure_fsdp1(fsdp1, rank0_load)
 
-    def _set_fsdp1_wrap_policy(self) -> None:
-        """Under FSDPStrategy (FSDP1) without an ``auto_wrap_policy``, supply ours (``fsdp1_wrap_policy``:
-        frozen projections, blocks, root) instead of Lightning's default of one unit for the whole model."""
+    def _fsdp1_strategy(self) -> Any:
         from lightning.pytorch.strategies import FSDPStrategy
 
         strategy = self._trainer.strategy if self._trainer is not None else None
-        if isinstance(strategy, FSDPStrategy) and strategy.kwargs.get("auto_wrap_policy") is None:
+        return strategy if isinstance(strategy, FSDPStrategy) else None
+
+    def _configure_fsdp1(self, strategy: Any, rank0_load: bool) -> None:
+        """FSDP1 arguments the user left open: our wrap policy (``fsdp1_wrap_policy``: frozen projections, blocks,
+        root) instead of Lightning's one unit for the whole model; and with ``rank0_load`` (only rank 0 read the
+        checkpoint, the others built on the meta device) ``sync_module_states`` to broadcast rank 0's weights
+        into every rank's shards, after ``param_init_fn`` gave the meta modules empty storage."""
+        if strategy.kwargs.get("auto_wrap_policy") is None:
             strategy.kwargs["auto_wrap_policy"] = fsdp1_wrap_policy(self.model, self.extra_fsdp_units())
             rank_zero_info("FSDPStrategy: no auto_wrap_policy given; using effilora_lightning's fsdp1_wrap_policy "
                            "(frozen projections, then blocks, then the root, each its own unit).")
+        if rank0_load:
+            strategy.kwargs.update(fsdp1_rank0_load_kwargs(strategy.root_device))
 
     @property
     def compute_dtype(self) -> torch.dtype | None:
@@ -370,6 +386,14 @@ class CausalLMModule(pl.LightningModule):
     def keep_in_checkpoint(self, key: str) -> bool:
         """Non-adapter weights that still train (VisionLanguageModule keeps its projector)."""
         return False
+
+
+def _fsdp1_can_load_on_rank0(strategy: Any, model_path: str | None) -> bool:
+    """Rank 0 alone reads the checkpoint when there is one, several ranks, and the user set neither
+    ``sync_module_states=False`` nor a ``param_init_fn`` of their own (then every rank loads it, as before)."""
+    kwargs = strategy.kwargs
+    return (model_path is not None and strategy.world_size > 1 and kwargs.get("sync_module_states", True) is not False
+            and kwargs.get("param_init_fn") is None)
 
 
 def _saves_full_shards(strategy: object) -> bool:

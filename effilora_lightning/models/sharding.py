@@ -14,11 +14,12 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["decoder_layers", "fsdp1_wrap_policy", "gathered_for_export", "materialize_from_rank0", "shard_model"]
+__all__ = ["decoder_layers", "fsdp1_rank0_load_kwargs", "fsdp1_wrap_policy", "gathered_for_export", "materialize_from_rank0", "shard_model"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -75,6 +76,20 @@ def fsdp1_wrap_policy(model: nn.Module, extra_units: list[nn.Module] | None = No
     units = {id(block) for block in blocks}
     units.update(id(m) for block in blocks for m in block.modules() if _frozen_linear(m))
     return functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda module: id(module) in units)
+
+
+def fsdp1_rank0_load_kwargs(device: torch.device) -> dict[str, Any]:
+    """FSDP1 arguments for a model that only rank 0 built with real weights (the others on the meta device):
+    each meta module gets empty storage on ``device`` and ``sync_module_states`` broadcasts rank 0's parameters
+    and buffers (rotary ``inv_freq`` included) unit by unit. One copy of the checkpoint in host RAM, not N."""
+    return {"sync_module_states": True, "param_init_fn": functools.partial(_empty_on, device=device)}
+
+
+def _empty_on(module: nn.Module, device: torch.device) -> None:
+    """FSDP calls this for every module below a unit, torchmetrics' too: touch only those holding meta tensors."""
+    own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+    if any(t.is_meta for t in own):
+        module.to_empty(device=device, recurse=False)
 
 
 def gathered_for_export(root: nn.Module) -> contextlib.AbstractContextManager:

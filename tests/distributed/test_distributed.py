@@ -123,6 +123,9 @@ def _adapter_shapes() -> dict[str, torch.Size]:
 def test_two_ranks_match_one_process_and_save_the_adapter_once(strategy, trained, reference):
     out, ranks = trained(strategy)
     _assert_same_run(ranks, reference)
+    # FSDP1: rank 1 read no weights and handed FSDP a meta model, filled from rank 0 by sync_module_states
+    # (FSDP2's rank-0 load and broadcast happen inside configure_model; DDP loads on every rank)
+    assert [r["built_on_meta"] for r in ranks] == ([False, True] if strategy == "fsdp1" else [False, False])
     assert abs(ranks[0]["checksum"] - reference["checksum"]) < 1e-4
     # saved once, atomically, with the full (gathered) tensors: loads in ONE process and matches
     from helpers import tiny_llama

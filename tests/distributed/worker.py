@@ -38,14 +38,17 @@ CLIP = 1e-3  # gradient_clip_val of every run: below every step's gradient norm,
 
 
 class CPUFSDPStrategy(FSDPStrategy):
-    """Lightning's FSDPStrategy (FSDP1) on CPU, for tests. Two things stand in the way, neither in FSDP1 itself:
+    """Lightning's FSDPStrategy (FSDP1) on CPU, for tests. Three checks stand in the way, neither in FSDP1 itself:
     Lightning refuses the CPU accelerator for exactly ``FSDPStrategy`` (a type check: a subclass passes), and it
     passes ``device_id=root_device.index``, None on CPU, from which torch infers "no accelerator" unless the
-    device is given. Everything else (wrapping, sharding, gradient reduce-scatter, full-state checkpoints) is
+    device is given (and torch's ``sync_module_states`` refuses CPU tensors, which only NCCL could not
+    broadcast). Everything else (wrapping, sharding, gradient reduce-scatter, full-state checkpoints) is
     Lightning's and torch's own code."""
 
     def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        with mock.patch("torch.distributed.fsdp.FullyShardedDataParallel", _CPUFSDP):
+        # sync_module_states (rank-0 load) insists on GPU tensors, for NCCL; gloo broadcasts CPU tensors as well
+        with mock.patch("torch.distributed.fsdp.FullyShardedDataParallel", _CPUFSDP), \
+                mock.patch("torch.distributed.fsdp._init_utils._check_module_states_for_sync_module_states"):
             return super()._setup_model(model)
 
     def optimizer_state(self, optimizer) -> dict:
@@ -181,6 +184,14 @@ def main() -> None:
         reducer={"keep_ratio": 0.5, "warmup_steps": 0, "freeze_mode": args.freeze_mode, "heatmap": False,
                  "granularity": "module"},  # one unit per B: under FSDP1 some rank holds none of a B's elements
     )
+    built_on_meta: list[bool] = []  # what configure_model left before sharding: meta on ranks that read nothing
+    configure = module.configure_model
+
+    def configure_and_look() -> None:
+        configure()
+        built_on_meta.append(any(p.is_meta for p in module.model.parameters()))
+
+    module.configure_model = configure_and_look
     record, probe = Record(), Probe()
     callbacks: list[Callback] = [record, probe]
     if args.ckpt_every:
@@ -200,7 +211,7 @@ def main() -> None:
     out = {
         "world": world, "losses": record.losses, "grad_norms": record.grad_norms, "checksum": adapter_checksum(module),
         "history": torch.stack(reducer.history).int().tolist(), "global_step": trainer.global_step,
-        "layer0_forwards": probe.layer0_forwards, "compute_dtypes": sorted(probe.compute_dtypes),
+        "built_on_meta": built_on_meta[0], "layer0_forwards": probe.layer0_forwards, "compute_dtypes": sorted(probe.compute_dtypes),
         "adapter_dtypes": sorted({str(p.dtype) for n, p in module.model.named_parameters() if is_adapter_param(n)}),
     }
     Path(args.out).mkdir(parents=True, exist_ok=True)
