@@ -27,7 +27,7 @@ from ..data.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from ..metrics import TaskAccuracy, format_table
 from .causal_lm import CausalLMModule, load_causal_lm
 from .projector import build_projector
-from .sharding import gathered_for_export
+from .sharding import gathered_for_export, shard_model
 from .vision_tower import VisionTower
 
 __all__ = ["LlavaModel", "VisionLanguageModule"]
@@ -176,9 +176,15 @@ class VisionLanguageModule(CausalLMModule):
         self.model = model
         mesh = getattr(self, "_device_mesh", None)
         if mesh is not None:
-            from .sharding import shard_model
+            shard_model(model, mesh["data_parallel"], hp.fsdp_param_dtype, extra_units=self.extra_fsdp_units())
+        fsdp1 = self._fsdp1_strategy()
+        if fsdp1 is not None:
+            self._configure_fsdp1(fsdp1, rank0_load=False)
 
-            shard_model(model, mesh["data_parallel"], hp.fsdp_param_dtype)
+    def extra_fsdp_units(self) -> list[nn.Module]:
+        """The vision tower's transformer blocks: each its own FSDP group (FSDP2) or unit (FSDP1), so the frozen
+        tower is gathered one block at a time instead of whole with the root."""
+        return self.model.vision_tower.blocks()
 
     def setup(self, stage: str) -> None:
         super().setup(stage)

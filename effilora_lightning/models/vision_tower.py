@@ -121,6 +121,11 @@ class VisionTower(nn.Module):
         """Dtype of the tower's weights; images are cast to it."""
         return next(self.visual.parameters()).dtype
 
+    def blocks(self) -> list[nn.Module]:
+        """The transformer blocks that run (those up to ``select_layer``), in order: the units to shard."""
+        transformer = getattr(self.visual, "transformer", None)
+        return list(getattr(transformer, "resblocks", []))
+
     def train(self, mode: bool = True) -> VisionTower:
         """Keep the frozen tower in eval mode (no patch dropout) whatever the parent module asks."""
         super().train(mode)

@@ -162,3 +162,66 @@ def test_projector_init_is_seeded_by_init_seed_not_the_global_rng():
     other = _module(init_seed=5).model.mm_projector.state_dict()
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert not torch.equal(first["0.weight"], other["0.weight"])
+
+
+@pytest.fixture
+def one_rank_mesh():
+    """A one-process gloo group and its data-parallel mesh: what ModelParallelStrategy hands configure_model."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,), mesh_dim_names=("data_parallel",))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_groups_each_vision_block_and_decoder_layer_and_trains_in_bf16(one_rank_mesh):
+    """Under FSDP2 the frozen tower is sharded block by block (each block its own group, like each decoder
+    layer), the root keeps the rest; with bf16 all-gathers an image batch still runs forward and backward, the
+    tower gets no gradient and every adapter B and the projector do."""
+    from torch.distributed.fsdp import FSDPModule
+
+    module = VisionLanguageModule(adapter=EffiLoRAConfig(rank=4), model_path=str(ROOT / "data/tiny-llama"), **TOWER,
+                                  dtype="float32", fsdp_param_dtype="bfloat16")
+    module._device_mesh = one_rank_mesh  # as ModelParallelStrategy sets it before configure_model
+    module.configure_model()
+    model = module.model
+    groups = {n for n, m in model.named_modules() if isinstance(m, FSDPModule)}
+    blocks = {n for n, m in model.named_modules() if m in model.vision_tower.blocks()}
+    layers = {f"language_model.model.layers.{i}" for i in range(model.language_model.config.num_hidden_layers)}
+    assert blocks and groups == {""} | blocks | layers
+
+    ids = torch.tensor([[5, IMAGE_TOKEN_INDEX, 7, 8]])
+    out = model(ids, torch.ones_like(ids), torch.randn(1, 3, 64, 64), torch.tensor([1]), labels=ids.clamp(min=0))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    grads = {n: p.grad is not None for n, p in model.named_parameters()}
+    assert not any(g for n, g in grads.items() if n.startswith("vision_tower."))
+    assert all(g for n, g in grads.items() if is_adapter_param(n) and ".effilora_B." in n)
+    assert all(g for n, g in grads.items() if n.startswith("mm_projector."))
+
+
+def test_fsdp1_policy_makes_each_vision_block_a_unit_and_leaves_attention_projections_inside():
+    """nn.MultiheadAttention reads its out_proj weight directly (never calls it), so only plain nn.Linear
+    leaves become units of their own; the blocks and decoder layers are units too."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    module = VisionLanguageModule(adapter=EffiLoRAConfig(rank=4), model_path=str(ROOT / "data/tiny-llama"), **TOWER)
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy())
+    module.configure_model()
+    policy = module._trainer.strategy.kwargs["auto_wrap_policy"]
+    wrapped = {n for n, m in module.model.named_modules() if policy(m, recurse=False, nonwrapped_numel=0)}
+    blocks = {n for n, m in module.model.named_modules() if m in module.model.vision_tower.blocks()}
+    assert blocks and blocks <= wrapped
+    assert {f"{b}.mlp.c_fc" for b in blocks} <= wrapped
+    assert not any(n.endswith("attn.out_proj") for n in wrapped)
+    assert not any(n.startswith("mm_projector") for n in wrapped)  # trainable: stays with the root
