@@ -228,11 +228,11 @@ class EffiLoRACallback(Callback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.heatmap and self.history:
-            self._write_heatmap(trainer)
+            # every rank asks: Trainer.log_dir broadcasts rank 0's answer (a rank-0-only call would hang)
+            self._write_heatmap(Path(trainer.log_dir or trainer.default_root_dir) / "effilora_selection.png")
 
     @rank_zero_only
-    def _write_heatmap(self, trainer: pl.Trainer) -> None:
-        out = Path(trainer.log_dir or trainer.default_root_dir) / "effilora_selection.png"
+    def _write_heatmap(self, out: Path) -> None:
         write_selection_heatmap(torch.stack(self.history), list(self.units.names), out)
         rank_zero_info(f"EffiLoRACallback: selection heatmap written to {out}")
 

@@ -308,17 +308,44 @@ class CausalLMModule(pl.LightningModule):
         results = self.test_accuracy.compute()
         counts = self.test_accuracy.counts()
         self.log_dict({f"test_acc/{k}": v for k, v in results.items()})
+        self._report_test(results, counts)
+
+    def _report_test(self, results: dict[str, Any], counts: dict[str, int]) -> None:
+        """Keep the accuracies (``test_results``); rank 0 prints the table and writes test_results.json to the
+        log dir. Every rank must get here: finding the log dir is a broadcast under distributed strategies."""
         self.test_results = {k: float(v) for k, v in results.items()}
         self.test_accuracy.reset()
+        path = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "test_results.json"
         if self.trainer.is_global_zero:
             print("\n" + format_table(results, counts) + "\n")
-            self._write_results({"accuracy": self.test_results, "counts": counts})
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"accuracy": self.test_results, "counts": counts}, indent=2) + "\n")
 
-    def _write_results(self, payload: dict[str, Any]) -> None:
-        log_dir = self.trainer.log_dir or self.trainer.default_root_dir
-        path = Path(log_dir) / "test_results.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(payload, indent=2) + "\n")
+    # ------------------------------------------------------------------ FSDP1: evaluating after fit
+    def on_fit_start(self) -> None:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        root = self.trainer.strategy.model
+        # in __dict__, not as an attribute: nn.Module would register the wrapper (which wraps self) as a child
+        self.__dict__["_fsdp1_root"] = root if isinstance(root, FullyShardedDataParallel) else None
+
+    def on_validation_start(self) -> None:
+        self._reuse_fsdp1_root()
+
+    def on_test_start(self) -> None:
+        self._reuse_fsdp1_root()
+
+    def on_predict_start(self) -> None:
+        self._reuse_fsdp1_root()
+
+    def _reuse_fsdp1_root(self) -> None:
+        """``trainer.test`` (``test_after_fit``) after an FSDP1 fit in the same process: Lightning finds the
+        decoder-layer units from the fit, takes the model for manually wrapped and leaves it without a root
+        wrapper, so the root's parameters (embeddings, head, shared A) would stay flat shards and the first
+        forward fails. Hand Lightning the root wrapper of the fit back: steps then run through it, as in fit."""
+        root = getattr(self, "_fsdp1_root", None)
+        if root is not None and self.trainer.strategy.model is self:
+            self.trainer.strategy.model = root
 
     def on_train_end(self) -> None:
         if self.hparams.export_dir is None:

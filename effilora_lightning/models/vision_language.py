@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 from ..adapters import AdapterConfig, apply_adapter
 from ..adapters.export import full_cpu, save_adapter
 from ..data.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from ..metrics import TaskAccuracy, format_table
+from ..metrics import TaskAccuracy
 from .causal_lm import CausalLMModule, load_causal_lm
 from .projector import build_projector
 from .sharding import gathered_for_export, shard_model
@@ -236,11 +236,7 @@ class VisionLanguageModule(CausalLMModule):
         results = self.test_accuracy.compute()
         counts = self.test_accuracy.counts()
         self.log("test_acc", results["average"])
-        self.test_results = {k: float(v) for k, v in results.items()}
-        self.test_accuracy.reset()
-        if self.trainer.is_global_zero:
-            print("\n" + format_table(results, counts) + "\n")
-            self._write_results({"accuracy": self.test_results, "counts": counts})
+        self._report_test(results, counts)
 
     # ------------------------------------------------------------------ optimisation, checkpoints, export
     def param_groups(self) -> list[dict[str, Any]]:

@@ -69,7 +69,8 @@ def checkpoint_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, checkpoint_dir) -> dict:
-    return _single(tmp_path_factory.mktemp("single"), "--steps", str(STEPS), "--model-path", str(checkpoint_dir))
+    return _single(tmp_path_factory.mktemp("single"), "--steps", str(STEPS), "--model-path", str(checkpoint_dir),
+                   "--validate")
 
 
 def _assert_same_run(ranks: list[dict], reference: dict, upto: int | None = None) -> None:
@@ -78,6 +79,8 @@ def _assert_same_run(ranks: list[dict], reference: dict, upto: int | None = None
     for r in [*ranks, reference]:  # clipped by the GLOBAL norm (FSDP2: all shards together), in every step
         assert len(r["grad_norms"]) == len(r["losses"]) and all(abs(n - CLIP) <= 1e-4 * CLIP for n in r["grad_norms"])
     for r in ranks:
+        if "val_loss" in r:  # the same adapter at the end: the same validation loss afterwards
+            assert abs(r["val_loss"] - reference["val_loss"]) <= 1e-5
         assert r["history"] == ranks[0]["history"]  # every rank selected the same units at every step
         assert r["history"] == reference["history"][: len(r["history"])]
         for a, b in zip(r["losses"], reference["losses"][: upto or len(r["losses"])]):
@@ -95,7 +98,7 @@ def trained(tmp_path_factory, checkpoint_dir) -> Callable[[str], tuple[Path, lis
         if strategy not in runs:
             out = tmp_path_factory.mktemp(strategy)
             ranks = _torchrun(out / "run", "--strategy", strategy, "--steps", str(STEPS), "--ckpt-every", "4",
-                              "--save", str(out / "export"), "--model-path", str(checkpoint_dir))
+                              "--save", str(out / "export"), "--model-path", str(checkpoint_dir), "--validate")
             runs[strategy] = (out, ranks)
         return runs[strategy]
 

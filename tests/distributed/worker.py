@@ -47,7 +47,7 @@ class CPUFSDPStrategy(FSDPStrategy):
 
     def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
         # sync_module_states (rank-0 load) insists on GPU tensors, for NCCL; gloo broadcasts CPU tensors as well
-        with mock.patch("torch.distributed.fsdp.FullyShardedDataParallel", _CPUFSDP), \
+        with mock.patch.object(FullyShardedDataParallel, "__init__", _init_on_cpu), \
                 mock.patch("torch.distributed.fsdp._init_utils._check_module_states_for_sync_module_states"):
             return super()._setup_model(model)
 
@@ -68,9 +68,11 @@ def _optim_state_on_device(module: torch.nn.Module, world_size: int, rank0_only:
     )
 
 
-class _CPUFSDP(FullyShardedDataParallel):
-    def __init__(self, module: torch.nn.Module, *args, device_id=None, **kwargs) -> None:
-        super().__init__(module, *args, device_id=torch.device("cpu") if device_id is None else device_id, **kwargs)
+_fsdp_init = FullyShardedDataParallel.__init__
+
+
+def _init_on_cpu(self, module: torch.nn.Module, *args, device_id=None, **kwargs) -> None:
+    _fsdp_init(self, module, *args, device_id=torch.device("cpu") if device_id is None else device_id, **kwargs)
 
 
 def adapter_config(rank: int = 4) -> EffiLoRAConfig:
@@ -160,6 +162,7 @@ def main() -> None:
     ap.add_argument("--ckpt-every", type=int, default=0)
     ap.add_argument("--resume", default=None)
     ap.add_argument("--save", default=None)
+    ap.add_argument("--validate", action="store_true", help="trainer.validate after fit (val_loss in the results)")
     ap.add_argument("--num-nodes", type=int, default=1)
     ap.add_argument("--model-path", default=None, help="a checkpoint directory (FSDP2: meta init + rank-0 load)")
     ap.add_argument("--adapter-rank", type=int, default=4)
@@ -211,9 +214,14 @@ def main() -> None:
     out = {
         "world": world, "losses": record.losses, "grad_norms": record.grad_norms, "checksum": adapter_checksum(module),
         "history": torch.stack(reducer.history).int().tolist(), "global_step": trainer.global_step,
-        "built_on_meta": built_on_meta[0], "layer0_forwards": probe.layer0_forwards, "compute_dtypes": sorted(probe.compute_dtypes),
+        "built_on_meta": built_on_meta[0], "layer0_forwards": probe.layer0_forwards,
+        "compute_dtypes": sorted(probe.compute_dtypes),
         "adapter_dtypes": sorted({str(p.dtype) for n, p in module.model.named_parameters() if is_adapter_param(n)}),
     }
+    if args.validate:  # then evaluate in the same process, as test_after_fit does (FSDP1: through the fit's
+        # root wrapper); after reading the parameters: FSDP2 leaves its root group unsharded after an eval forward
+        (validated,) = trainer.validate(module, loader, verbose=False)
+        out["val_loss"] = validated["val_loss"]
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"rank{trainer.global_rank}.json").write_text(json.dumps(out))
     if dist.is_initialized():  # tear down together: a rank exiting while its peer's gloo threads still talk to

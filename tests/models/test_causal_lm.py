@@ -260,3 +260,35 @@ def test_fsdp1_gets_a_wrap_policy_that_keeps_frozen_projections_out_of_the_adapt
     module._trainer = SimpleNamespace(strategy=FSDPStrategy(auto_wrap_policy=user_policy))
     module.configure_model()
     assert module._trainer.strategy.kwargs["auto_wrap_policy"] is user_policy
+
+
+def test_end_of_run_files_ask_every_rank_for_the_log_dir(tmp_path, monkeypatch):
+    """Trainer.log_dir is a broadcast under distributed strategies: asked on rank 0 alone it hangs the run at
+    its very end. The test report and the selection heatmap ask on every rank and write on rank 0 only."""
+    from types import SimpleNamespace
+
+    from effilora_lightning import EffiLoRACallback
+
+    asked: list[int] = []
+
+    class Rank1:
+        is_global_zero = False
+        default_root_dir = str(tmp_path)
+
+        @property
+        def log_dir(self) -> str:
+            asked.append(1)
+            return str(tmp_path)
+
+    module = _module()
+    module._trainer = Rank1()
+    module._report_test({"average": 0.5}, {"average": 2})
+    assert asked == [1] and module.test_results == {"average": 0.5}
+
+    from lightning.pytorch.utilities import rank_zero_only
+
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    callback = EffiLoRACallback()
+    callback.reducer = SimpleNamespace(history=[torch.ones(2, dtype=torch.bool)])
+    callback.on_fit_end(Rank1(), module)
+    assert asked == [1, 1] and list(tmp_path.iterdir()) == []  # rank 1 writes nothing
