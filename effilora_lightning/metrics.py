@@ -74,12 +74,14 @@ class TaskAccuracy(Metric):
         return result
 
     def counts(self) -> dict[str, int]:
-        """Deduplicated number of samples per task (tasks with none are left out)."""
-        if isinstance(self.sample_ids, list) and not self.sample_ids:
-            return {}
-        ids, task_ids = dim_zero_cat(self.sample_ids), dim_zero_cat(self.task_ids)
-        totals = torch.bincount(task_ids[_first_occurrences(ids)], minlength=len(self.tasks))
-        return {task: int(totals[i]) for i, task in enumerate(self.tasks) if totals[i] > 0}
+        """Deduplicated number of samples per task (tasks with none are left out), over all ranks like
+        ``compute``: the states are gathered for the count and restored after (a collective: every rank calls)."""
+        with self.sync_context(should_sync=self.sync_on_compute):
+            if isinstance(self.sample_ids, list) and not self.sample_ids:
+                return {}
+            ids, task_ids = dim_zero_cat(self.sample_ids), dim_zero_cat(self.task_ids)
+            totals = torch.bincount(task_ids[_first_occurrences(ids)], minlength=len(self.tasks))
+            return {task: int(totals[i]) for i, task in enumerate(self.tasks) if totals[i] > 0}
 
 
 def _first_occurrences(ids: Tensor) -> Tensor:

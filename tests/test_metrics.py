@@ -47,6 +47,19 @@ def test_duplicates_across_ranks_after_merge() -> None:
     assert rank0.counts() == {"hellaswag": 5}
 
 
+def test_counts_cover_every_rank_like_the_accuracies(monkeypatch) -> None:
+    """counts() gathers the states as compute() does (the test table once showed one rank's share), then
+    restores the local ones. The all-gather is faked: a second rank that saw ids + 100, all correct."""
+    import torchmetrics.metric
+
+    peers = iter([lambda t: t + 100, lambda t: t, lambda t: torch.ones_like(t)])  # sample_ids, task_ids, correct
+    monkeypatch.setattr(torchmetrics.metric, "gather_all_tensors", lambda t, group=None: [t, next(peers)(t)])
+    metric = TaskAccuracy(["boolq", "piqa"], distributed_available_fn=lambda: True)
+    update(metric, [("boolq", True, 0), ("boolq", False, 1), ("piqa", True, 2)])
+    assert metric.counts() == {"boolq": 4, "piqa": 2}
+    assert metric.sample_ids[0].tolist() == [0, 1, 2]  # local state back: accumulation can go on
+
+
 @pytest.mark.filterwarnings("ignore:The ``compute`` method")
 def test_synced_tensor_states_are_deduplicated_too() -> None:
     """After a real all-gather the list states are already concatenated tensors."""
