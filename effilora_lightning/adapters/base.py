@@ -22,12 +22,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["AdapterConfig", "AdapterLinear", "ADAPTER_PREFIXES", "is_adapter_param", "param_group", "resolve_dtype"]
+__all__ = ["AdapterConfig", "AdapterLinear", "ADAPTER_PREFIXES", "is_adapter_param", "param_group", "resolve_dtype",
+           "unwrapped_name"]
 
 # Every adapter parameter name has a dotted component starting with one of these. Checkpoints and
 # optimizer groups select adapter weights by these names, never by requires_grad (a B frozen at save
 # time must still be saved).
 ADAPTER_PREFIXES: tuple[str, ...] = ("lora_", "effilora_", "hydralora_", "lily_")
+
+
+_FSDP1_WRAPPER = "_fsdp_wrapped_module."
+
+
+def unwrapped_name(name: str) -> str:
+    """A module or parameter name without FSDP1's wrapper levels: the same name as in the unwrapped model."""
+    return name.replace(_FSDP1_WRAPPER, "")
 
 
 def is_adapter_param(name: str) -> bool:

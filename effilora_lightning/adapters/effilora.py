@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterConfig, AdapterLinear, kaiming_, mix_heads, new_param, resolve_dtype
+from .base import AdapterConfig, AdapterLinear, kaiming_, mix_heads, new_param, resolve_dtype, unwrapped_name
 
 __all__ = ["EffiLoRAConfig", "EffiLoRALinear", "EffiLoRASharedA", "SelectableUnits", "effilora_units", "SHARED_A_NAME"]
 
@@ -111,6 +111,7 @@ class EffiLoRALinear(AdapterLinear):
         dtype = resolve_dtype(cfg.adapter_dtype, w.dtype)
         self.group = group
         self.num_heads = cfg.num_heads
+        self.rank = cfg.rank
         self.scaling = cfg.alpha / cfg.rank
         # Unregistered: A has exactly one owner (the root); a registered alias would be saved per layer
         # and would put one parameter in two FSDP2 groups.
@@ -234,7 +235,7 @@ def effilora_units(model: nn.Module, granularity: Literal["layer", "module"] = "
     for mname, module in model.named_modules():
         if not isinstance(module, EffiLoRALinear):
             continue
-        uname = unit_name(mname, granularity)
+        uname = unit_name(unwrapped_name(mname), granularity)
         if uname not in names:
             names.append(uname)
             numel.append(0)
@@ -242,7 +243,7 @@ def effilora_units(model: nn.Module, granularity: Literal["layer", "module"] = "
         for p in module.b_params():
             params.append(p)
             owner.append(u)
-            numel[u] += p.numel()  # global size, also for a sharded DTensor
+            numel[u] += module.out_features * module.rank  # the global size: FSDP1 leaves a rank a flat slice
     if not params:
         raise ValueError(
             "The model has no EffiLoRA modules. Call apply_adapter(model, EffiLoRAConfig(...)) first "

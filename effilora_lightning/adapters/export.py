@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .base import AdapterConfig, AdapterLinear, is_adapter_param
+from .base import AdapterConfig, AdapterLinear, is_adapter_param, unwrapped_name
 from .effilora import EffiLoRAConfig, EffiLoRALinear
 from .hydralora import HydraLoRAConfig
 from .inject import AdapterReport, adapter_config_of, apply_adapter
@@ -58,12 +58,9 @@ def full_cpu(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous()
 
 
-_FSDP1_WRAPPER = "_fsdp_wrapped_module."
-
-
 def _named(items: Any) -> Any:
     """``named_parameters()`` / ``named_modules()`` with FSDP1's wrapper level removed from each name."""
-    return ((name.replace(_FSDP1_WRAPPER, ""), obj) for name, obj in items)
+    return ((unwrapped_name(name), obj) for name, obj in items)
 
 
 def _is_rank0() -> bool:

@@ -109,6 +109,7 @@ class EffiLoRACallback(Callback):
         self._applied_step = -1  # global_step whose selection is in force (once-per-step guard)
         self._scored_step = -1
         self._all_reduce: Callable[[torch.Tensor], None] | None = None  # bound in on_train_start
+        self._flat_shards = False
         if peak_flops is not None and not peak_flops > 0:
             raise ValueError(f"peak_flops must be a positive FLOP/s figure or None, got {peak_flops}")
         self.peak_flops = peak_flops
@@ -155,7 +156,9 @@ class EffiLoRACallback(Callback):
             units, self.keep_ratio, self.importance, self.selection, self.temperature, self.ema_beta,
             self._resolve_warmup(trainer), self.every_n_steps, self.freeze_mode, self.frozen_score, self.seed,
         )
-        self._all_reduce = functools.partial(_all_reduce, sharded=_shards_adapters(trainer, units))
+        sharded = _shards_adapters(trainer, units)
+        self._all_reduce = functools.partial(_all_reduce, sharded=sharded)
+        self._flat_shards = sharded and not hasattr(units.params[0], "to_local")  # FSDP1: local numel() only
         if self._restored:
             self.reducer.load_state_dict(self._restored)
             self._restored = None
@@ -220,10 +223,16 @@ class EffiLoRACallback(Callback):
 
     def _flops_per_token(self, pl_module: nn.Module) -> float:
         """Training FLOPs per token: 2N forward + 2N activation backward + 2 x trained params (weight grads)."""
+        local = [sum(p.numel() for p in pl_module.parameters() if p.requires_grad)]
         if self._meter.params_total is None:
-            self._meter.params_total = sum(p.numel() for p in pl_module.parameters())
-        trained = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
-        return 4.0 * self._meter.params_total + 2.0 * trained
+            local.append(sum(p.numel() for p in pl_module.parameters()))
+        if self._flat_shards:  # FSDP1: each rank counts its flat slices; together they are every element once
+            counts = torch.tensor(local, dtype=torch.float64, device=pl_module.device)
+            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+            local = counts.tolist()
+        if self._meter.params_total is None:
+            self._meter.params_total = int(local[1])
+        return 4.0 * self._meter.params_total + 2.0 * local[0]
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -79,8 +79,10 @@ def _assert_same_run(ranks: list[dict], reference: dict, upto: int | None = None
     for r in [*ranks, reference]:  # clipped by the GLOBAL norm (FSDP2: all shards together), in every step
         assert len(r["grad_norms"]) == len(r["losses"]) and all(abs(n - CLIP) <= 1e-4 * CLIP for n in r["grad_norms"])
     for r in ranks:
-        if "val_loss" in r:  # the same adapter at the end: the same validation loss afterwards
-            assert abs(r["val_loss"] - reference["val_loss"]) <= 1e-5
+        assert r["units"] == reference["units"]  # clean names and global sizes, whatever the sharding
+        if "val_loss" in r:  # full length: the same adapter and selection at the end, the same
+            assert abs(r["val_loss"] - reference["val_loss"]) <= 1e-5  # validation loss afterwards
+            assert r["flops_per_token"] == reference["flops_per_token"]  # and FLOPs per token (MFU)
         assert r["history"] == ranks[0]["history"]  # every rank selected the same units at every step
         assert r["history"] == reference["history"][: len(r["history"])]
         for a, b in zip(r["losses"], reference["losses"][: upto or len(r["losses"])]):
