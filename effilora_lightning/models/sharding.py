@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["decoder_layers", "fsdp1_rank0_load_kwargs", "fsdp1_wrap_policy", "gathered_for_export", "materialize_from_rank0", "shard_model"]
+__all__ = ["decoder_layers", "fsdp1_rank0_load_kwargs", "fsdp1_wrap_policy", "gathered_for_export", "root_unsharded", "materialize_from_rank0", "shard_model"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -107,6 +107,27 @@ def gathered_for_export(root: nn.Module) -> contextlib.AbstractContextManager:
 
 def _frozen_linear(module: nn.Module) -> bool:
     return type(module) is nn.Linear and not any(p.requires_grad for p in module.parameters())
+
+
+@contextlib.contextmanager
+def root_unsharded(model: nn.Module) -> Iterator[None]:
+    """The FSDP2 root group's parameters gathered for code that reaches into the model without calling it.
+
+    FSDP2 all-gathers a group around its module's ``__call__``. The root group (embeddings, head, shared A,
+    projector, the vision tower's stem) is thus gathered only inside ``model(...)``; LLaVA's generation calls
+    ``model.embed`` and ``model.language_model.generate`` instead and would meet sharded DTensors. Inner groups
+    (decoder layers, vision blocks) still gather themselves when called. A no-op for any other model.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 def materialize_from_rank0(model: nn.Module, full_state: dict[str, torch.Tensor], device: torch.device) -> None:

@@ -27,7 +27,7 @@ from ..data.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from ..metrics import TaskAccuracy
 from .causal_lm import CausalLMModule, load_causal_lm
 from .projector import build_projector
-from .sharding import gathered_for_export, shard_model
+from .sharding import gathered_for_export, root_unsharded, shard_model
 from .vision_tower import VisionTower
 
 __all__ = ["LlavaModel", "VisionLanguageModule"]
@@ -217,13 +217,14 @@ class VisionLanguageModule(CausalLMModule):
     def generate_answers(self, batch: dict[str, Any]) -> list[str]:
         """Greedy generation from the left-padded prompts with their images spliced in."""
         tok = self._require_tokenizer()
-        embeds, mask, _ = self.model.embed(batch["prompt_input_ids"], batch["prompt_attention_mask"],
-                                           batch["image_counts"], batch["images"], left_pad=True)
-        out = self.model.language_model.generate(
-            inputs_embeds=embeds, attention_mask=mask, max_new_tokens=self.hparams.max_new_tokens,
-            num_beams=self.hparams.num_beams, do_sample=False, pad_token_id=tok.pad_token_id,
-            eos_token_id=_stop_ids(tok),
-        )
+        with root_unsharded(self.model):  # FSDP2: embed and generate do not go through model(...)
+            embeds, mask, _ = self.model.embed(batch["prompt_input_ids"], batch["prompt_attention_mask"],
+                                               batch["image_counts"], batch["images"], left_pad=True)
+            out = self.model.language_model.generate(
+                inputs_embeds=embeds, attention_mask=mask, max_new_tokens=self.hparams.max_new_tokens,
+                num_beams=self.hparams.num_beams, do_sample=False, pad_token_id=tok.pad_token_id,
+                eos_token_id=_stop_ids(tok),
+            )
         return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
 
     def _score(self, batch: dict[str, Any], metric: TaskAccuracy) -> None:

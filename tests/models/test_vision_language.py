@@ -207,6 +207,16 @@ def test_fsdp2_groups_each_vision_block_and_decoder_layer_and_trains_in_bf16(one
     assert all(g for n, g in grads.items() if is_adapter_param(n) and ".effilora_B." in n)
     assert all(g for n, g in grads.items() if n.startswith("mm_projector."))
 
+    # generation reaches into the model (embed, language_model.generate) without calling it: the root group
+    # must be gathered around it, and sharded again after
+    dm = _datamodule(val_set_size=4, eval_batch_size=4)
+    dm.setup("validate")
+    batch = next(b for b in dm.val_dataloader() if "prompt_input_ids" in b)
+    module.tokenizer = dm.tokenizer
+    module.hparams.max_new_tokens = 2
+    assert len(module.generate_answers(batch)) == len(batch["answer"])
+    assert type(model.language_model.get_input_embeddings().weight).__name__ == "DTensor"
+
 
 def test_fsdp1_policy_makes_each_vision_block_a_unit_and_leaves_attention_projections_inside():
     """nn.MultiheadAttention reads its out_proj weight directly (never calls it), so only plain nn.Linear
