@@ -344,7 +344,7 @@ class CausalLMModule(pl.LightningModule):
         wrapper, so the root's parameters (embeddings, head, shared A) would stay flat shards and the first
         forward fails. Hand Lightning the root wrapper of the fit back: steps then run through it, as in fit."""
         root = getattr(self, "_fsdp1_root", None)
-        if root is not None and self.trainer.strategy.model is self:
+        if root is not None and self._fsdp1_strategy() is not None and self.trainer.strategy.model is self:
             self.trainer.strategy.model = root
 
     def on_train_end(self) -> None:
