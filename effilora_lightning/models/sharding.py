@@ -64,18 +64,42 @@ def shard_model(
 def fsdp1_wrap_policy(model: nn.Module, extra_units: list[nn.Module] | None = None) -> Callable[..., bool]:
     """An ``auto_wrap_policy`` for FSDP1 (FSDPStrategy, ``use_orig_params=True``) that keeps adapters apart.
 
-    Units, inner first: every frozen ``nn.Linear`` inside a block (the adapted layers' ``base_layer`` and the
-    untouched projections), then every block (decoder layers and ``extra_units``), then the root, which FSDP
-    always wraps. A block's own unit is then left with its adapter weights (B, routers) and its norms: FSDP1
-    gives a unit one flat gradient as large as the unit, so mixing the frozen projections in would cost their
-    full gradient memory. The shared EffiLoRA A (and Lily's HP/LP) sit at the root: exactly one unit.
+    Units, inner first: every frozen leaf module (projections, norms, embeddings, head: see ``_frozen_leaf``),
+    then every block (decoder layers and ``extra_units``), then the root, which FSDP always wraps. A block's own
+    unit is then left with its adapter weights only (B, routers), the root with the shared EffiLoRA A (and
+    Lily's HP/LP) and any parameters tied between modules. Why: FSDP1 flattens a unit into ONE tensor, so a
+    unit must hold a single dtype (a bf16 base beside fp32 adapters would not flatten), and its gradient is as
+    large as the whole unit (frozen weights in an adapter unit would cost their full gradient memory).
     """
     from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
 
     blocks = [*(extra_units or []), *decoder_layers(model)]
+    tied = _tied_params(model)
     units = {id(block) for block in blocks}
-    units.update(id(m) for block in blocks for m in block.modules() if _frozen_linear(m))
+    units.update(id(m) for m in model.modules() if _frozen_leaf(m, tied))
     return functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda module: id(module) in units)
+
+
+def _frozen_leaf(module: nn.Module, tied: set[int]) -> bool:
+    """A module FSDP1 can give a unit of its own: no children, parameters of its own, all frozen, none tied to
+    another module, and called (FSDP1 gathers a unit in its forward). MultiheadAttention reads its out_proj's
+    weight without calling it; that Linear subclass stays with its parent."""
+    from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+
+    own = list(module.parameters(recurse=False))
+    return (
+        bool(own) and next(module.children(), None) is None and not any(p.requires_grad for p in own)
+        and not any(id(p) in tied for p in own) and not isinstance(module, NonDynamicallyQuantizableLinear)
+    )
+
+
+def _tied_params(model: nn.Module) -> set[int]:
+    """ids of parameters that more than one module holds (tied input and output embeddings)."""
+    seen: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            seen[id(p)] = seen.get(id(p), 0) + 1
+    return {pid for pid, n in seen.items() if n > 1}
 
 
 def fsdp1_rank0_load_kwargs(device: torch.device) -> dict[str, Any]:
@@ -103,10 +127,6 @@ def gathered_for_export(root: nn.Module) -> contextlib.AbstractContextManager:
     if isinstance(root, FullyShardedDataParallel):
         return FullyShardedDataParallel.summon_full_params(root, writeback=False, rank0_only=True, offload_to_cpu=True)
     return contextlib.nullcontext()
-
-
-def _frozen_linear(module: nn.Module) -> bool:
-    return type(module) is nn.Linear and not any(p.requires_grad for p in module.parameters())
 
 
 @contextlib.contextmanager

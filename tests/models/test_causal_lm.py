@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from effilora_lightning import CausalLMModule, CommonsenseDataModule, EffiLoRAConfig, LoRAConfig
+from effilora_lightning import CausalLMModule, CommonsenseDataModule, EffiLoRAConfig, LoRAConfig, apply_adapter
 from effilora_lightning.adapters import is_adapter_param
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -229,37 +229,61 @@ def test_fsdp1_is_refused_at_start_where_it_cannot_train_or_resume(kwargs, error
     assert "AdapterModelParallelStrategy" in str(info.value) or "ModelParallelStrategy" in str(info.value)
 
 
-def test_fsdp1_gets_a_wrap_policy_that_keeps_frozen_projections_out_of_the_adapter_units():
-    """Without an auto_wrap_policy Lightning would make the whole model one FSDP1 unit; the module supplies
-    fsdp1_wrap_policy: every frozen Linear inside a decoder layer, then each layer, is its own unit, so a
-    layer's unit keeps only its B and norms; the shared A, embeddings and head stay with the root."""
+def _fsdp1_units(model: torch.nn.Module, policy) -> dict[str, list[tuple[str, torch.nn.Parameter]]]:
+    """What FSDP1 would flatten together: unit name -> the parameters it owns (not those of units inside it)."""
+    wrapped = {n for n, m in model.named_modules() if n and policy(m, recurse=False, nonwrapped_numel=0)}
+    units: dict[str, list[tuple[str, torch.nn.Parameter]]] = {n: [] for n in ["", *wrapped]}
+    for name, p in model.named_parameters():
+        owner = max((u for u in units if u == "" or name.startswith(u + ".")), key=len)
+        units[owner].append((name, p))
+    return units
+
+
+def test_fsdp1_gets_a_wrap_policy_with_one_dtype_per_unit_and_adapters_apart():
+    """Without an auto_wrap_policy Lightning would make the whole model one FSDP1 unit, which cannot even be
+    flattened with a bf16 base and fp32 adapters. fsdp1_wrap_policy: every frozen leaf is a unit, then each
+    decoder layer (left with its B only), then the root (the shared A): one dtype per unit, no frozen weight
+    in an adapter unit."""
     from types import SimpleNamespace
 
     from lightning.pytorch.strategies import FSDPStrategy
 
-    from effilora_lightning.adapters.effilora import EffiLoRALinear
-
-    module = _module()
+    module = _module(dtype="bfloat16")
     module._trainer = SimpleNamespace(strategy=FSDPStrategy())
     module.configure_model()
-    policy = module._trainer.strategy.kwargs["auto_wrap_policy"]
-    wrapped = {name for name, m in module.model.named_modules() if policy(m, recurse=False, nonwrapped_numel=0)}
+    units = _fsdp1_units(module.model, module._trainer.strategy.kwargs["auto_wrap_policy"])
     layers = {f"model.layers.{i}" for i in range(module.model.config.num_hidden_layers)}
-    projections = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
-    adapted = {n.removesuffix(".base_layer") for n in wrapped if n.endswith(".base_layer")}
-    assert adapted == {n for n, m in module.model.named_modules() if isinstance(m, EffiLoRALinear)}
-    assert {n.removesuffix(".base_layer") for n in wrapped} == layers | {f"{layer}.{p}" for layer in layers for p in projections}
-    inner = tuple(w + "." for w in wrapped - layers)
-    for name, p in module.model.named_parameters():  # what a layer's own unit keeps: adapter B and the norms
-        if name.startswith(tuple(layer + "." for layer in layers)) and not name.startswith(inner):
-            assert p.requires_grad or name.endswith("layernorm.weight"), name
+    assert layers <= set(units)
+    for name, params in units.items():
+        assert len({p.dtype for _, p in params}) <= 1, (name, {n: p.dtype for n, p in params})
+        adapter = [is_adapter_param(n) for n, _ in params]
+        assert all(adapter) or not any(adapter), name  # adapters never share a unit with frozen weights
+    assert {n for n, _ in units[""]} == {n for n, _ in module.model.named_parameters() if "effilora_shared_a" in n}
+    assert all(all(is_adapter_param(n) for n, _ in units[layer]) and units[layer] for layer in layers)
 
     user_policy = object()  # a policy the user chose is theirs
     module = _module()
     module._trainer = SimpleNamespace(strategy=FSDPStrategy(auto_wrap_policy=user_policy))
     module.configure_model()
     assert module._trainer.strategy.kwargs["auto_wrap_policy"] is user_policy
+
+
+def test_fsdp1_policy_leaves_tied_embeddings_with_the_root():
+    """A weight held by two modules (tied input and output embeddings) must sit in one unit: the root's."""
+    from helpers import tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    from effilora_lightning.models.sharding import fsdp1_wrap_policy
+
+    config = tiny_llama_config()
+    config.tie_word_embeddings = True
+    model = LlamaForCausalLM(config)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    apply_adapter(model, EffiLoRAConfig(rank=4))
+    units = _fsdp1_units(model, fsdp1_wrap_policy(model))
+    assert "model.embed_tokens" not in units and "lm_head" not in units
+    assert "model.embed_tokens.weight" in {n for n, _ in units[""]}
+    assert "model.norm" in units  # untied frozen leaves still get their own unit
 
 
 def test_end_of_run_files_ask_every_rank_for_the_log_dir(tmp_path, monkeypatch):
