@@ -199,14 +199,15 @@ class Reducer:
                 if not keep[u]:
                     p.grad = None
         scores, observed = local_unit_scores(units.params, units.unit_of_param, units.num_units, self.importance)
-        # scores and observed flags travel together: one collective, one device-to-host transfer per step.
-        # A rank whose shard of a unit's B is empty sees no gradient for it; the OR over ranks is the truth.
-        packed = torch.cat([scores, torch.tensor(observed, dtype=scores.dtype).to(scores.device)])
         if all_reduce is not None:
+            # scores and observed flags travel together: one collective, one device-to-host transfer. A rank
+            # whose shard of a unit's B is empty sees no gradient for it; the OR over ranks is the truth.
+            n = units.num_units
+            packed = torch.cat([scores, torch.tensor(observed, dtype=scores.dtype).to(scores.device)])
             all_reduce(packed)
-        packed = packed.cpu()
-        n = units.num_units
-        self.tracker.update(packed[:n], (packed[n:] > 0).tolist())
+            packed = packed.cpu()
+            scores, observed = packed[:n], (packed[n:] > 0).tolist()
+        self.tracker.update(scores.cpu(), observed)  # the one device-to-host transfer (a no-op after packing)
         self.history.append(self.selected.clone())
         self.selected = self.decide(step + 1)
 

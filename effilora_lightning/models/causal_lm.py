@@ -167,14 +167,14 @@ class CausalLMModule(pl.LightningModule):
         return strategy if isinstance(strategy, FSDPStrategy) else None
 
     def _configure_fsdp1(self, strategy: Any, rank0_load: bool) -> None:
-        """FSDP1 arguments the user left open: our wrap policy (``fsdp1_wrap_policy``: frozen projections, blocks,
+        """FSDP1 arguments the user left open: our wrap policy (``fsdp1_wrap_policy``: frozen leaves, blocks,
         root) instead of Lightning's one unit for the whole model; and with ``rank0_load`` (only rank 0 read the
         checkpoint, the others built on the meta device) ``sync_module_states`` to broadcast rank 0's weights
         into every rank's shards, after ``param_init_fn`` gave the meta modules empty storage."""
         if strategy.kwargs.get("auto_wrap_policy") is None:
             strategy.kwargs["auto_wrap_policy"] = fsdp1_wrap_policy(self.model, self.extra_fsdp_units())
             rank_zero_info("FSDPStrategy: no auto_wrap_policy given; using effilora_lightning's fsdp1_wrap_policy "
-                           "(frozen projections, then blocks, then the root, each its own unit).")
+                           "(frozen leaves, then blocks, then the root, each its own unit).")
         if rank0_load:
             strategy.kwargs.update(fsdp1_rank0_load_kwargs(strategy.root_device))
 

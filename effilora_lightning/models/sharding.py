@@ -19,7 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["decoder_layers", "fsdp1_rank0_load_kwargs", "fsdp1_wrap_policy", "gathered_for_export", "root_unsharded", "materialize_from_rank0", "shard_model"]
+__all__ = [
+    "decoder_layers", "fsdp1_rank0_load_kwargs", "fsdp1_wrap_policy", "gathered_for_export", "materialize_from_rank0",
+    "root_unsharded", "shard_model",
+]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
