@@ -272,15 +272,21 @@ class CausalLMModule(pl.LightningModule):
 
     @torch.no_grad()
     def generate_answers(self, batch: dict[str, Any]) -> list[str]:
-        """Greedy (or beam) generation from left-padded prompts; returns the decoded new text per row."""
+        """Greedy (or beam) generation from left-padded prompts; returns prompt + generation decoded per row.
+
+        The prompt is decoded too, as LLM-Adapters' commonsense_evaluate.py does: the answer is read from the
+        segment right after the PROMPT's "### Response:" up to the next one the model may write
+        (``templates.response_text``); decoding the new tokens alone would read past a repeated marker.
+        """
         tok = self._require_tokenizer()
         out = self.model.generate(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
             max_new_tokens=self.hparams.max_new_tokens, num_beams=self.hparams.num_beams, do_sample=False,
             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
         )
-        new = out[:, batch["input_ids"].shape[1]:]  # (B, new tokens): prompts are left-padded
-        return tok.batch_decode(new, skip_special_tokens=True)
+        width = batch["input_ids"].shape[1]  # (B, width + new tokens): prompts are left-padded
+        starts = (width - batch["attention_mask"].sum(dim=1)).tolist()  # one host copy per batch
+        return tok.batch_decode([row[start:] for row, start in zip(out, starts)], skip_special_tokens=True)
 
     def _score_generation(self, batch: dict[str, Any], metric: TaskAccuracy) -> None:
         texts = self.generate_answers(batch)
