@@ -3,6 +3,7 @@
     python benchmarks/speed.py --json benchmarks/results/speed_cpu.json        # CPU default (below), ~10 min
     python benchmarks/speed.py --smoke --json /tmp/speed_smoke.json            # tiny model, 2 reps, < 20 s
     python benchmarks/speed.py --device cuda --json speed_h200.json            # LLaMA-3-8B shapes, bf16
+    python benchmarks/speed.py --device cuda --preset llama3-8b-8l --reps 5   # 8 of its 32 layers: ~1/4 of the time
     python benchmarks/speed.py --methods floor peft_lora effilora_k0.5 --reps 3 --profile benchmarks/results/profile
     python benchmarks/speed.py --rss                                           # + peak RSS, one process per method
     python benchmarks/speed.py --threads 1 --op-costs                          # each adapter op's cost, isolated
@@ -33,7 +34,20 @@ What is measured, and why it is fair:
     keeps no allocator statistics (``torch.accelerator.memory_stats("cpu")`` is empty), so it comes from the
     profiler's allocation events (``profile_memory=True``: every c10 CPU alloc/free with its size, summed in
     time order). ``--rss`` adds a whole-process check: each method in a fresh process, ``ru_maxrss`` after
-    three steps (includes Python, libraries and allocator slack, hence larger and noisier).
+    three steps (includes Python, libraries and allocator slack, hence larger and noisier). On CUDA each row
+    also has ``cuda_max_allocated_mib``, the raw ``torch.cuda.max_memory_allocated`` of that step (every
+    method's adapters and optimizer state are on the device together, so it is a shade above one method alone).
+
+On CUDA (``--device cuda``, LLaMA-3-8B shapes in bf16 by default; adapters stay fp32 as PEFT's do, methods
+ending in ``_bf16`` keep them in bf16, the path where the in-place low-rank add applies), every row also has:
+  * ``mfu_4n``: 4 N FLOPs per token over the step time and the device's dense peak, N = the base's matmul
+    weights (every Linear and the LM head, not the embedding table): forward (2N) plus the activation gradients
+    (2N), the least any adapter step computes. ``mfu`` adds attention and the trained weights' gradients.
+  * ``mfu_4n_vs_matmul``: the same against a bf16 8192^3 matrix product timed in this run (``matmul_tflops`` in
+    the JSON), the rate this card reaches here on the most favourable GEMM.
+  The dense peak comes from ``--peak-tflops``, else the datasheet's dense figure for the chip (H100/H200 SXM:
+  989.4 TFLOP/s bf16; Lightning's table has the H200 at its 2:4-sparse rate, 2.0e15, and does not match the
+  name an H200 reports, 'NVIDIA H200').
 """
 
 from __future__ import annotations
@@ -95,6 +109,9 @@ PRESETS = {
     "cpu-slice": Preset(2, 512, 1792, 8, 2, 256, 4, 256, "float32"),
     "smoke": Preset(2, 64, 224, 4, 2, 256, 2, 32, "float32", rank=4, alpha=8.0),
     "llama3-8b": Preset(32, 4096, 14336, 32, 8, 128256, 2, 2048, "bfloat16"),
+    # 8 of the 8B's 32 decoder layers with its real vocabulary: every per-layer shape of the 8B at a quarter of
+    # the layer time (the LM head's share of a step is then ~4x larger than in the full model).
+    "llama3-8b-8l": Preset(8, 4096, 14336, 32, 8, 128256, 2, 2048, "bfloat16"),
 }
 
 
@@ -106,6 +123,7 @@ class Method:
     kind: str  # floor | full | peft_lora | lora | effilora | hydralora | lily
     keep_ratio: float = 1.0
     share_a_by: str = "target"
+    adapter_dtype: str = "float32"  # "base": adapters in the base's dtype (bf16 on CUDA: the in-place add applies)
 
 
 METHODS = {
@@ -126,6 +144,16 @@ METHODS = {
     ]
 }
 DEFAULT_CUDA = [n for n in METHODS if n != "full_ft"]  # full AdamW on 8B needs ~64 GiB more than one GPU has
+# Only meaningful over a bf16 base (on an fp32 base "base" is fp32, the rows above): selectable with --methods.
+BF16_ADAPTER_METHODS = {
+    m.name: m
+    for m in [
+        Method("lora_bf16", "lora", adapter_dtype="base"),
+        Method("effilora_k0.5_bf16", "effilora", 0.5, adapter_dtype="base"),
+        Method("effilora_in_k0.5_bf16", "effilora", 0.5, "in_features", adapter_dtype="base"),
+    ]
+}
+ALL_METHODS = {**METHODS, **BF16_ADAPTER_METHODS}
 
 
 
@@ -153,7 +181,7 @@ def share_weights(base: nn.Module) -> nn.Module:
 
 
 def adapter_config(method: Method, preset: Preset) -> Any:
-    common = {"rank": preset.rank, "target_modules": list(TARGETS), "seed": 0}
+    common = {"rank": preset.rank, "target_modules": list(TARGETS), "seed": 0, "adapter_dtype": method.adapter_dtype}
     if method.kind == "lora":
         return LoRAConfig(alpha=preset.alpha, **common)
     if method.kind == "effilora":
@@ -312,14 +340,17 @@ def measure_memory(bench: Bench, batch: dict[str, torch.Tensor], device: torch.d
     bench.step(batch)  # any lazily created optimizer state exists now
     resident = resident_bytes(bench, batch)
     extra = step_peak_extra(bench, batch, device)
-    return {"resident_mib": resident / MIB, "step_extra_mib": extra / MIB, "peak_mib": (resident + extra) / MIB}
+    out = {"resident_mib": resident / MIB, "step_extra_mib": extra / MIB, "peak_mib": (resident + extra) / MIB}
+    if device.type == "cuda":  # the step's raw peak (stats were reset at its start): all methods' state included
+        out["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(device) / MIB
+    return out
 
 
 def rss_probe(name: str, preset_name: str, seed: int) -> dict[str, float]:
     """In THIS (fresh) process: build one method, take 3 steps, report the process's peak RSS."""
     preset, device = PRESETS[preset_name], torch.device("cpu")
     base = build_base(preset, device, seed)
-    bench = make_bench(METHODS[name], base, preset)
+    bench = make_bench(ALL_METHODS[name], base, preset)
     del base
     batch = make_batch(preset, device, seed)
     for _ in range(3):
@@ -348,12 +379,63 @@ def model_flops_per_step(preset: Preset, trainable_updated: float) -> float:
     return tokens * (4 * linear + attention + 2 * trainable_updated)
 
 
-def peak_flops(device: torch.device, dtype: str) -> float | None:
+def matmul_params(preset: Preset) -> int:
+    """N of the 4N floor: the base's matmul weights (every Linear and the LM head; not the embedding table)."""
+    p = preset
+    kv = p.hidden * p.kv_heads // p.heads
+    return p.layers * (p.hidden * (2 * p.hidden + 2 * kv) + 3 * p.hidden * p.intermediate) + p.vocab * p.hidden
+
+
+# Dense (no 2:4 sparsity) peak FLOP/s by datasheet, per device-name substring (lower case), first match wins.
+# Lightning's get_available_flops has the H200 at its 2:4-sparse rates (bf16 2.0e15) and finds no entry for the
+# name an H200 reports ("NVIDIA H200": neither "sxm1" nor "nvl1" in it), so MFU against it would be missing or
+# halved.
+DENSE_PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
+    ("h200 nvl", {"bfloat16": 835e12, "float16": 835e12, "float32": 60e12}),
+    ("h200", {"bfloat16": 989.4e12, "float16": 989.4e12, "float32": 66.9e12}),
+    ("h100 pcie", {"bfloat16": 756e12, "float16": 756e12, "float32": 51.2e12}),
+    ("h100 nvl", {"bfloat16": 835e12, "float16": 835e12, "float32": 60e12}),
+    ("h100", {"bfloat16": 989.4e12, "float16": 989.4e12, "float32": 66.9e12}),
+    ("a100", {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12}),
+]
+
+
+def peak_flops(device: torch.device, dtype: str, override_tflops: float | None = None) -> tuple[float | None, str]:
+    """(dense peak FLOP/s of one device at ``dtype``, where the figure came from); (None, why) off CUDA."""
+    if override_tflops:
+        return override_tflops * 1e12, "--peak-tflops"
     if device.type != "cuda":
-        return None
+        return None, "no peak on CPU"
+    name = torch.cuda.get_device_name(device).lower()
+    for key, table in DENSE_PEAK_FLOPS:
+        if key in name and dtype in table:
+            return table[dtype], f"datasheet dense {dtype} for '{key}'"
     from lightning.fabric.utilities.throughput import get_available_flops
 
-    return get_available_flops(device, getattr(torch, dtype))
+    flops = get_available_flops(device, getattr(torch, dtype))
+    return (float(flops), "lightning get_available_flops") if flops else (None, f"unknown device {name!r}")
+
+
+def measure_matmul_flops(device: torch.device, dtype: str, n: int = 8192, reps: int = 10) -> float | None:
+    """FLOP/s of an n^3 matrix product in ``dtype`` on random data, median of ``reps`` timed with CUDA events."""
+    if device.type != "cuda":
+        return None
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=getattr(torch, dtype), generator=g)
+    b = torch.randn(n, n, device=device, dtype=getattr(torch, dtype), generator=g)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n**3 / statistics.median(times)
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -384,9 +466,9 @@ def _ratios(med: dict[str, float]) -> dict[str, dict[str, Any]]:
 
 
 def summarise(benches: list[Bench], memory: dict[str, dict[str, float]], preset: Preset,
-              device: torch.device) -> list[dict[str, Any]]:
+              peak: float | None = None, matmul: float | None = None) -> list[dict[str, Any]]:
     wall, cpu = _overheads(benches, "times"), _overheads(benches, "cpu_times")
-    peak = peak_flops(device, preset.dtype)
+    floor_4n = 4 * matmul_params(preset) * preset.batch * preset.seq  # FLOPs of one step's 4N floor
     rows = []
     for b in benches:
         w, c = wall[b.method.name], cpu[b.method.name]
@@ -405,6 +487,9 @@ def summarise(benches: list[Bench], memory: dict[str, dict[str, float]], preset:
         }
         if peak:
             row["mfu"] = model_flops_per_step(preset, updated) / w["t"] / peak
+            row["mfu_4n"] = floor_4n / w["t"] / peak
+        if matmul:
+            row["mfu_4n_vs_matmul"] = floor_4n / w["t"] / matmul
         rows.append(row)
     return rows
 
@@ -422,14 +507,15 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     has_rss = any("peak_rss_mib" in r for r in rows)
     head = ["method", "step ms (median)", "IQR ms", "x floor", "overhead ms", "overhead / PEFT's",
             "CPU-time overhead / PEFT's", "peak MiB", "trainable", "updated / step", "tokens/s"]
-    head += ["MFU"] * has_mfu + ["peak RSS MiB"] * has_rss
+    head += ["MFU (4N)", "MFU (model)"] * has_mfu + ["peak RSS MiB"] * has_rss
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["method"], _fmt(r["step_ms"], ".1f"), _fmt(r["iqr_ms"], ".1f"), _fmt(r["vs_floor"], ".3f"),
                  _fmt(r["overhead_ms"], ".1f"), _fmt(r["overhead_vs_peft"], ".2f"),
                  _fmt(r["cpu_overhead_vs_peft"], ".2f"), _fmt(r.get("peak_mib"), ".1f"),
                  f"{r['trainable']:,}", f"{r['updated_per_step']:,.0f}", _fmt(r["tokens_per_s"], ",.0f")]
-        cells += [_fmt(100 * r["mfu"], ".1f") + " %"] * has_mfu if has_mfu else []
+        if has_mfu:
+            cells += [_fmt(100 * r["mfu_4n"], ".1f") + " %", _fmt(100 * r["mfu"], ".1f") + " %"]
         cells += [_fmt(r.get("peak_rss_mib"), ".0f")] * has_rss
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -447,6 +533,7 @@ def target_check(rows: list[dict[str, Any]], name: str = "effilora_k0.5") -> dic
         "peak_mib": e.get("peak_mib"), "peft_peak_mib": p.get("peak_mib"),
         "memory_ok": e.get("peak_mib", 0) <= p.get("peak_mib", 0),
         "params_ratio": e["trainable"] / p["trainable"], "params_ok": e["trainable"] <= p["trainable"] / 4,
+        **({"mfu_4n": e["mfu_4n"], "mfu_ok": e["mfu_4n"] >= 0.5} if "mfu_4n" in e else {}),
     }
 
 
@@ -517,7 +604,15 @@ def machine() -> dict[str, Any]:
     except (OSError, StopIteration):
         pass
     if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=torch.cuda.get_device_name(), gpu_capability=f"{props.major}.{props.minor}",
+                    gpu_memory_mib=props.total_memory / MIB, gpu_sms=props.multi_processor_count,
+                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+    for pkg in ("transformers", "peft", "lightning"):
+        try:
+            info[pkg] = __import__(pkg).__version__
+        except ImportError:
+            pass
     return info
 
 
@@ -526,12 +621,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--preset", default=None, choices=sorted(PRESETS), help="default: cpu, or llama3-8b on cuda")
-    ap.add_argument("--methods", nargs="+", default=None, choices=sorted(METHODS), metavar="METHOD",
-                    help=f"default: all on CPU, all but full_ft on CUDA; choose from {', '.join(METHODS)}")
+    ap.add_argument("--methods", nargs="+", default=None, choices=sorted(ALL_METHODS), metavar="METHOD",
+                    help=f"default: all on CPU, all but full_ft on CUDA; choose from {', '.join(ALL_METHODS)}")
     ap.add_argument("--reps", type=int, default=15, help="timed steps per method, interleaved")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per method first")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="dense peak TFLOP/s of one device at the preset's dtype, for MFU (default: by device name)")
     ap.add_argument("--smoke", action="store_true", help="tiny model, 2 reps, 1 warm-up (the test suite's run)")
     ap.add_argument("--json", default=None, help="write rows, target check, machine and settings here")
     ap.add_argument("--rss", action="store_true", help="also peak RSS, each method in a fresh process (CPU)")
@@ -559,10 +656,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         return []
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     preset, device = PRESETS[args.preset], torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
+    peak, peak_source = peak_flops(device, preset.dtype, args.peak_tflops)
+    matmul = measure_matmul_flops(device, preset.dtype)
+    if matmul:
+        log(f"{preset.dtype} 8192^3 matmul: {matmul / 1e12:.0f} TFLOP/s; peak for MFU: "
+            f"{_fmt(peak and peak / 1e12, '.1f')} TFLOP/s ({peak_source})")
+    built = time.time()
     base = build_base(preset, device, args.seed)
-    benches = [make_bench(METHODS[n], base, preset) for n in args.methods]
+    benches = [make_bench(ALL_METHODS[n], base, preset) for n in args.methods]
     batch = make_batch(preset, device, args.seed)
-    log(f"built {len(benches)} models on {device} ({args.preset}); warm-up {args.warmup}, reps {args.reps}")
+    log(f"built {len(benches)} models on {device} ({args.preset}) in {time.time() - built:.1f} s; "
+        f"warm-up {args.warmup}, reps {args.reps}")
     if device.type == "cpu" and os.getloadavg()[0] > (os.cpu_count() or 1) - 0.5:
         log(f"warning: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs: other processes share the "
             "cores, wall-clock times will be noisy (compare the CPU-time columns; consider --threads 1 and more --reps)")
@@ -572,7 +678,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.rss:
         for b in benches:
             memory[b.method.name]["peak_rss_mib"] = rss_in_subprocess(b.method.name, args.preset, args.seed, args.threads)
-    rows = summarise(benches, memory, preset, device)
+    rows = summarise(benches, memory, preset, peak, matmul)
     check = target_check(rows)
     print(markdown_table(rows))
     if check:
@@ -582,7 +688,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.json:
         payload = {"preset": asdict(preset), "preset_name": args.preset, "device": args.device, "reps": args.reps,
                    "warmup": args.warmup, "targets": TARGETS, "machine": machine(), "rows": rows, "target": check,
-                   "seconds": time.time() - started, "loadavg_start": load}
+                   "seconds": time.time() - started, "loadavg_start": load, "peak_flops": peak,
+                   "peak_flops_source": peak_source, "matmul_tflops": matmul and matmul / 1e12,
+                   "matmul_params": matmul_params(preset), "build_seconds": started - built,
+                   "methods": {n: asdict(ALL_METHODS[n]) for n in args.methods}}
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=2)
