@@ -8,6 +8,7 @@ from importlib import import_module
 from typing import Any
 
 from .adapters import AdapterReport, EffiLoRAConfig, HydraLoRAConfig, LilyConfig, LoRAConfig, apply_adapter
+from .adapters.peft_units import adapter_parameters
 
 __version__ = "0.1.0"
 
@@ -20,7 +21,8 @@ _LAZY = {
     "VisualInstructionDataModule": "effilora_lightning.data",
 }
 
-__all__ = ["AdapterReport", "EffiLoRAConfig", "HydraLoRAConfig", "LilyConfig", "LoRAConfig", "apply_adapter", *_LAZY]
+__all__ = ["AdapterReport", "EffiLoRAConfig", "HydraLoRAConfig", "LilyConfig", "LoRAConfig", "adapter_parameters",
+           "apply_adapter", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -7,7 +7,8 @@ One optimizer step, as EffiLoRACallback drives it:
     ImportanceTracker.update(scores, observed)   EMA on CPU; a frozen unit's score stays or decays
     ImportanceTracker.select(k, step)            sample / top-k / random, seeded by (seed, step)
 
-``Reducer`` strings these together for one model, for any training loop.
+``Reducer`` strings these together for one model, for any training loop; ``selectable_units(model)`` gives it
+the units of our EffiLoRA or of a PEFT LoRA model alike.
 
 No per-parameter kernel loop: scores come from a few ``torch._foreach_*`` calls and one index_add.
 """
@@ -21,10 +22,11 @@ from typing import Any, Literal
 import torch
 
 from .adapters.effilora import SelectableUnits
+from .adapters.peft_units import selectable_units
 
 __all__ = [
     "IMPORTANCE", "SELECTION", "FROZEN_SCORE", "ImportanceTracker", "Reducer", "local_unit_scores", "num_kept",
-    "step_generator",
+    "selectable_units", "step_generator",
 ]
 
 IMPORTANCE = ("taylor", "grad_norm", "weight_norm", "random")
@@ -149,9 +151,10 @@ class ImportanceTracker:
 class Reducer:
     """EffiLoRA's Reducer without Lightning: which units of B train at each optimizer step.
 
-    Drive it from any training loop (EffiLoRACallback does exactly this)::
+    Drive it from any training loop (EffiLoRACallback does exactly this); ``model`` went through
+    ``apply_adapter(model, EffiLoRAConfig(...))`` or ``peft.get_peft_model(model, LoraConfig(...))``::
 
-        reducer = Reducer(effilora_units(model), keep_ratio=0.5)
+        reducer = Reducer(selectable_units(model), keep_ratio=0.5)
         for step, batch in enumerate(loader):
             reducer.begin_step()                  # before the forward: freeze the unselected B
             loss(model, batch).backward()

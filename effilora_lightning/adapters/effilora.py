@@ -195,6 +195,8 @@ def unit_name(module_name: str, granularity: Literal["layer", "module"]) -> str:
 class SelectableUnits:
     """The B parameters grouped into selectable units, and the one way to set which of them train.
 
+    Built by ``effilora_units`` (our EffiLoRA) or ``peft_units.peft_lora_units`` (PEFT LoRA's ``lora_B``).
+
     ``params`` is flat (every B once); ``unit_of_param[j]`` is the unit of ``params[j]``. Build it after
     any sharding: FSDP2 replaces Parameter objects when it shards them.
     """
@@ -203,6 +205,8 @@ class SelectableUnits:
     params: tuple[nn.Parameter, ...]
     unit_of_param: torch.Tensor  # (P,) int64, on CPU
     numel: torch.Tensor  # (U,) int64, parameters per unit (global, unsharded)
+    param_names: tuple[str, ...] = ()  # names of ``params`` (refusals name the missing ones), or empty
+    source: str = "EffiLoRA B"  # whose B these are, for messages and the callback's log line
 
     @property
     def num_units(self) -> int:
@@ -230,6 +234,7 @@ def effilora_units(model: nn.Module, granularity: Literal["layer", "module"] = "
         raise ValueError(f"granularity must be 'layer' or 'module', got {granularity!r}.")
     names: list[str] = []
     params: list[nn.Parameter] = []
+    param_names: list[str] = []
     owner: list[int] = []
     numel: list[int] = []
     for mname, module in model.named_modules():
@@ -240,8 +245,9 @@ def effilora_units(model: nn.Module, granularity: Literal["layer", "module"] = "
             names.append(uname)
             numel.append(0)
         u = names.index(uname)
-        for p in module.b_params():
+        for i, p in enumerate(module.b_params()):
             params.append(p)
+            param_names.append(f"{unwrapped_name(mname)}.effilora_B.{i}")
             owner.append(u)
             numel[u] += module.out_features * module.rank  # the global size: FSDP1 leaves a rank a flat slice
     if not params:
@@ -249,4 +255,4 @@ def effilora_units(model: nn.Module, granularity: Literal["layer", "module"] = "
             "The model has no EffiLoRA modules. Call apply_adapter(model, EffiLoRAConfig(...)) first "
             "(in your LightningModule's configure_model), or remove EffiLoRACallback."
         )
-    return SelectableUnits(tuple(names), tuple(params), torch.tensor(owner), torch.tensor(numel))
+    return SelectableUnits(tuple(names), tuple(params), torch.tensor(owner), torch.tensor(numel), tuple(param_names))

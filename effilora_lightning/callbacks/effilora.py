@@ -1,5 +1,8 @@
 """EffiLoRACallback: each optimizer step, re-rank B importance, train only the top units, log the cost.
 
+The B are our EffiLoRA's (``apply_adapter(model, EffiLoRAConfig(...))``) or PEFT LoRA's ``lora_B`` of the active
+adapter (``peft.get_peft_model(model, LoraConfig(...))``): ``selectable_units`` finds either.
+
 One optimizer step (see DESIGN.md, "Data flow in one training step"):
 
     on_train_batch_start     first micro-batch of step s: apply selection S_s (requires_grad on/off)
@@ -33,8 +36,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import nn
 from typing_extensions import override
 
-from ..adapters import SelectableUnits, effilora_units
-from ..adapters.effilora import EffiLoRALinear
+from ..adapters import SelectableUnits
+from ..adapters.peft_units import describe_adapters, has_selectable_units, selectable_units, trained_beside_units
 from ..selection import FROZEN_SCORE, IMPORTANCE, SELECTION, ImportanceTracker, Reducer
 from .heatmap import write_selection_heatmap
 
@@ -44,8 +47,11 @@ __all__ = ["EffiLoRACallback"]
 class EffiLoRACallback(Callback):
     """Selective B updates for EffiLoRA (the paper's Reducer), plus memory and throughput logging.
 
-    Works with any LightningModule whose model went through ``apply_adapter(model, EffiLoRAConfig(...))``
-    (in ``__init__`` or ``configure_model``), with every adapter parameter in the optimizer from step 0.
+    Works with any LightningModule whose model went through ``apply_adapter(model, EffiLoRAConfig(...))`` or
+    ``peft.get_peft_model(model, LoraConfig(...))`` (in ``__init__`` or ``configure_model``), with every adapter
+    parameter in the optimizer from step 0 (``adapter_parameters(self)``). With PEFT, the units are the active
+    adapter's ``lora_B``; lora_A, DoRA's magnitude vectors and ``modules_to_save`` train every step (the log line
+    at the start of training lists what trains beside the units).
 
     Args:
         keep_ratio: share of units trained each step, in (0, 1]; K = ceil(keep_ratio * units).
@@ -57,7 +63,7 @@ class EffiLoRACallback(Callback):
         warmup_steps: optimizer steps during which every unit trains; a float in (0, 1) is a share of
             the first epoch's optimizer steps.
         every_n_steps: re-select every n optimizer steps (the selection holds in between).
-        granularity: ``layer`` (all B of a decoder layer form one unit) or ``module``.
+        granularity: ``layer`` (all B of a decoder layer form one unit) or ``module`` (each adapted module's B).
         freeze_mode: ``requires_grad`` (frozen B get no weight gradient: saves compute) or ``grad_drop``
             (gradients computed, dropped after reduction: for DDP without find_unused_parameters and
             for torch.compile).
@@ -72,7 +78,9 @@ class EffiLoRACallback(Callback):
 
     Raises:
         ValueError: at construction for an argument out of range or an unknown name; in ``setup`` /
-            ``on_fit_start`` when the model has no EffiLoRA modules or a B is missing from the optimizer.
+            ``on_fit_start`` when the model has neither EffiLoRA modules nor PEFT LoRA layers (naming what it
+            has); in ``on_train_start`` when a B is missing from the optimizer (naming it) or a PEFT adapter is
+            merged.
         RuntimeError: ``requires_grad`` mode with torch.compile or with DDP without find_unused_parameters.
 
     Example::
@@ -114,6 +122,7 @@ class EffiLoRACallback(Callback):
             raise ValueError(f"peak_flops must be a positive FLOP/s figure or None, got {peak_flops}")
         self.peak_flops = peak_flops
         self._meter = _Meter()
+        self.description = ""  # the start-of-training log line: units, K, what trains beside the units
 
     # Read-only views of the reducer's state (tests and users look at these).
     @property
@@ -136,13 +145,13 @@ class EffiLoRACallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         configured_later = type(pl_module).configure_model is not pl.LightningModule.configure_model
-        if not configured_later and not _has_effilora(pl_module):
-            raise ValueError(_NO_EFFILORA)
+        if not configured_later and not has_selectable_units(pl_module):
+            raise ValueError(_no_units_message(pl_module))
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not _has_effilora(pl_module):
-            raise ValueError(_NO_EFFILORA)
+        if not has_selectable_units(pl_module):
+            raise ValueError(_no_units_message(pl_module))
         if self.freeze_mode == "requires_grad":
             _refuse_compile_and_plain_ddp(trainer, pl_module)
         self._meter.peak_flops = self.peak_flops or _device_peak_flops(trainer, pl_module)
@@ -150,7 +159,7 @@ class EffiLoRACallback(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Parameters are final now (sharding replaced them), and a checkpoint, if any, is restored.
-        units = effilora_units(pl_module, self.granularity)
+        units = selectable_units(pl_module, self.granularity)
         _check_in_optimizer(trainer, units)
         self.reducer = Reducer(
             units, self.keep_ratio, self.importance, self.selection, self.temperature, self.ema_beta,
@@ -165,10 +174,14 @@ class EffiLoRACallback(Callback):
         else:
             self.reducer.selected = self.reducer.decide(trainer.global_step)
         self._applied_step = -1
-        rank_zero_info(
-            f"EffiLoRACallback: {units.num_units} units ({self.granularity}), keeping {self.reducer.k} per step "
-            f"after {self.reducer.warmup_steps} warm-up steps, importance={self.importance}, selection={self.selection}."
+        beside = trained_beside_units(pl_module, units)
+        self.description = (
+            f"EffiLoRACallback: {units.num_units} units ({self.granularity}) of {units.source}, keeping "
+            f"{self.reducer.k} per step after {self.reducer.warmup_steps} warm-up steps, importance={self.importance}, "
+            f"selection={self.selection}. Trained every step, never selected: "
+            + (", ".join(f"{kind} {n:,}" for kind, n in beside.items()) or "nothing") + "."
         )
+        rank_zero_info(self.description)
 
     def _resolve_warmup(self, trainer: pl.Trainer) -> int:
         if isinstance(self.warmup_steps, int):
@@ -255,15 +268,12 @@ class EffiLoRACallback(Callback):
         self._restored = dict(state_dict) if state_dict else None  # applied in on_train_start
 
 
-_NO_EFFILORA = (
-    "EffiLoRACallback found no EffiLoRA modules in the LightningModule. Call "
-    "apply_adapter(model, EffiLoRAConfig(...)) in its __init__ or configure_model (the model must be an "
-    "attribute of the LightningModule), or drop the callback for other adapter methods."
-)
-
-
-def _has_effilora(module: nn.Module) -> bool:
-    return any(isinstance(m, EffiLoRALinear) for m in module.modules())
+def _no_units_message(pl_module: nn.Module) -> str:
+    return (
+        f"EffiLoRACallback found no EffiLoRA modules and no PEFT LoRA layers in {type(pl_module).__name__} (the "
+        "adapted model must be an attribute of the LightningModule, adapted in its __init__ or configure_model). "
+        + describe_adapters(pl_module)
+    )
 
 
 def _all_reduce(scores: torch.Tensor, sharded: bool) -> None:
@@ -289,12 +299,15 @@ def _shards_adapters(trainer: pl.Trainer, units: SelectableUnits) -> bool:
 
 def _check_in_optimizer(trainer: pl.Trainer, units: SelectableUnits) -> None:
     in_opt = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
-    missing = sum(id(p) not in in_opt for p in units.params)
+    missing = [j for j, p in enumerate(units.params) if id(p) not in in_opt]
     if missing:
+        named = [units.param_names[j] for j in missing[:3]] if units.param_names else []
+        example = f" (e.g. {', '.join(named)})" if named else ""
         raise ValueError(
-            f"{missing} of {len(units.params)} EffiLoRA B parameters are not in the optimizer. Put every adapter "
-            "parameter in the optimizer from step 0 (select them by name, not by requires_grad): the callback "
-            "toggles them and never adds param groups."
+            f"{len(missing)} of {len(units.params)} B parameters are not in the optimizer ({units.source}){example}. "
+            "Put every adapter parameter in the optimizer from step 0, selected by name, not by requires_grad: "
+            "`torch.optim.AdamW(adapter_parameters(self), ...)` (from effilora_lightning import adapter_parameters). "
+            "The callback toggles requires_grad every step and never adds param groups."
         )
 
 
