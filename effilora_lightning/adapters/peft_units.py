@@ -182,7 +182,7 @@ def _peft_types(model: nn.Module) -> dict[str, str]:
 
 
 _ALWAYS_TRAINED = (  # name marker -> how the log line calls it; the first match wins
-    ("lora_magnitude_vector", "DoRA magnitude vectors (lora_magnitude_vector, not selected: they stay trainable)"),
+    ("lora_magnitude_vector", "DoRA magnitude vectors (lora_magnitude_vector, which stay trainable: the callback selects B only)"),
     ("lora_embedding_A", "lora_embedding_A"),
     ("lora_A", "lora_A"),
     ("effilora_shared_a", "shared A"),
