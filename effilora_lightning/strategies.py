@@ -24,7 +24,10 @@ from typing import Any
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-__all__ = ["AdapterModelParallelStrategy", "check_checkpoint_keys", "saved_model_shapes"]
+from .adapters.export import methods_in
+from .checkpoint_io import check_checkpoint_file
+
+__all__ = ["AdapterModelParallelStrategy", "check_checkpoint_keys", "describe_adapter", "saved_model_shapes"]
 
 MODEL_KEY = "state_dict"  # where Lightning's ModelParallelStrategy puts the model state in a DCP checkpoint
 LIGHTNING_META_FILE = "meta.pt"  # the rest of a sharded Lightning checkpoint (loops, callbacks, ...), beside the shards
@@ -61,6 +64,8 @@ def check_checkpoint_keys(
     model: Mapping[str, torch.Size | None],
     required: Iterable[str],
     path: str | Path,
+    holds: str | None = None,
+    expects: str | None = None,
 ) -> None:
     """Refuse a checkpoint whose model keys are not the model's: some missing, unknown or of another shape.
 
@@ -69,6 +74,8 @@ def check_checkpoint_keys(
         model: key -> global shape of the model's state dict.
         required: the keys the checkpoint must hold (an adapter-only checkpoint: the adapter keys).
         path: the checkpoint, named in the error.
+        holds / expects: the adapter the checkpoint holds and the one the model carries (``describe_adapter``),
+            named in the error when given.
     """
     missing = sorted(set(required) - set(saved))
     unexpected = sorted(set(saved) - set(model))
@@ -85,11 +92,24 @@ def check_checkpoint_keys(
         )
         if keys
     ]
+    if holds is None:
+        holds = describe_adapter(None, saved)
+    adapters = f"It holds {holds}" + (f"; this model carries {expects}" if expects else "") + ".\n"
     raise ValueError(
-        f"The checkpoint {path} does not fit this model's adapter:\n" + "\n".join(problems) + "\n"
+        f"The checkpoint {path} does not fit this model's adapter:\n" + "\n".join(problems) + "\n" + adapters +
         "Resume with the adapter configuration the checkpoint was trained with (method, rank, target_modules, "
         "num_heads), or drop ckpt_path to start a new run."
     )
+
+
+def describe_adapter(config: Mapping[str, Any] | None, keys: Iterable[str]) -> str:
+    """``a lora adapter (rank=4, target_modules=['q_proj'])`` from a saved ``AdapterConfig.to_dict()``, else the
+    methods whose parameter prefixes the keys carry (checkpoints written before the config was saved)."""
+    if config:
+        shown = ", ".join(f"{k}={config[k]!r}" for k in ("rank", "target_modules", "num_heads") if k in config)
+        return f"a {config.get('method', '?')} adapter ({shown})"
+    methods = methods_in(keys)
+    return f"{' and '.join(methods)} adapter weights" if methods else "no adapter weights"
 
 
 def _describe(items: list[str], label: str) -> str:
@@ -115,6 +135,7 @@ class AdapterModelParallelStrategy(ModelParallelStrategy):
         """Restore model keys the checkpoint holds, optimizer states; return the rest (loops, callbacks...)."""
         path = Path(self.broadcast(checkpoint_path))
         if not (path.is_dir() and (path / DCP_METADATA_FILE).is_file()):
+            check_checkpoint_file(path)  # Lightning reads single files itself here, not through the CheckpointIO
             return super().load_checkpoint(path, weights_only=weights_only)
         self._load_model_state(path)
         self._load_optimizer_states(path)

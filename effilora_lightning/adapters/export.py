@@ -12,27 +12,32 @@ names (``_fsdp_wrapped_module.``) never reach a file.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
 import shutil
+import struct
 import tempfile
+from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .base import AdapterConfig, AdapterLinear, is_adapter_param, unwrapped_name
+from .base import ADAPTER_PREFIXES, AdapterConfig, AdapterLinear, is_adapter_param, unwrapped_name
 from .effilora import EffiLoRAConfig, EffiLoRALinear
 from .hydralora import HydraLoRAConfig
 from .inject import AdapterReport, adapter_config_of, apply_adapter
 from .lily import LilyConfig
 from .lora import LoRAConfig, LoRALinear
 
-__all__ = ["save_adapter", "load_adapter", "merge_adapter", "unmerge_adapter", "export_peft_lora"]
+__all__ = ["save_adapter", "load_adapter", "merge_adapter", "unmerge_adapter", "export_peft_lora",
+           "check_safetensors_file", "methods_in", "read_adapter_config", "read_safetensors"]
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -120,16 +125,68 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
 
 
 def read_adapter_config(directory: str | Path) -> tuple[AdapterConfig, dict[str, Any]]:
-    """Parse ``adapter_config.json`` back into a config dataclass."""
+    """Parse ``adapter_config.json`` back into a config dataclass.
+
+    Raises a FileNotFoundError or ValueError naming the file and what is wrong with it: not JSON, another
+    format, an unknown method (close names listed), or a field that method does not take.
+    """
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"No adapter config at {path}: expected a directory written by save_adapter.")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not an effilora_lightning adapter (format={meta.get('format')!r}, expected {FORMAT!r}).")
-    fields = dict(meta["config"])
-    method = fields.pop("method")
-    return _CONFIGS[method](**fields), meta
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); rewrite it with save_adapter.") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{path} is not an effilora_lightning adapter (format={found!r}, expected {FORMAT!r}).")
+    fields = dict(meta.get("config") or {})
+    method = fields.pop("method", meta.get("method"))
+    if method not in _CONFIGS:
+        close = difflib.get_close_matches(str(method), list(_CONFIGS), n=2)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        raise ValueError(f"{path} names the adapter method {method!r}{hint}; known methods: {', '.join(_CONFIGS)}.")
+    try:
+        return _CONFIGS[method](**fields), meta
+    except TypeError as err:
+        raise ValueError(f"{path}: its config does not fit {_CONFIGS[method].__name__}: {err}.") from None
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file`` after ``check_safetensors_file``; any read error names the file."""
+    check_safetensors_file(path)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise ValueError(f"{path} cannot be read as safetensors ({err}). Write or copy the file again.") from None
+
+
+def methods_in(keys: Iterable[str]) -> list[str]:
+    """The adapter methods whose parameter prefixes (``lora_``, ``effilora_`` ...) occur in ``keys``, sorted."""
+    return sorted({part.split("_", 1)[0] for key in keys for part in key.split(".") if part.startswith(ADAPTER_PREFIXES)})
+
+
+def check_safetensors_file(path: str | Path) -> None:
+    """Refuse a ``.safetensors`` file cut short or not one at all, naming it, before any tensor is read.
+
+    The file is an 8-byte little-endian header length, a JSON header giving each tensor's byte range, then the
+    data: a complete file is at least as long as the end of the last range.
+    """
+    file = Path(path)
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length)) if 0 < length <= size - 8 else None
+    except (struct.error, json.JSONDecodeError, UnicodeDecodeError):
+        header = None
+    if not isinstance(header, dict):
+        raise ValueError(f"{file} ({size} bytes) is not a complete safetensors file: its header is cut short or "
+                         "unreadable. Write or copy the file again.")
+    end = max((e["data_offsets"][1] for k, e in header.items() if k != "__metadata__"), default=0)
+    if 8 + length + end > size:
+        raise ValueError(f"{file} is truncated: {size} bytes, but its header places tensor data up to byte "
+                         f"{8 + length + end}. Write or copy the file again.")
 
 
 def load_adapter(model: nn.Module, directory: str | Path) -> AdapterReport | None:
@@ -138,14 +195,19 @@ def load_adapter(model: nn.Module, directory: str | Path) -> AdapterReport | Non
     Raises a ValueError naming the module and both shapes when the model does not fit the file.
     """
     cfg, meta = read_adapter_config(directory)
+    weights = Path(directory) / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"No adapter weights at {weights}.")
+    saved = read_safetensors(weights)
+    found = methods_in(saved)
+    if found != [cfg.method]:
+        raise ValueError(f"{directory}: {CONFIG_NAME} says {cfg.method}, but the weights in {WEIGHTS_NAME} are "
+                         f"{' and '.join(found) or 'no adapter weights'}: the two files come from different "
+                         "adapters. Save the adapter again with save_adapter.")
     report = apply_adapter(model, cfg) if adapter_config_of(model) is None else None
     _, root, current = _adapter_root(model)
     if current.method != cfg.method:
         raise ValueError(f"{directory} holds a {cfg.method} adapter but the model carries {current.method}.")
-    weights = Path(directory) / WEIGHTS_NAME
-    if not weights.is_file():
-        raise FileNotFoundError(f"No adapter weights at {weights}.")
-    saved = load_file(str(weights))
     params = {n: p for n, p in root.named_parameters() if is_adapter_param(n)}
     _check_fit(saved, params, weights)
     with torch.no_grad():
