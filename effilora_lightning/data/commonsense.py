@@ -22,8 +22,16 @@ of each eval task (when > 0). Tell them apart with ``is_generation_batch(batch)`
 
 Sequences are ``<bos> prompt output <eos>``: BOS is added here exactly once (the text is tokenized without
 special tokens), EOS only when the sequence fits in ``cutoff_len``. Longer training sequences are cut at
-``cutoff_len``; longer generation prompts keep BOS and their LAST tokens (the question and "### Response:").
-Both are counted (``num_truncated_train``, ``num_truncated_eval``) and warned about once.
+``cutoff_len``, counted (``num_truncated_train``) and warned about once. Generation prompts are never cut (the
+reference feeds them whole: real piqa prompts exceed 256 LLaMA-3 tokens); ``max_eval_prompt_len`` refuses
+longer ones up front, naming task and record, and ``longest_eval_prompt`` lets the LightningModule check the
+longest against the model's context before any step.
+
+Token ids. With the clean template the prompt and the output are tokenized apart, so a training prompt is
+token for token the generation prompt. With ``reference_whitespace=True`` the ids are LLM-Adapters'
+``finetune.py``'s: the whole prompt + output string is tokenized at once (tokenizing the two apart changes the
+ids at the boundary, e.g. ``['\n', 16 spaces, 'the']`` vs ``['\n', 15 spaces, ' the']``), and with
+``train_on_inputs=False`` the first ``len(tokenize(prompt))`` positions are masked, as the reference does.
 """
 
 from __future__ import annotations
@@ -142,12 +150,13 @@ def load_records(
 
 @dataclass(frozen=True)
 class _Encoding:
-    """Token ids shared by every example: BOS/EOS/pad and the length limit."""
+    """Token ids shared by every example: BOS/EOS/pad and the length limits."""
 
     bos: int | None
     eos: int | None
     pad: int
     cutoff_len: int
+    max_eval_prompt_len: int | None = None
 
 
 def _ids(tokenizer: PreTrainedTokenizerBase, texts: list[str], bos: int | None) -> list[list[int]]:
@@ -156,28 +165,38 @@ def _ids(tokenizer: PreTrainedTokenizerBase, texts: list[str], bos: int | None) 
     return [ids[1:] if bos is not None and ids[:1] == [bos] else ids for ids in out]
 
 
-def train_example(prompt: list[int], output: list[int], enc: _Encoding, train_on_inputs: bool,
+def train_example(text: list[int], prompt_len: int, enc: _Encoding, train_on_inputs: bool,
                   add_eos: bool) -> tuple[dict[str, list[int]], bool]:
-    """Build <bos> prompt output <eos> with labels; return it and whether it was cut at cutoff_len.
+    """Build <bos> text <eos> with labels; return it and whether it was cut at cutoff_len.
 
-    Labels copy the ids (the reference trains on the prompt too); with ``train_on_inputs=False`` BOS and
-    prompt positions are -100. EOS is kept only when the whole sequence fits.
+    ``text`` is the prompt + output ids without BOS, ``prompt_len`` how many of them are prompt. Labels copy
+    the ids (the reference trains on the prompt too); with ``train_on_inputs=False`` BOS and the first
+    ``prompt_len`` positions are -100. EOS is kept only when the whole sequence fits.
     """
-    head = ([enc.bos] if enc.bos is not None else []) + prompt
-    ids = head + output + ([enc.eos] if add_eos and enc.eos is not None else [])
+    head = [enc.bos] if enc.bos is not None else []
+    ids = head + text + ([enc.eos] if add_eos and enc.eos is not None else [])
     truncated = len(ids) > enc.cutoff_len
     ids = ids[: enc.cutoff_len]
-    labels = list(ids) if train_on_inputs else [-100] * min(len(head), len(ids)) + ids[len(head):]
+    masked = min(len(head) + prompt_len, len(ids))
+    labels = list(ids) if train_on_inputs else [-100] * masked + ids[masked:]
     return {"input_ids": ids, "labels": labels}, truncated
 
 
-def generation_prompt(prompt: list[int], enc: _Encoding) -> tuple[list[int], bool]:
-    """<bos> prompt, keeping BOS and the last tokens when it exceeds cutoff_len; return it and whether cut."""
-    head = [enc.bos] if enc.bos is not None else []
-    ids = head + prompt
-    if len(ids) <= enc.cutoff_len:
-        return ids, False
-    return head + prompt[len(prompt) - (enc.cutoff_len - len(head)):], True
+def generation_prompt(prompt: list[int], enc: _Encoding, task: str, index: int, path: Path) -> list[int]:
+    """<bos> prompt, whole (the reference never cuts an eval prompt).
+
+    Raises:
+        RecordError: the prompt is longer than ``max_eval_prompt_len``; the message names task and record.
+    """
+    ids = ([enc.bos] if enc.bos is not None else []) + prompt
+    limit = enc.max_eval_prompt_len
+    if limit is not None and len(ids) > limit:
+        raise RecordError(
+            f"{path}: record {index} (eval task {task}) is a {len(ids)}-token prompt, longer than "
+            f"max_eval_prompt_len={limit}. Eval prompts are never cut (the reference feeds them whole): raise "
+            f"max_eval_prompt_len, or leave it null to allow anything the model's context holds."
+        )
+    return ids
 
 
 def collate_train(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -225,7 +244,9 @@ class CommonsenseDataModule(LightningDataModule):
         eval_tasks: task directory names to evaluate; None means all 8 (``TASKS``).
         val_set_size: records of the training file held out (seeded) for the validation loss; 0 for none.
         val_generation_samples_per_task: first records of each eval task generated from during validation.
-        cutoff_len: maximum tokens per sequence (BOS and EOS included).
+        cutoff_len: maximum tokens per training sequence (BOS and EOS included).
+        max_eval_prompt_len: longest generation prompt accepted (BOS included); None accepts any, leaving the
+            LightningModule to check the longest (``longest_eval_prompt``) against the model's context.
         train_on_inputs: True (reference default) trains on prompt tokens too; False masks them with -100.
         add_eos: append EOS to training sequences that fit in ``cutoff_len``.
         batch_size: training and validation-loss batch size.
@@ -251,6 +272,7 @@ class CommonsenseDataModule(LightningDataModule):
         val_set_size: int = 0,
         val_generation_samples_per_task: int = 8,
         cutoff_len: int = 256,
+        max_eval_prompt_len: int | None = None,
         train_on_inputs: bool = True,
         add_eos: bool = True,
         batch_size: int = 16,
@@ -270,14 +292,17 @@ class CommonsenseDataModule(LightningDataModule):
                             val_generation_samples_per_task=val_generation_samples_per_task)
         if max_test_samples_per_task is not None:
             _check_positive(max_test_samples_per_task=max_test_samples_per_task)
+        if max_eval_prompt_len is not None:
+            _check_positive(max_eval_prompt_len=max_eval_prompt_len)
         if on_bad_record not in ("error", "skip"):
             raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
         self.data_path, self.dataset_dir = Path(data_path), Path(dataset_dir)
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.num_skipped: dict[str, int] = {}
         self.num_truncated_train = 0
-        self.num_truncated_eval = 0
         self.num_fully_masked = 0
+        self.longest_eval_prompt: tuple[int, str, int] | None = None
+        """(length in tokens with BOS, task, record index) of the longest generation prompt, after setup."""
         self._train: list[dict[str, list[int]]] | None = None
         self._val: list[dict[str, list[int]]] = []
         self._test: list[dict[str, Any]] | None = None
@@ -294,11 +319,10 @@ class CommonsenseDataModule(LightningDataModule):
             self._warn_counts("train", self.num_truncated_train, "training sequences were cut at cutoff_len")
         if self._test is None:
             self._test = self._build_test()
-            self._warn_counts("eval", self.num_truncated_eval, "generation prompts lost their start to cutoff_len")
 
     def _encoding(self) -> _Encoding:
-        tok = self.tokenizer
-        return _Encoding(tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, self.hparams.cutoff_len)
+        tok, hp = self.tokenizer, self.hparams
+        return _Encoding(tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, hp.cutoff_len, hp.max_eval_prompt_len)
 
     def _build_train_val(self) -> tuple[list[dict[str, list[int]]], list[dict[str, list[int]]]]:
         """Validate the training file, split off the seeded validation records, tokenize both."""
@@ -315,16 +339,23 @@ class CommonsenseDataModule(LightningDataModule):
         return self._tokenize_train(train), self._tokenize_train(val)
 
     def _tokenize_train(self, records: list[dict[str, str]]) -> list[dict[str, list[int]]]:
-        """Prompt and output are tokenized separately so the prompt ids equal those seen at generation."""
+        """Prompt + output ids and the prompt's length, per record (see the module docstring for why the
+        clean template and ``reference_whitespace`` tokenize differently)."""
         if not records:
             return []
         enc, ws = self._encoding(), self.hparams.reference_whitespace
         prompts = [build_train_prompt(r["instruction"], "", reference_whitespace=ws) for r in records]
         prompt_ids = _ids(self.tokenizer, prompts, enc.bos)
-        output_ids = _ids(self.tokenizer, [r["output"] for r in records], enc.bos)
+        if ws:  # the reference's ids: the whole string at once
+            texts = [build_train_prompt(r["instruction"], r["output"], reference_whitespace=True) for r in records]
+            text_ids = _ids(self.tokenizer, texts, enc.bos)
+        else:
+            output_ids = _ids(self.tokenizer, [r["output"] for r in records], enc.bos)
+            text_ids = [p + o for p, o in zip(prompt_ids, output_ids)]
         examples = []
-        for p, o in zip(prompt_ids, output_ids):
-            example, truncated = train_example(p, o, enc, self.hparams.train_on_inputs, self.hparams.add_eos)
+        for text, prompt in zip(text_ids, prompt_ids):
+            example, truncated = train_example(text, len(prompt), enc, self.hparams.train_on_inputs,
+                                               self.hparams.add_eos)
             self.num_truncated_train += truncated
             if all(label == -100 for label in example["labels"]):
                 self.num_fully_masked += 1  # the prompt filled cutoff_len: nothing left to learn from
@@ -345,8 +376,8 @@ class CommonsenseDataModule(LightningDataModule):
             records = records[: self.hparams.max_test_samples_per_task]
             prompts = [build_eval_prompt(r["instruction"], self.hparams.reference_whitespace) for _, r in records]
             for (index, record), ids in zip(records, _ids(self.tokenizer, prompts, enc.bos)):
-                ids, truncated = generation_prompt(ids, enc)
-                self.num_truncated_eval += truncated
+                ids = generation_prompt(ids, enc, task, index, path)
+                self.longest_eval_prompt = max(self.longest_eval_prompt or (0, "", 0), (len(ids), task, index))
                 sample_id = TASKS.index(task) * SAMPLE_ID_STRIDE + index
                 examples.append({"input_ids": ids, "task": task, "answer": record["answer"], "sample_id": sample_id})
         return examples
@@ -359,7 +390,7 @@ class CommonsenseDataModule(LightningDataModule):
     def _warn_counts(self, what: str, count: int, message: str) -> None:
         if count:
             rank_zero_warn(f"{count} {message} ({self.hparams.cutoff_len}); see num_truncated_{what}")
-        if what == "train" and self.num_fully_masked:
+        if self.num_fully_masked:
             rank_zero_warn(f"dropped {self.num_fully_masked} training sequences whose prompt filled cutoff_len "
                            "(train_on_inputs=False leaves them no label)")
 

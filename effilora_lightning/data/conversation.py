@@ -1,13 +1,16 @@
 """Conversation templates for visual instruction tuning, and LLaVA `conversations` -> `input_ids`, `labels`.
 
-A sample is rendered as a list of segments and tokenized segment by segment, then concatenated, so the
-labels line up with the ids by construction (the LLaVA reference tokenizes the whole prompt and masks by
-lengths measured separately; when the two disagree it masks the whole sample and trains on nothing)::
+A sample is rendered as text with its trainable character ranges marked, cut at each image, and each piece
+is tokenized WHOLE, as the LLaVA reference does (``tokenizer_image_token`` tokenizes the text between images,
+each piece on its own). The ids are therefore the reference's for any tokenizer, SentencePiece (prefix
+spaces, ``legacy`` either way) or BPE. The labels come from the tokenizer's character offsets: a token is
+trained when it covers a character of a reply or of its end-of-turn token (the reference masks by lengths
+measured separately and, when they disagree, masks the whole sample and trains on nothing)::
 
     [bos] [system + user turn 1 .. "<image>" ..] [reply 1 + end-of-turn] [user turn 2] [reply 2 + end-of-turn]
      -100   -100 ............ -100 (IMAGE -200 in ids)  = ids                 -100        = ids
 
-vicuna_v1 (LLaVA-1.5), with the tokenizer's eos as the end of turn (LLaVA's "</s>")::
+vicuna_v1 (LLaVA-1.5's ``conv_vicuna_v1``), with the tokenizer's eos as the end of turn (LLaVA's "</s>")::
 
     <bos>{system} USER: <image>\\n{q1} ASSISTANT: {a1}<eos>USER: {q2} ASSISTANT: {a2}<eos>
 
@@ -18,21 +21,28 @@ llama3 (LLaMA-3 chat; the LLaVA reference has none)::
     <|start_header_id|>assistant<|end_header_id|>\\n\\n
     {a1}<|eot_id|>...
 
-Rules:
-- The bos comes from the tokenizer and is added exactly once: text is tokenized with
-  `add_special_tokens=False` and `split_special_tokens=True`, so neither the tokenizer's post-processor nor a
-  message that happens to contain "<|begin_of_text|>" or "<|eot_id|>" can add a special token.
+Rules (the reference's, except where marked "ours"):
+- A conversation whose first turn is from gpt loses that turn (LLaVA's preprocess skips it, see
+  `reference_turns`; the DataModule counts them as ``leading_gpt_dropped``). Ours: a conversation that ends on
+  a human turn is refused (the reference would train on a prompt with no reply).
+- Each `<image>` of a human turn is moved to the start of that turn ("<image>\\n" * k + text, then stripped,
+  so a turn that is only `<image>` renders as `<image>`) and becomes one `IMAGE_TOKEN_INDEX` position; the
+  model expands it to the tower's patch features. Labels there are -100.
+- llama3 trims every message (the official chat format's ``content | trim``); vicuna_v1 keeps them as given.
+- The bos comes from the tokenizer and is added exactly once, as an id before the text (the text is tokenized
+  with `add_special_tokens=False`).
 - Template special tokens (headers, end of turn) are looked up as single ids and refused if the tokenizer
   lacks them (a LLaMA-3 template needs a LLaMA-3 tokenizer).
-- Each `<image>` of a human turn is moved to the start of that turn ("<image>\\n" * k + text) and becomes one
-  `IMAGE_TOKEN_INDEX` position; the model expands it to the tower's patch features. Labels there are -100.
-- Per-sample check (`EncodedConversation.mismatch`): the ids between image positions must decode to exactly
-  the rendered text. A tokenizer that rewrites segment boundaries (e.g. SentencePiece adding a prefix space
-  to every segment) fails it; `MismatchCounter` counts such samples and raises past a configured share.
+- Ours: a message that contains special-token text ("<|eot_id|>", "</s>") never becomes a special token. Such
+  a sample (rare) is tokenized segment by segment with `split_special_tokens=True` instead, and its ids must
+  then decode back to the rendered text (`EncodedConversation.mismatch`); `MismatchCounter` counts the samples
+  that do not and raises past a configured share. So does a tokenizer without character offsets (no fast
+  tokenizer), for every sample.
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
 import logging
 import re
@@ -55,6 +65,7 @@ __all__ = [
     "encode_conversations",
     "encode_prompt",
     "get_template",
+    "reference_turns",
     "validate_conversation",
 ]
 
@@ -85,6 +96,8 @@ class ConversationTemplate:
     """Token closing an assistant reply, trained on; None means the tokenizer's eos."""
     special_tokens: tuple[str, ...] = ()
     """Strings in the formats that must map to one special token id each."""
+    trim_messages: bool = False
+    """Strip leading/trailing whitespace of every message (LLaMA-3's chat format does)."""
 
     def end_token(self, tokenizer: Any) -> str:
         """The end-of-turn token string for this tokenizer (also the stop token for generation)."""
@@ -96,9 +109,9 @@ class ConversationTemplate:
 
 VICUNA_V1 = ConversationTemplate(
     name="vicuna_v1",
-    system=(
-        "A chat between a curious human and an artificial intelligence assistant. "
-        "The assistant gives helpful, detailed, and polite answers to the human's questions."
+    system=(  # LLaVA's conv_vicuna_v1 (`--version v1`, `--conv-mode vicuna_v1`); conv_llava_v1 says "human"
+        "A chat between a curious user and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the user's questions."
     ),
     system_format="{system} ",
     user_format="USER: {message} ASSISTANT:",
@@ -119,6 +132,7 @@ LLAMA3 = ConversationTemplate(
     assistant_format="{message}",
     end_of_turn="<|eot_id|>",
     special_tokens=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    trim_messages=True,
 )
 
 TEMPLATES: dict[str, ConversationTemplate] = {t.name: t for t in (VICUNA_V1, LLAMA3)}
@@ -149,6 +163,18 @@ def _special_id(tokenizer: Any, token: str, template: ConversationTemplate) -> i
 
 
 # ----------------------------------------------------------------------------------------------- validation
+
+
+def reference_turns(conversations: Any) -> tuple[Any, bool]:
+    """The turns LLaVA trains on: a conversation whose first turn is from gpt loses that turn.
+
+    Returns the turns and whether one was dropped; anything that is not a list of turns comes back as it is,
+    for `validate_conversation` to name.
+    """
+    first = conversations[0] if isinstance(conversations, list) and conversations else None
+    if isinstance(first, dict) and first.get("from") == _GPT:
+        return conversations[1:], True
+    return conversations, False
 
 
 def validate_conversation(sample_id: str, conversations: Any, num_images: int) -> None:
@@ -202,11 +228,12 @@ class _Segment:
 
 
 def _move_images_to_start(message: str) -> str:
-    """LLaVA's rule: every `<image>` of a turn goes to its start, each followed by a newline."""
+    """LLaVA's rule: every `<image>` of a turn goes to its start, each followed by a newline, and the turn is
+    stripped (a turn that is only `<image>` renders without the newline)."""
     count = message.count(IMAGE_TOKEN)
     if not count:
         return message
-    return (IMAGE_TOKEN + "\n") * count + message.replace(IMAGE_TOKEN, "").strip()
+    return ((IMAGE_TOKEN + "\n") * count + message.replace(IMAGE_TOKEN, "").strip()).strip()
 
 
 @functools.lru_cache(maxsize=64)
@@ -235,17 +262,20 @@ def _split(fmt: str, template: ConversationTemplate, trainable: bool, turn: int,
 
 
 def _render(conversations: list[dict[str, str]], template: ConversationTemplate, tokenizer: Any) -> list[_Segment]:
-    """Segments of the whole conversation: bos, system block, then user turns and trainable replies."""
+    """Segments of the whole conversation (bos not included): system block, then user turns and trainable
+    replies, each followed by its end-of-turn token."""
+    def message(text: str) -> str:
+        return text.strip() if template.trim_messages else text
+
     segments = []
-    if tokenizer.bos_token is not None:
-        segments.append(_Segment("special", tokenizer.bos_token, False, -1))
     if template.system:
-        segments += _split(template.system_format, template, False, -1, system=template.system)
+        segments += _split(template.system_format, template, False, -1, system=message(template.system))
     for i, turn in enumerate(conversations):
         if i % 2 == 0:
-            segments += _split(template.user_format, template, False, i, message=_move_images_to_start(turn["value"]))
+            text = message(_move_images_to_start(turn["value"]))
+            segments += _split(template.user_format, template, False, i, message=text)
         else:
-            segments += _split(template.assistant_format, template, True, i, message=turn["value"])
+            segments += _split(template.assistant_format, template, True, i, message=message(turn["value"]))
             segments.append(_Segment("special", template.end_token(tokenizer), True, i))
     return _coalesce(segments)
 
@@ -273,13 +303,81 @@ class EncodedConversation:
     labels: list[int]
     num_images: int
     mismatch: str | None = None
-    """Why the ids do not spell the rendered text (None: they do, or the check was skipped)."""
+    """Why the ids cannot be trusted to spell the rendered text (None: they can, or the check was skipped)."""
 
 
-def _tokenize(rendered: Sequence[Sequence[_Segment]], tokenizer: Any, template: ConversationTemplate
-              ) -> list[list[list[int]]]:
-    """Ids of every segment of every sample; all text goes through the tokenizer in ONE batched call
-    (per-call overhead dominates otherwise: setup tokenizes every record)."""
+@dataclass
+class _Piece:
+    """The rendered text between two images, and where the template put its trained text and special tokens."""
+
+    text: str = ""
+    trained: list[tuple[int, int]] = field(default_factory=list)  # character ranges: replies + end of turn
+    specials: list[tuple[int, int, str]] = field(default_factory=list)  # (start, end, token) of each special
+
+
+def _pieces(segments: Sequence[_Segment]) -> list[_Piece]:
+    """Cut a rendered sample at its images; the n-th piece is the text after the n-th image."""
+    pieces = [_Piece()]
+    for seg in segments:
+        if seg.kind == "image":
+            pieces.append(_Piece())
+            continue
+        piece, start = pieces[-1], len(pieces[-1].text)
+        piece.text += seg.text
+        if seg.trainable:
+            piece.trained.append((start, len(piece.text)))
+        if seg.kind == "special":
+            piece.specials.append((start, len(piece.text), seg.text))
+    return pieces
+
+
+def _trained_labels(ids: list[int], offsets: Sequence[tuple[int, int]], trained: list[tuple[int, int]]
+                    ) -> tuple[list[int], bool]:
+    """-100 except on tokens that cover a trained character; also whether every trained range got a token.
+    Offsets are non-decreasing, so each range is two bisections, not a loop over tokens."""
+    labels = [IGNORE_INDEX] * len(ids)
+    if not trained:
+        return labels, True
+    starts, ends = [o[0] for o in offsets], [o[1] for o in offsets]
+    covered = True
+    for first, stop in trained:
+        i, j = bisect.bisect_right(ends, first), bisect.bisect_left(starts, stop)
+        labels[i:j] = ids[i:j]
+        covered &= j > i
+    return labels, covered
+
+
+def _encode_whole(rendered: Sequence[Sequence[_Segment]], tokenizer: Any, template: ConversationTemplate
+                  ) -> list[tuple[list[int], list[int], str | None] | None]:
+    """Ids, labels and mismatch of each sample with every piece tokenized whole (ONE batched tokenizer call:
+    per-call overhead dominates otherwise, and setup tokenizes every record). None for a sample where a
+    message's text became a special token: it goes segment by segment instead."""
+    samples = [_pieces(segments) for segments in rendered]
+    texts = [piece.text for pieces in samples for piece in pieces]
+    encoded = tokenizer(texts, add_special_tokens=False, split_special_tokens=False, return_offsets_mapping=True)
+    rows = iter(zip(encoded["input_ids"], encoded["offset_mapping"], strict=True))
+    added = set(tokenizer.added_tokens_decoder)  # ids the tokenizer matches in raw text
+    special_ids = {token: _special_id(tokenizer, token, template)
+                   for token in {s[2] for pieces in samples for piece in pieces for s in piece.specials}}
+    out: list[tuple[list[int], list[int], str | None] | None] = []
+    for pieces in samples:
+        input_ids, labels, clean, covered = [], [], True, True
+        for n, piece in enumerate(pieces):
+            ids, offsets = next(rows)
+            found = [(i, tuple(o)) for i, o in zip(ids, offsets) if i in added]
+            clean &= found == [(special_ids[token], (s, e)) for s, e, token in piece.specials]
+            piece_labels, piece_covered = _trained_labels(ids, offsets, piece.trained)
+            covered &= piece_covered
+            input_ids += ([IMAGE_TOKEN_INDEX] if n else []) + list(ids)
+            labels += ([IGNORE_INDEX] if n else []) + piece_labels
+        mismatch = None if covered else "a reply got no token (the tokenizer's character offsets do not cover it)"
+        out.append((input_ids, labels, mismatch) if clean else None)
+    return out
+
+
+def _tokenize_segments(rendered: Sequence[Sequence[_Segment]], tokenizer: Any, template: ConversationTemplate
+                       ) -> list[list[list[int]]]:
+    """Ids of every segment of every sample, text with `split_special_tokens=True` (one batched call)."""
     texts = [seg.text for segments in rendered for seg in segments if seg.kind == "text"]
     encoded = iter(tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"] if texts else [])
     specials = {seg.text for segments in rendered for seg in segments if seg.kind == "special"}
@@ -332,6 +430,47 @@ def _check_round_trips(rendered: Sequence[Sequence[_Segment]], pieces: Sequence[
     return reasons
 
 
+def _encode_segmentwise(rendered: Sequence[Sequence[_Segment]], tokenizer: Any, template: ConversationTemplate,
+                        check: bool) -> list[tuple[list[int], list[int], str | None]]:
+    """Ids, labels and mismatch of each sample with every segment tokenized apart (see the module docstring)."""
+    pieces = _tokenize_segments(rendered, tokenizer, template)
+    reasons = _check_round_trips(rendered, pieces, tokenizer) if check else [None] * len(rendered)
+    out = []
+    for segments, sample_pieces, reason in zip(rendered, pieces, reasons, strict=True):
+        input_ids, labels = [], []
+        for seg, ids in zip(segments, sample_pieces, strict=True):
+            input_ids += ids
+            labels += ids if seg.trainable else [IGNORE_INDEX] * len(ids)
+        out.append((input_ids, labels, reason))
+    return out
+
+
+def _encode_rendered(rendered: Sequence[Sequence[_Segment]], tokenizer: Any, template: ConversationTemplate,
+                     check: bool) -> list[tuple[list[int], list[int], str | None]]:
+    """bos + ids, labels and mismatch of each rendered sample: whole pieces where the tokenizer gives character
+    offsets and no message text turns into a special token, segment by segment otherwise."""
+    encoded = (_encode_whole(rendered, tokenizer, template) if getattr(tokenizer, "is_fast", False)
+               else [None] * len(rendered))
+    rest = [n for n, e in enumerate(encoded) if e is None]
+    for n, e in zip(rest, _encode_segmentwise([rendered[n] for n in rest], tokenizer, template, check) if rest else []):
+        encoded[n] = e
+    if tokenizer.bos_token is None:
+        return encoded
+    bos = _special_id(tokenizer, tokenizer.bos_token, template)
+    return [([bos, *ids], [IGNORE_INDEX, *labels], mismatch) for ids, labels, mismatch in encoded]
+
+
+def _conversation_turns(conversations: Sequence[Any], num_images: Sequence[int], sample_ids: Sequence[str]
+                        ) -> list[list[dict[str, str]]]:
+    """The reference's turns of each sample (a leading gpt turn dropped), validated."""
+    turns = []
+    for conv, n, sid in zip(conversations, num_images, sample_ids, strict=True):
+        conv, _ = reference_turns(conv)
+        validate_conversation(sid, conv, n)
+        turns.append(conv)
+    return turns
+
+
 def encode_conversations(
     conversations: Sequence[list[dict[str, str]]],
     template: ConversationTemplate,
@@ -348,19 +487,11 @@ def encode_conversations(
     """
     num_images = list(num_images) if num_images is not None else [0] * len(conversations)
     sample_ids = list(sample_ids) if sample_ids is not None else [str(i) for i in range(len(conversations))]
-    for conv, n, sid in zip(conversations, num_images, sample_ids, strict=True):
-        validate_conversation(sid, conv, n)
-    rendered = [_render(conv, template, tokenizer) for conv in conversations]
-    pieces = _tokenize(rendered, tokenizer, template)
-    reasons = _check_round_trips(rendered, pieces, tokenizer) if check else [None] * len(rendered)
-    out = []
-    for segments, sample_pieces, n, reason in zip(rendered, pieces, num_images, reasons, strict=True):
-        input_ids, labels = [], []
-        for seg, ids in zip(segments, sample_pieces, strict=True):
-            input_ids += ids
-            labels += ids if seg.trainable else [IGNORE_INDEX] * len(ids)
-        out.append(EncodedConversation(input_ids, labels, n, reason))
-    return out
+    turns = _conversation_turns(conversations, num_images, sample_ids)
+    rendered = [_render(conv, template, tokenizer) for conv in turns]
+    return [EncodedConversation(ids, labels, n, mismatch)
+            for (ids, labels, mismatch), n in zip(_encode_rendered(rendered, tokenizer, template, check), num_images,
+                                                  strict=True)]
 
 
 def encode_conversation(
@@ -390,12 +521,13 @@ def encode_prompt(
     sample_id: str = "?",
 ) -> tuple[list[int], str]:
     """Generation prompt (every segment before the last reply, ending with the assistant header) and the
-    last reply as the reference answer. The prompt ids equal the prefix of `encode_conversation`'s ids."""
-    validate_conversation(sample_id, conversations, num_images)
-    segments = _render(conversations, template, tokenizer)
-    last_turn = len(conversations) - 1
-    prompt = [s for s in segments if s.turn < last_turn]
-    return [i for piece in _tokenize([prompt], tokenizer, template)[0] for i in piece], conversations[-1]["value"]
+    last reply as the reference answer. The prompt is tokenized on its own, as the reference's evaluation
+    does; its ids are the prefix of `encode_conversation`'s ids for the tokenizers we know."""
+    (turns,) = _conversation_turns([conversations], [num_images], [sample_id])
+    last_turn = len(turns) - 1
+    prompt = [s for s in _render(turns, template, tokenizer) if s.turn < last_turn]
+    ((ids, _, _),) = _encode_rendered([prompt], tokenizer, template, check=False)
+    return ids, turns[-1]["value"]
 
 
 # ---------------------------------------------------------------------------------------- mismatch counting

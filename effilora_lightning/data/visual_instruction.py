@@ -59,6 +59,7 @@ from .conversation import (
     encode_conversations,
     encode_prompt,
     get_template,
+    reference_turns,
     validate_conversation,
 )
 from .sampling import ResumableSampler, checked_position, resume_sampler, training_position
@@ -442,7 +443,8 @@ class VisualInstructionDataModule(pl.LightningDataModule):
         sample_id = str(record.get("id", f"{Path(path).name}#{index}"))
         try:
             images = _image_paths(record, sample_id, Path(hp.image_folder))
-            validate_conversation(sample_id, record.get("conversations"), len(images))
+            conversations, dropped = reference_turns(record.get("conversations"))
+            validate_conversation(sample_id, conversations, len(images))
             for image in images:
                 _check_image(sample_id, image)
         except ValueError as err:
@@ -450,7 +452,8 @@ class VisualInstructionDataModule(pl.LightningDataModule):
                 raise err if isinstance(err, BadRecordError) else ValueError(f"{path}: {err}") from err
             stats[getattr(err, "kind", "bad_conversation")] += 1
             return None
-        return _Sample(sample_id, images, record["conversations"], 0)
+        stats["leading_gpt_dropped"] += dropped  # LLaVA's preprocess drops that turn and trains on the rest
+        return _Sample(sample_id, images, conversations, 0)
 
     def _encode_checked(self, samples: list[_Sample], generation: bool, stats: Counter[str],
                         counter: MismatchCounter) -> list[_Sample]:

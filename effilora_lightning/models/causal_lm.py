@@ -334,12 +334,31 @@ class CausalLMModule(pl.LightningModule):
         root = self.trainer.strategy.model
         # in __dict__, not as an attribute: nn.Module would register the wrapper (which wraps self) as a child
         self.__dict__["_fsdp1_root"] = root if isinstance(root, FullyShardedDataParallel) else None
+        self._check_eval_prompts_fit()
 
     def on_validation_start(self) -> None:
         self._reuse_fsdp1_root()
+        self._check_eval_prompts_fit()
 
     def on_test_start(self) -> None:
         self._reuse_fsdp1_root()
+        self._check_eval_prompts_fit()
+
+    def _check_eval_prompts_fit(self) -> None:
+        """Before any step: the longest generation prompt plus ``max_new_tokens`` must fit the model's context
+        (eval prompts are never cut). A datamodule without ``longest_eval_prompt`` is not checked."""
+        longest = getattr(getattr(self.trainer, "datamodule", None), "longest_eval_prompt", None)
+        context = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        if longest is None or not isinstance(context, int):
+            return
+        length, task, index = longest
+        if length + self.hparams.max_new_tokens > context:
+            raise ValueError(
+                f"eval task {task}: record {index} is a {length}-token prompt; with max_new_tokens="
+                f"{self.hparams.max_new_tokens} it needs {length + self.hparams.max_new_tokens} positions, more than "
+                f"the model's context (max_position_embeddings={context}). Eval prompts are never cut: lower "
+                f"max_new_tokens, drop the record, or use a model with a longer context."
+            )
 
     def on_predict_start(self) -> None:
         self._reuse_fsdp1_root()

@@ -173,14 +173,46 @@ def test_generation_batches_are_left_padded_prompts(tmp_path: Path, tokenizer) -
         assert row[len(mask) - n:].tolist() == [tokenizer.bos_token_id, *prompt]
 
 
-def test_long_generation_prompt_keeps_bos_and_its_end(tmp_path: Path, tokenizer) -> None:
-    tests = {"boolq": [rec("word " * 100 + "is it?")]}
-    with pytest.warns(UserWarning, match="generation prompts lost their start"):
-        dm = module(tmp_path, stage="test", tests=tests, eval_tasks=["boolq"], cutoff_len=32)
+def test_long_generation_prompt_is_kept_whole(tmp_path: Path, tokenizer) -> None:
+    tests = {"boolq": [rec("word " * 100 + "is it?"), rec("is it?")]}
+    dm = module(tmp_path, stage="test", tests=tests, eval_tasks=["boolq"], cutoff_len=32)  # cutoff: training only
     ids = next(iter(dm.test_dataloader()))["input_ids"][0].tolist()
     full = tokenizer(build_eval_prompt("word " * 100 + "is it?"), add_special_tokens=False).input_ids
-    assert ids == [tokenizer.bos_token_id, *full[-31:]]
-    assert dm.num_truncated_eval == 1
+    assert ids == [tokenizer.bos_token_id, *full]  # the reference never cuts an eval prompt
+    assert dm.longest_eval_prompt == (1 + len(full), "boolq", 0)
+
+
+def test_max_eval_prompt_len_refuses_naming_task_and_record(tmp_path: Path, tokenizer) -> None:
+    tests = {"boolq": [rec("is it?"), rec("word " * 100 + "is it?")]}
+    with pytest.raises(RecordError, match=r"boolq/test\.json: record 1 \(eval task boolq\) is a \d+-token prompt, "
+                                          r"longer than max_eval_prompt_len=64"):
+        module(tmp_path, stage="test", tests=tests, eval_tasks=["boolq"], max_eval_prompt_len=64)
+    with pytest.raises(ValueError, match="max_eval_prompt_len must be >= 1"):
+        module(tmp_path, stage="test", max_eval_prompt_len=0)
+
+
+def test_reference_whitespace_ids_are_the_whole_string_s(tmp_path: Path, llama3_tokenizer) -> None:
+    """LLM-Adapters tokenizes prompt + output at once; apart, the boundary differs with LLaMA-3's BPE."""
+    instruction = "Please answer the following question with true or false, question: is the sky blue?"
+    record = rec(instruction, "true")
+    llama3_tokenizer.save_pretrained(tmp_path / "llama3")
+    paths = layout(tmp_path, train=[record]) | {"tokenizer_path": str(tmp_path / "llama3")}
+    text = build_train_prompt(instruction, record["output"], reference_whitespace=True)
+    prompt = build_train_prompt(instruction, "", reference_whitespace=True)
+    whole = llama3_tokenizer(text).input_ids  # with BOS, as finetune.py's tokenize() does
+    apart = llama3_tokenizer(prompt).input_ids + llama3_tokenizer(record["output"], add_special_tokens=False).input_ids
+    tokens = llama3_tokenizer.convert_ids_to_tokens(whole)
+    assert whole != apart and tokens[len(tokens) - 1 - tokens[::-1].index("Ġthe") - 2:][:3] == [":Ċ", "Ġ" * 15, "Ġthe"]  # apart: 16 sp, "the"
+    eos = llama3_tokenizer.eos_token_id
+    for train_on_inputs in (True, False):
+        dm = CommonsenseDataModule(**paths, eval_tasks=["boolq", "piqa"], batch_size=1, reference_whitespace=True,
+                                   train_on_inputs=train_on_inputs)
+        dm.setup("fit")
+        batch = first_train_batch(dm)
+        assert batch["input_ids"][0].tolist() == whole + [eos]
+        masked = len(llama3_tokenizer(prompt).input_ids)  # the reference masks len(tokenize(prompt)) positions
+        labels = whole + [eos] if train_on_inputs else [-100] * masked + (whole + [eos])[masked:]
+        assert batch["labels"][0].tolist() == labels
 
 
 def test_max_test_samples_per_task(tmp_path: Path) -> None:

@@ -19,8 +19,10 @@ from effilora_lightning.data.conversation import (
     MismatchCounter,
     check_template,
     encode_conversation,
+    encode_conversations,
     encode_prompt,
     get_template,
+    reference_turns,
     validate_conversation,
 )
 from effilora_lightning.data.tokenizer import load_tokenizer
@@ -171,11 +173,15 @@ def test_template_needs_its_special_tokens(tmp_path):
 
 
 def test_mismatch_detected_counted_and_fatal_past_ratio(tmp_path):
+    # Only a sample whose message spells a special token goes segment by segment and is checked by decoding back;
+    # a lowercasing tokenizer cannot give the text back there. Elsewhere its ids are its own (whole pieces).
     lower = byte_tokenizer(tmp_path, lowercase=True)
-    enc = encode_conversation(CONV, VICUNA_V1, lower, num_images=1)
+    assert encode_conversation(CONV, VICUNA_V1, lower, num_images=1).mismatch is None
+    conv = [{"from": "human", "value": "Say <|eot_id|>"}, {"from": "gpt", "value": "ok"}]
+    enc = encode_conversation(conv, VICUNA_V1, lower)
     assert enc.mismatch == (
-        "at character 17 the ids decode to '<|begin_of_text|>a chat between a curious human and an ar', "
-        "the template renders '<|begin_of_text|>A chat between a curious human and an ar'"
+        "at character 0 the ids decode to 'a chat between a curious user and an art', "
+        "the template renders 'A chat between a curious user and an art'"
     )
     counter = MismatchCounter(split="train")
     for i in range(9):
@@ -197,3 +203,153 @@ def test_tiny_llama_tokenizer_round_trips(template):
     trained = [t for t, lab in zip(enc.input_ids, enc.labels, strict=True) if lab != IGNORE_INDEX]
     end = template.end_token(real)
     assert real.decode(trained) == (" red" + end + " two" + end if template is VICUNA_V1 else "red" + end + "two" + end)
+
+
+# ----------------------------------------------------------------------------- the LLaVA-1.5 reference's rules
+
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+                 "helpful, detailed, and polite answers to the user's questions.")
+
+
+def test_vicuna_v1_is_llava_conv_vicuna_v1():
+    assert VICUNA_V1.system == VICUNA_SYSTEM  # conv_llava_v1 says "human"; LLaVA-1.5 trains and evaluates with this
+
+
+@pytest.mark.parametrize(("template", "expected"), [
+    (VICUNA_V1, [BOS] + b(VICUNA_SYSTEM + " USER: ") + [IMAGE_TOKEN_INDEX] + b(" ASSISTANT:")),
+    (LLAMA3, [BOS, SH] + b("system") + [EH] + b("\n\n" + LLAMA3.system) + [EOT, SH] + b("user") + [EH] + b("\n\n")
+     + [IMAGE_TOKEN_INDEX, EOT, SH] + b("assistant") + [EH] + b("\n\n")),
+], ids=["vicuna_v1", "llama3"])
+def test_a_turn_that_is_only_an_image_has_no_newline(tok, template, expected):
+    conv = [{"from": "human", "value": "<image>\n"}, {"from": "gpt", "value": "a bus"}]
+    prompt, _ = encode_prompt(conv, template, tok, num_images=1)
+    assert prompt == expected  # reference: "USER: <image> ASSISTANT:" (preprocess_multimodal strips the turn)
+
+
+@pytest.mark.parametrize("template", [VICUNA_V1, LLAMA3], ids=lambda t: t.name)
+def test_a_leading_gpt_turn_is_dropped(tok, template):
+    lead = [{"from": "gpt", "value": "Hello! Ask me anything."}]
+    assert encode_conversation(lead + CONV, template, tok, num_images=1) == encode_conversation(
+        CONV, template, tok, num_images=1)
+    assert encode_prompt(lead + CONV, template, tok, num_images=1) == encode_prompt(CONV, template, tok, num_images=1)
+    assert reference_turns(lead + CONV) == (CONV, True) and reference_turns(CONV) == (CONV, False)
+
+
+def test_llama3_trims_every_message_vicuna_keeps_them(tok):
+    conv = [{"from": "human", "value": "  Please render. \n"}, {"from": "gpt", "value": " render. "}]
+    assistant = [SH] + b("assistant") + [EH] + b("\n\n")
+    assert encode_conversation(conv, LLAMA3, tok).input_ids == (  # official format: content | trim
+        [BOS, SH] + b("system") + [EH] + b("\n\n" + LLAMA3.system) + [EOT, SH] + b("user") + [EH]
+        + b("\n\nPlease render.") + [EOT] + assistant + b("render.") + [EOT])
+    vicuna = encode_conversation(conv, VICUNA_V1, tok)
+    assert vicuna.input_ids == [BOS] + b(VICUNA_SYSTEM + " USER:   Please render. \n ASSISTANT:  render. ") + [EOS]
+    assert [t for t, lab in zip(vicuna.input_ids, vicuna.labels, strict=True) if lab != IGNORE_INDEX] \
+        == b("  render. ") + [EOS]
+
+
+# ------------------------------------------- the reference's ids and masks with LLaVA-1.5's kind of tokenizer
+
+def _reference_prompt(conv: list[dict[str, str]]) -> str:
+    """conv_vicuna_v1.get_prompt() after preprocess_multimodal, written out independently of our renderer."""
+    text = VICUNA_SYSTEM + " "
+    for i, turn in enumerate(conv):
+        value = turn["value"]
+        if i % 2 == 0 and "<image>" in value:
+            value = ("<image>\n" + value.replace("<image>", "").strip()).strip()
+        text += ("USER: " + value + " ") if i % 2 == 0 else ("ASSISTANT: " + value + "</s>")
+    return text
+
+
+def _reference_ids(text: str, tokenizer) -> list[int]:
+    """llava.mm_utils.tokenizer_image_token: each piece between images tokenized on its own, later bos dropped."""
+    chunks = [tokenizer(chunk).input_ids for chunk in text.split("<image>")]
+    return chunks[0] + [i for chunk in chunks[1:] for i in [IMAGE_TOKEN_INDEX, *chunk[1:]]]
+
+
+def _reference_v1_labels(text: str, ids: list[int], tokenizer) -> list[int] | None:
+    """llava.train.train.preprocess_v1's masking by measured lengths (the legacy offset included); None where
+    those lengths do not add up and the reference would mask the whole sample (it depends on the vocabulary)."""
+    target, cur = list(ids), 1
+    target[:1] = [IGNORE_INDEX]
+    for i, rou in enumerate(text.split("</s>")):
+        if not rou:
+            break
+        head, _ = rou.split(" ASSISTANT: ")
+        round_len = len(_reference_ids(rou, tokenizer))
+        instruction_len = len(_reference_ids(head + " ASSISTANT: ", tokenizer)) - 2
+        if i and not tokenizer.legacy:
+            round_len, instruction_len = round_len - 1, instruction_len - 1
+        target[cur: cur + instruction_len] = [IGNORE_INDEX] * instruction_len
+        cur += round_len
+    return target if cur == len(ids) else None
+
+
+def _prefix_labels(text: str, ids: list[int], tokenizer) -> list[int]:
+    """Trained: from the end of the ids of the text up to each "ASSISTANT:" to the end of the ids of the text up
+    to the reply's "</s>" (the ids of a prefix ending there are a prefix of the whole ids)."""
+    labels, at = [IGNORE_INDEX] * len(ids), 0
+    while (colon := text.find(" ASSISTANT:", at)) >= 0:
+        start, end = colon + len(" ASSISTANT:"), text.index("</s>", colon) + len("</s>")
+        first, stop = len(_reference_ids(text[:start], tokenizer)), len(_reference_ids(text[:end], tokenizer))
+        labels[first:stop] = ids[first:stop]
+        at = end
+    return labels
+
+
+SP_CONVERSATIONS = [
+    ([{"from": "human", "value": "What color is the bus in the picture?\n<image>"},
+      {"from": "gpt", "value": "The bus is red."},
+      {"from": "human", "value": "How many dogs are there?"},
+      {"from": "gpt", "value": "There are two dogs on the grass."}], 1),
+    ([{"from": "human", "value": "Is it raining?"}, {"from": "gpt", "value": "No, the sky is clear and blue."},
+      {"from": "human", "value": "Describe the image."},
+      {"from": "gpt", "value": "A man rides a bike down a busy street."},
+      {"from": "human", "value": "Is it raining?"}, {"from": "gpt", "value": "No."}], 0),
+    ([{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "A man rides a bike."}], 1),
+]
+
+
+def test_vicuna_v1_with_a_sentencepiece_tokenizer_is_the_reference(sp_tokenizer):
+    convs, images = [c for c, _ in SP_CONVERSATIONS], [n for _, n in SP_CONVERSATIONS]
+    encoded = encode_conversations(convs, VICUNA_V1, sp_tokenizer, num_images=images)
+    for conv, enc in zip(convs, encoded, strict=True):
+        text = _reference_prompt(conv)
+        ids = _reference_ids(text, sp_tokenizer)
+        assert enc.mismatch is None
+        assert enc.input_ids == ids
+        assert enc.labels == _prefix_labels(text, ids, sp_tokenizer)
+        reference = _reference_v1_labels(text, ids, sp_tokenizer)
+        assert reference is not None or not sp_tokenizer.legacy  # legacy: the reference's lengths add up
+        assert reference in (None, enc.labels)
+        trained = [t for t, lab in zip(enc.input_ids, enc.labels, strict=True) if lab != IGNORE_INDEX]
+        replies = [t["value"] for t in conv[1::2]]
+        assert sp_tokenizer.decode(trained) == "".join(" " + r + "</s>" for r in replies).strip()
+
+
+def test_vicuna_v1_with_the_llama3_tokenizer_is_the_reference(llama3_tokenizer):
+    for conv, n in SP_CONVERSATIONS:
+        text = _reference_prompt(conv)
+        ids = _reference_ids(text.replace("</s>", "<|end_of_text|>"), llama3_tokenizer)
+        enc = encode_conversation(conv, VICUNA_V1, llama3_tokenizer, num_images=n)
+        assert enc.mismatch is None and enc.input_ids == ids
+        trained = [t for t, lab in zip(enc.input_ids, enc.labels, strict=True) if lab != IGNORE_INDEX]
+        assert llama3_tokenizer.decode(trained) == "".join(" " + t["value"] + "<|end_of_text|>" for t in conv[1::2])
+
+
+def test_llama3_template_with_the_llama3_tokenizer_is_the_whole_rendering(llama3_tokenizer):
+    tok3 = llama3_tokenizer
+    conv, n = SP_CONVERSATIONS[0]
+    conv = [dict(t, value=t["value"] + " ") for t in conv]  # trailing spaces: trimmed
+    header = "<|start_header_id|>{}<|end_header_id|>\n\n"
+    text = header.format("system") + LLAMA3.system + "<|eot_id|>"
+    for i, turn in enumerate(conv):
+        value = turn["value"].strip()
+        if i % 2 == 0 and "<image>" in value:
+            value = "<image>\n" + value.replace("<image>", "").strip()
+        text += header.format("user" if i % 2 == 0 else "assistant") + value + "<|eot_id|>"
+    enc = encode_conversation(conv, LLAMA3, tok3, num_images=n)
+    assert enc.mismatch is None and enc.input_ids == _reference_ids(text, tok3)
+    trained = [t for t, lab in zip(enc.input_ids, enc.labels, strict=True) if lab != IGNORE_INDEX]
+    eot = tok3.convert_tokens_to_ids("<|eot_id|>")
+    assert trained == [i for t in conv[1::2] for i in [*tok3(t["value"].strip(), add_special_tokens=False).input_ids,
+                                                        eot]]

@@ -86,3 +86,17 @@ def test_no_match_is_none() -> None:
 def test_unknown_task_lists_valid_ones() -> None:
     with pytest.raises(KeyError, match=r"unknown commonsense task 'gsm8k'.*boolq, piqa"):
         extract_answer("gsm8k", "x")
+
+
+@pytest.mark.parametrize("reference_whitespace", [False, True])
+@pytest.mark.parametrize(("task", "generation", "expected"), [
+    ("ARC-Easy", "the correct answer is answer2\n\n### Response:\nthe correct answer is answer3", "answer2"),
+    ("piqa", "the correct answer is solution2\n### Response:\n", "solution2"),
+    ("boolq", "the correct answer is false\n\n### Instruction: is it?\n\n### Response:\nthe correct answer is true",
+     "false"),
+])
+def test_answer_comes_from_the_segment_after_the_prompts_marker(task, generation, expected, reference_whitespace):
+    """commonsense_evaluate.py: decode prompt + generation, split on the marker, take [1]; rambling base models
+    write the marker again, and what follows it is not the answer."""
+    text = build_eval_prompt("Which one?", reference_whitespace) + generation
+    assert extract_answer(task, text) == expected

@@ -152,11 +152,26 @@ def test_skip_mode_drops_and_counts_each_kind(dataset):
 
 
 def test_tokenization_mismatch_fails_past_the_threshold(dataset):
-    save_byte_tokenizer(dataset / "tok", lowercase=True)  # "user" round-trips, "Color?" does not
+    save_byte_tokenizer(dataset / "tok", lowercase=True)
+    assert module(dataset).stats["train"]["mismatch"] == 0  # whole pieces: the ids are the tokenizer's own
+    records = json.loads((dataset / "train.json").read_text())
+    for record in records:  # special-token text goes segment by segment, checked by decoding back
+        record["conversations"][0]["value"] += " <|eot_id|>"
+    (dataset / "specials.json").write_text(json.dumps(records))
     with pytest.raises(RuntimeError, match=r"train: 3 of 3 samples \(100.00%\) do not tokenize"):
-        module(dataset)
-    dm = module(dataset, max_mismatch_ratio=1.0)
+        module(dataset, "specials.json")  # "user" round-trips, "Color?" does not
+    dm = module(dataset, "specials.json", max_mismatch_ratio=1.0)
     assert (dm.stats["train"]["mismatch"], dm.stats["train"]["kept"]) == (3, 0)
+
+
+def test_a_leading_gpt_turn_is_dropped_and_counted(dataset):
+    records = json.loads((dataset / "train.json").read_text())
+    records[1]["conversations"].insert(0, {"from": "gpt", "value": "Hello!"})
+    (dataset / "lead.json").write_text(json.dumps(records))
+    dm = module(dataset, "lead.json")
+    assert (dm.stats["train"]["leading_gpt_dropped"], dm.stats["train"]["kept"]) == (1, 3)
+    clean = module(dataset)
+    assert dm.datasets["train"][1]["input_ids"].tolist() == clean.datasets["train"][1]["input_ids"].tolist()
 
 
 def test_truncation_keeps_images_and_drops_what_cannot_fit(dataset):

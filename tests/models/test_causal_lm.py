@@ -316,3 +316,37 @@ def test_end_of_run_files_ask_every_rank_for_the_log_dir(tmp_path, monkeypatch):
     callback.reducer = SimpleNamespace(history=[torch.ones(2, dtype=torch.bool)])
     callback.on_fit_end(Rank1(), module)
     assert asked == [1, 1] and list(tmp_path.iterdir()) == []  # rank 1 writes nothing
+
+
+def test_answers_are_read_after_the_prompts_marker_from_prompt_plus_generation():
+    """The model writes "### Response:" again: the answer is the one before it (commonsense_evaluate.py)."""
+    dm = _datamodule(eval_tasks=["ARC-Easy"], max_test_samples_per_task=2, eval_batch_size=2)
+    dm.setup("test")
+    module = _module()
+    module.configure_model()
+    module.tokenizer = dm.tokenizer
+    batch = next(iter(dm.test_dataloader()))
+    ramble = dm.tokenizer("the correct answer is answer2\n\n### Response:\nthe correct answer is answer3",
+                          add_special_tokens=False, return_tensors="pt").input_ids
+    module.model.generate = lambda input_ids, **kw: torch.cat([input_ids, ramble.expand(len(input_ids), -1)], dim=1)
+    texts = module.generate_answers(batch)
+    prompts = [dm.tokenizer.decode(row[mask.bool()], skip_special_tokens=True)
+               for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    assert texts == [p + "the correct answer is answer2\n\n### Response:\nthe correct answer is answer3" for p in prompts]
+    from effilora_lightning.data.templates import extract_answer
+
+    assert [extract_answer("ARC-Easy", t) for t in texts] == ["answer2", "answer2"]
+
+
+def test_an_eval_prompt_longer_than_the_models_context_fails_before_any_step(tmp_path):
+    dm = _datamodule(eval_tasks=["piqa"], max_test_samples_per_task=3)
+    module = _module(max_new_tokens=32)
+    module.configure_model()
+    dm.setup("test")
+    length, task, index = dm.longest_eval_prompt
+    module.model.config.max_position_embeddings = length + 31  # one position short
+    with pytest.raises(ValueError, match=rf"eval task piqa: record {index} is a {length}-token prompt; .* more than "
+                                         rf"the model's context \(max_position_embeddings={length + 31}\)"):
+        _trainer(tmp_path).test(module, datamodule=dm)
+    module.model.config.max_position_embeddings = length + 32
+    _trainer(tmp_path).test(module, datamodule=dm)
