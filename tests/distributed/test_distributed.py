@@ -1,7 +1,8 @@
 """Two processes over gloo on CPU: DDP, FSDP1 (FSDPStrategy, through the worker's CPU shim) and FSDP2
 (AdapterModelParallelStrategy) match one process, agree on every selection, write adapter-only checkpoints,
 resume exactly, and their adapters load in one process; an FSDP2 resume into another adapter is refused
-naming the keys; plus a simulated two-node launch.
+naming the keys; plus a simulated two-node launch. A user's own PEFT LoRA module with EffiLoRACallback does
+the same under DDP and FSDP2 (agreement with one process, exact resume).
 
 Each case runs tests/distributed/worker.py under torchrun; one launch takes ~15-25 s on 2 cores.
 """
@@ -237,6 +238,54 @@ def test_simulated_two_node_ddp_grad_drop_launch_matches_one_process(tmp_path, r
     ranks = [json.loads((tmp_path / "nodes" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert {r["world"] for r in ranks} == {2}
     _assert_same_run(ranks, reference)
+
+
+@pytest.fixture(scope="module")
+def peft_reference(tmp_path_factory) -> dict:
+    return _single(tmp_path_factory.mktemp("peft_single"), "--project", "peft", "--steps", str(STEPS))
+
+
+@pytest.fixture(scope="module")
+def peft_trained(tmp_path_factory) -> Callable[[str], tuple[Path, list[dict]]]:
+    """A user's own module around AutoModelForCausalLM + PEFT LoRA with EffiLoRACallback (worker's PeftProject),
+    2 ranks, a checkpoint every 4 steps; once per strategy. FSDP2: Lightning's own ModelParallelStrategy, the module
+    fully_shards each decoder layer and the root itself."""
+    runs: dict[str, tuple[Path, list[dict]]] = {}
+
+    def run(strategy: str) -> tuple[Path, list[dict]]:
+        if strategy not in runs:
+            out = tmp_path_factory.mktemp(f"peft_{strategy}")
+            runs[strategy] = out, _torchrun(out / "run", "--project", "peft", "--strategy", strategy,
+                                            "--steps", str(STEPS), "--ckpt-every", "4")
+        return runs[strategy]
+
+    return run
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_peft_lora_project_two_ranks_agree_and_match_one_process(strategy, peft_trained, peft_reference):
+    _, ranks = peft_trained(strategy)
+    assert peft_reference["description"].startswith("EffiLoRACallback: 4 units (layer) of PEFT LoRA lora_B")
+    for r in ranks:
+        assert r["world"] == 2 and r["sharded"] == (strategy == "fsdp2")  # FSDP2: each rank holds half of each B
+        assert r["units"] == peft_reference["units"]
+        assert r["history"] == ranks[0]["history"] == peft_reference["history"]  # every rank, every step
+        assert sum(r["history"][0]) == 2
+        for a, b in zip(r["losses"], peft_reference["losses"], strict=True):
+            assert abs(a - b) <= 1e-5, (r["losses"], peft_reference["losses"])
+        assert abs(r["checksum"] - peft_reference["checksum"]) < 1e-4  # the same lora_A / lora_B at the end
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_peft_lora_project_resumes_after_step_4_exactly(strategy, peft_trained, peft_reference, tmp_path):
+    out, _ = peft_trained(strategy)
+    resumed = _torchrun(tmp_path / "resumed", "--project", "peft", "--strategy", strategy, "--steps", str(STEPS),
+                        "--resume", str(_step4_checkpoint(out)))
+    for r in resumed:
+        assert r["global_step"] == STEPS and r["history"] == peft_reference["history"]
+        for a, b in zip(r["losses"], peft_reference["losses"][4:], strict=True):
+            assert abs(a - b) <= 1e-5, (r["losses"], peft_reference["losses"][4:])
+        assert abs(r["checksum"] - peft_reference["checksum"]) < 1e-4
 
 
 def test_torch_is_cpu_capable_of_gloo():

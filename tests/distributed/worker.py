@@ -2,9 +2,11 @@
 
     python -m torch.distributed.run --nproc_per_node 2 tests/distributed/worker.py --strategy fsdp2 --out DIR
     python tests/distributed/worker.py --strategy single --out DIR
+    python -m torch.distributed.run --nproc_per_node 2 tests/distributed/worker.py --project peft --strategy ddp --out DIR
 
 Writes DIR/rank<r>.json: the global mean loss of every step, the EffiLoRA selection of every step, and a
-checksum of the adapter; optionally exports the adapter (``--save DIR``: DIR/adapter, DIR/peft, as
+checksum of the adapter (``--project peft``: a user's own LightningModule around AutoModelForCausalLM + PEFT LoRA
+with EffiLoRACallback, instead of CausalLMModule with EffiLoRA); optionally exports the adapter (``--save DIR``: DIR/adapter, DIR/peft, as
 CausalLMModule's ``export_dir`` does) and writes checkpoints (``--ckpt-every``).
 """
 
@@ -21,14 +23,14 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import tiny_llama_config  # noqa: E402
 
-from effilora_lightning import CausalLMModule, EffiLoRAConfig  # noqa: E402
+from effilora_lightning import CausalLMModule, EffiLoRACallback, EffiLoRAConfig, adapter_parameters  # noqa: E402
 from effilora_lightning.adapters import is_adapter_param  # noqa: E402
 from effilora_lightning.models.sharding import decoder_layers  # noqa: E402
 from effilora_lightning.strategies import AdapterModelParallelStrategy  # noqa: E402
@@ -153,6 +155,84 @@ def adapter_checksum(module: CausalLMModule) -> float:
     return float(_sum_flat_shards(module, total))
 
 
+class PeftProject(pl.LightningModule):
+    """A user's fine-tuning module that knows nothing of effilora_lightning but the callback and adapter_parameters:
+    AutoModelForCausalLM + peft.get_peft_model, and (ModelParallelStrategy) fully_shard per decoder layer, then root."""
+
+    def __init__(self, model_path: str | None) -> None:
+        super().__init__()
+        self.model_path = model_path
+        self.model: torch.nn.Module | None = None
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(0)  # the same lora_A init on every rank (FSDP2 does not broadcast it)
+        base = (AutoModelForCausalLM.from_pretrained(self.model_path) if self.model_path
+                else AutoModelForCausalLM.from_config(tiny_llama_config(layers=4)))
+        self.model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = self.device_mesh["data_parallel"]
+            for layer in self.model.base_model.model.model.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(self.model, mesh=mesh)
+
+    def training_step(self, batch, batch_idx):
+        return self.model(**batch).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(adapter_parameters(self), lr=1e-2, weight_decay=0.1)
+
+
+def run_peft_project(args: argparse.Namespace, world: int) -> dict:
+    """Train PeftProject under the chosen strategy; the results the tests compare across launches."""
+    strategy = {
+        "single": "auto",
+        "ddp": DDPStrategy(find_unused_parameters=args.freeze_mode == "requires_grad", process_group_backend="gloo"),
+        "fsdp2": ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1, process_group_backend="gloo"),
+    }[args.strategy]
+    callback = EffiLoRACallback(keep_ratio=0.5, warmup_steps=0, freeze_mode=args.freeze_mode, heatmap=False,
+                                granularity=args.granularity)
+    record = Record()
+    callbacks: list[Callback] = [callback, record]
+    if args.ckpt_every:
+        callbacks.append(ModelCheckpoint(dirpath=Path(args.out) / "ckpt", save_last=True,
+                                         every_n_train_steps=args.ckpt_every, save_top_k=-1))
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=world, strategy=strategy, max_steps=args.steps, callbacks=callbacks, logger=False,
+        enable_checkpointing=bool(args.ckpt_every), enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=args.out, use_distributed_sampler=False,
+    )
+    module = PeftProject(args.model_path)
+    trainer.fit(module, _loader(world), ckpt_path=args.resume)
+    return {
+        "world": world, "rank": trainer.global_rank, "losses": record.losses, "checksum": adapter_checksum(module),
+        "history": torch.stack(callback.history).int().tolist(), "global_step": trainer.global_step,
+        "units": dict(zip(callback.units.names, callback.units.numel.tolist())),
+        "sharded": hasattr(callback.units.params[0], "to_local"), "description": callback.description,
+    }
+
+
+def _loader(world: int) -> DataLoader:
+    """This rank's part of every global batch, unshuffled: the global batch equals the 1-process batch."""
+    rank = int(os.environ.get("RANK", "0"))
+    sampler = DistributedSampler(Tokens(), num_replicas=world, rank=rank, shuffle=False) if world > 1 else None
+    return DataLoader(Tokens(), batch_size=GLOBAL_BATCH // world, sampler=sampler, shuffle=False)
+
+
+def _write_and_tear_down(out_dir: str, rank: int, out: dict) -> None:
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(out))
+    if dist.is_initialized():  # tear down together: a rank exiting while its peer's gloo threads still talk to
+        dist.barrier()  # it can abort the peer at interpreter exit (seen once as SIGABRT after a DDP resume)
+        dist.destroy_process_group()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--strategy", choices=["single", "ddp", "fsdp1", "fsdp2"], required=True)
@@ -168,9 +248,16 @@ def main() -> None:
     ap.add_argument("--adapter-rank", type=int, default=4)
     ap.add_argument("--param-dtype", default=None, help="FSDP2 all-gather/compute dtype (fsdp_param_dtype)")
     ap.add_argument("--checkpointing", action="store_true", help="non-reentrant activation checkpointing")
+    ap.add_argument("--project", choices=["causal_lm", "peft"], default="causal_lm",
+                    help="causal_lm: CausalLMModule with EffiLoRA; peft: PeftProject (PEFT LoRA + EffiLoRACallback)")
+    ap.add_argument("--granularity", default="layer", help="--project peft: the callback's granularity")
     args = ap.parse_args()
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.project == "peft":
+        out = run_peft_project(args, world)
+        _write_and_tear_down(args.out, out["rank"], out)
+        return
     strategy = {
         "single": "auto",
         "ddp": DDPStrategy(find_unused_parameters=args.freeze_mode == "requires_grad", process_group_backend="gloo"),
@@ -206,9 +293,7 @@ def main() -> None:
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=args.out,
         use_distributed_sampler=False,  # ours below, unshuffled: the global batch equals the 1-process batch
     )
-    rank = int(os.environ.get("RANK", "0"))
-    sampler = DistributedSampler(Tokens(), num_replicas=world, rank=rank, shuffle=False) if world > 1 else None
-    loader = DataLoader(Tokens(), batch_size=GLOBAL_BATCH // world, sampler=sampler, shuffle=False)
+    loader = _loader(world)
     trainer.fit(module, loader, ckpt_path=args.resume)  # with --save, on_train_end exports the adapter there
     reducer = module.reducer
     out = {
@@ -224,11 +309,7 @@ def main() -> None:
         # root wrapper); after reading the parameters: FSDP2 leaves its root group unsharded after an eval forward
         (validated,) = trainer.validate(module, loader, verbose=False)
         out["val_loss"] = validated["val_loss"]
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / f"rank{trainer.global_rank}.json").write_text(json.dumps(out))
-    if dist.is_initialized():  # tear down together: a rank exiting while its peer's gloo threads still talk to
-        dist.barrier()  # it can abort the peer at interpreter exit (seen once as SIGABRT after a DDP resume)
-        dist.destroy_process_group()
+    _write_and_tear_down(args.out, trainer.global_rank, out)
 
 
 if __name__ == "__main__":
