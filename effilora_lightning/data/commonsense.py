@@ -36,7 +36,6 @@ ids at the boundary, e.g. ``['\n', 16 spaces, 'the']`` vs ``['\n', 15 spaces, ' 
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from functools import partial
@@ -49,7 +48,14 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from effilora_lightning.data.sampling import ResumableSampler, checked_position, resume_sampler, training_position
+from effilora_lightning.data.records import RecordError, read_records
+from effilora_lightning.data.sampling import (
+    ResumableSampler,
+    checked_position,
+    require_training_batches,
+    resume_sampler,
+    training_position,
+)
 from effilora_lightning.data.templates import ANSWER_PATTERNS, TASKS, build_eval_prompt, build_train_prompt
 from effilora_lightning.data.tokenizer import load_tokenizer
 
@@ -59,51 +65,12 @@ SAMPLE_ID_STRIDE = 10_000_000
 """sample_id = task index * SAMPLE_ID_STRIDE + record index (test sets are far smaller than the stride)."""
 
 
-class RecordError(ValueError):
-    """A data file or one of its records is malformed; the message names the file, record and field."""
-
-
 def is_generation_batch(batch: dict[str, Any]) -> bool:
     """True for a left-padded prompt batch to generate from, False for a teacher-forced loss batch."""
     return "sample_id" in batch
 
 
 # ---------------------------------------------------------------------------------------------- reading
-
-
-def read_records(path: Path, on_bad_record: Literal["error", "skip"] = "error") -> tuple[list[tuple[int, Any]], int]:
-    """Parse a JSON list or JSON Lines file into (record index, record) pairs and the number of skipped lines.
-
-    A JSON list that does not parse is always an error (nothing can be recovered from it); a bad JSON Lines
-    line is an error, or skipped and counted with ``on_bad_record="skip"``.
-    """
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise RecordError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from err
-        return list(enumerate(records)), 0
-    return _read_json_lines(path, text, on_bad_record)
-
-
-def _read_json_lines(path: Path, text: str, on_bad_record: str) -> tuple[list[tuple[int, Any]], int]:
-    """One JSON value per non-blank line; the record index counts non-blank lines from 0."""
-    records, skipped = [], 0
-    lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
-    for index, (line_no, line) in enumerate(lines):
-        try:
-            records.append((index, json.loads(line)))
-        except json.JSONDecodeError as err:
-            if on_bad_record == "error":
-                raise RecordError(
-                    f"{path}: record {index} (line {line_no}) is not valid JSON ({err.msg}); fix it or pass "
-                    "on_bad_record='skip'"
-                ) from err
-            skipped += 1
-    return records, skipped
 
 
 def record_problem(record: Any, required: tuple[str, ...], task: str | None = None) -> str | None:
@@ -335,8 +302,13 @@ class CommonsenseDataModule(LightningDataModule):
         order = list(range(len(records)))
         random.Random(self.hparams.seed).shuffle(order)
         val = [records[i][1] for i in sorted(order[:val_size])]
-        train = [records[i][1] for i in sorted(order[val_size:])]
-        return self._tokenize_train(train), self._tokenize_train(val)
+        train = self._tokenize_train([records[i][1] for i in sorted(order[val_size:])])
+        if not train:
+            raise RecordError(
+                f"{self.data_path}: no training sequence is left: the prompt of each of its {len(order) - val_size} "
+                f"training records fills cutoff_len={self.hparams.cutoff_len}, and train_on_inputs=False leaves "
+                "them no label. Raise cutoff_len or set train_on_inputs=True.")
+        return train, self._tokenize_train(val)
 
     def _tokenize_train(self, records: list[dict[str, str]]) -> list[dict[str, list[int]]]:
         """Prompt + output ids and the prompt's length, per record (see the module docstring for why the
@@ -400,6 +372,7 @@ class CommonsenseDataModule(LightningDataModule):
         """Shuffled right-padded loss batches; the order depends only on (seed, epoch) and resumes mid-epoch."""
         self._require(self._train, "fit")
         trainer = getattr(self, "trainer", None)
+        require_training_batches(trainer)
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = ResumableSampler(self._train, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed)
         if self._resume is not None:  # once: a reloaded loader starts whole

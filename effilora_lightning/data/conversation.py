@@ -449,6 +449,8 @@ def _encode_rendered(rendered: Sequence[Sequence[_Segment]], tokenizer: Any, tem
                      check: bool) -> list[tuple[list[int], list[int], str | None]]:
     """bos + ids, labels and mismatch of each rendered sample: whole pieces where the tokenizer gives character
     offsets and no message text turns into a special token, segment by segment otherwise."""
+    if not rendered:
+        return []
     encoded = (_encode_whole(rendered, tokenizer, template) if getattr(tokenizer, "is_fast", False)
                else [None] * len(rendered))
     rest = [n for n, e in enumerate(encoded) if e is None]

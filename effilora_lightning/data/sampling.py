@@ -15,7 +15,14 @@ from typing import Any
 
 from torch.utils.data import Dataset, DistributedSampler
 
-__all__ = ["ResumableSampler", "checked_position", "consumed_batches", "resume_sampler", "training_position"]
+__all__ = [
+    "ResumableSampler",
+    "checked_position",
+    "consumed_batches",
+    "require_training_batches",
+    "resume_sampler",
+    "training_position",
+]
 
 
 class ResumableSampler(DistributedSampler):
@@ -95,3 +102,16 @@ def resume_sampler(sampler: ResumableSampler, position: dict[str, int], batch_si
                        "follows another order (some samples repeat or are missed). Resume with the same devices "
                        "and batch size for an exact continuation.")
     sampler.resume_at(position["epoch"], position["batches"] * batch_size)
+
+
+def require_training_batches(trainer: Any) -> None:
+    """Refuse a fit that would train nothing and still test and exit 0 (``max_steps: 0``, ``max_epochs: 0``,
+    ``limit_train_batches: 0``), naming the setting. Called when a DataModule builds its training loader."""
+    if trainer is None:
+        return
+    settings = {"max_steps": trainer.max_steps, "max_epochs": trainer.max_epochs,
+                "limit_train_batches": trainer.limit_train_batches}
+    zero = [f"trainer.{key}={value}" for key, value in settings.items() if value == 0]
+    if zero:
+        raise ValueError(f"{', '.join(zero)}: this fit would train on nothing. Give it at least one step, or run "
+                         "`effilora test` / `effilora validate` to evaluate without training.")

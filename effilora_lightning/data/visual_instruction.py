@@ -3,10 +3,15 @@
 Records are `{"id", "image" (str, a list of str, or absent), "conversations": [...]}` under `data_path`
 (a JSON list, or JSON Lines when the file ends in .jsonl), images relative to `image_folder`.
 
-Setup checks every record before training starts: the conversation (see `conversation.validate_conversation`),
-that each image exists and has a readable header, and that its ids spell the template text. A bad record is
-an error naming the sample id and path, or with `on_bad_record="skip"` it is dropped and counted in
-`stats[split]`. Tokenization mismatches are always dropped and counted, and setup fails when their share
+Setup checks every record of every split the run will use (a fit builds the test split too, so a run never
+trains to its end and then fails in the test after fit): the conversation (see
+`conversation.validate_conversation`), that each image lies inside `image_folder` (unless
+`allow_images_outside_folder`), exists and decodes (`image_check="decode"`, every pixel: a PNG whose data
+is truncated behind an intact header fails here, not at step 1; `"header"` reads headers only, for sets too
+large to decode at setup), and that its ids spell the template text. A bad record is an error naming the
+sample id and path, or with `on_bad_record="skip"` it is dropped and counted in `stats[split]`; an image that
+fails to load later all the same is then replaced by the next sample, with a warning, instead of ending the
+run. Tokenization mismatches are always dropped and counted, and setup fails when their share
 exceeds `max_mismatch_ratio`. Setup tokenizes every sample once (exact lengths for length grouping); items
 are tokenized again in `__getitem__` (deterministic; storing ids for 665k samples would cost gigabytes).
 
@@ -34,9 +39,10 @@ and in validation/test batches also the generation prompt (everything before the
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import random
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -45,7 +51,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -62,7 +68,8 @@ from .conversation import (
     reference_turns,
     validate_conversation,
 )
-from .sampling import ResumableSampler, checked_position, resume_sampler, training_position
+from .records import RecordError, read_records
+from .sampling import ResumableSampler, checked_position, require_training_batches, resume_sampler, training_position
 from .tokenizer import load_tokenizer
 
 __all__ = [
@@ -92,7 +99,7 @@ def preprocess_image(
     pad: pad to a centred square with the mean colour (LLaVA-1.5, keeps the aspect ratio), then resize;
     resize: resize straight to size x size (squash, nothing cropped).
     """
-    image = image.convert("RGB")
+    image = to_rgb(image)
     if mode == "pad":
         image = _pad_to_square(image, tuple(round(255 * m) for m in mean))
     if image.size != (size, size):
@@ -100,6 +107,14 @@ def preprocess_image(
     pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(size, size, 3)  # (H, W, C)
     pixels = pixels.permute(2, 0, 1).float() / 255.0  # (C, H, W)
     return (pixels - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB. 16-bit integer images (PNG "I;16", or "I" holding 0..65535) are scaled to 8 bits: PIL's
+    convert("RGB") clips them at 255 instead, and a 16-bit photo comes out white."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        image = image.convert("I").point(lambda v: v / 257).convert("L")  # 65535 / 257 = 255
+    return image.convert("RGB")
 
 
 def _pad_to_square(image: Image.Image, fill: tuple[int, ...]) -> Image.Image:
@@ -121,8 +136,8 @@ class BadRecordError(ValueError):
         self.kind = kind
 
 
-def _check_image(sample_id: str, path: Path) -> None:
-    """The file exists and its header parses (decoding every pixel of 665k images at setup is too slow)."""
+def _check_image(sample_id: str, path: Path, decode: bool = True) -> None:
+    """The file exists and decodes (`decode=False`: its header parses), else a BadRecordError naming both."""
     if not path.is_file():
         raise BadRecordError(
             "missing_image",
@@ -130,8 +145,12 @@ def _check_image(sample_id: str, path: Path) -> None:
         )
     try:
         with Image.open(path) as image:
-            image.size  # noqa: B018  (reads the header only)
-    except (OSError, UnidentifiedImageError) as err:
+            image.load() if decode else image.size  # noqa: B018  (size: the header only)
+    except Image.DecompressionBombError as err:
+        raise BadRecordError(
+            "unreadable_image", f"sample {sample_id!r}: image {path} is larger than PIL accepts ({err}). Resize it, "
+            "raise PIL.Image.MAX_IMAGE_PIXELS if it is trusted, or set on_bad_record='skip'.") from err
+    except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as err:
         raise BadRecordError(
             "unreadable_image", f"sample {sample_id!r}: cannot read image {path}: {err}. Set on_bad_record='skip'."
         ) from err
@@ -148,29 +167,32 @@ class _Sample:
     length: int  # tokens after truncation, one per image
 
 
-def _read_records(path: str) -> list[dict[str, Any]]:
-    """A JSON list, or JSON Lines for *.jsonl; errors name the file."""
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"visual instruction data file not found: {file}")
-    try:
-        text = file.read_text(encoding="utf-8")
-        records = [json.loads(line) for line in text.splitlines() if line.strip()] if file.suffix == ".jsonl" \
-            else json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{file} is not valid JSON{' Lines' if file.suffix == '.jsonl' else ''}: {err}") from err
-    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-        raise ValueError(f"{file} must hold a list of objects with 'id', 'image' and 'conversations'")
-    return records
+def _read_records(path: str, on_bad_record: str) -> list[Any]:
+    """The file's records (`records.read_records`: JSON list or JSON Lines, UTF-8 with or without a BOM); a
+    JSON Lines line that does not parse is an error or, with on_bad_record='skip', dropped with a warning."""
+    records, skipped = read_records(path, on_bad_record)
+    if skipped:
+        rank_zero_warn(f"{path}: skipped {skipped} lines that are not valid JSON (on_bad_record='skip')")
+    return [record for _, record in records]
 
 
-def _image_paths(record: dict[str, Any], sample_id: str, image_folder: Path) -> tuple[Path, ...]:
-    """The record's images as paths (none for text-only samples)."""
+def _image_paths(record: dict[str, Any], sample_id: str, image_folder: Path, allow_outside: bool
+                 ) -> tuple[Path, ...]:
+    """The record's images as paths (none for text-only samples), each inside `image_folder` unless allowed.
+    The check is on the written path ("../x.png", "/abs.png"), so a folder that links elsewhere still works."""
     image = record.get("image")
     names = [] if image is None else [image] if isinstance(image, str) else image
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise ValueError(f"sample {sample_id!r}: 'image' must be a string or a list of strings, got {image!r}")
-    return tuple(image_folder / n for n in names)
+    folder = os.path.abspath(image_folder)
+    paths = tuple(Path(os.path.normpath(os.path.join(folder, n))) for n in names)
+    for name, path in zip(names, paths):
+        if not allow_outside and os.path.commonpath([folder, path]) != folder:
+            raise BadRecordError(
+                "image_outside_folder",
+                f"sample {sample_id!r}: image {name!r} resolves to {path}, outside image_folder {folder}. Fix the "
+                "path, set allow_images_outside_folder=True if that is intended, or on_bad_record='skip'.")
+    return paths
 
 
 # ------------------------------------------------------------------------------------------------ dataset
@@ -181,8 +203,9 @@ class VisualInstructionDataset(Dataset):
 
     def __init__(self, samples: list[_Sample], tokenizer: Any, template: ConversationTemplate, image_size: int,
                  image_mean: Sequence[float], image_std: Sequence[float], image_mode: Literal["pad", "resize"],
-                 max_length: int, generation: bool = False) -> None:
+                 max_length: int, generation: bool = False, skip_bad_images: bool = False) -> None:
         self.samples = samples
+        self.skip_bad_images = skip_bad_images
         self.tokenizer = tokenizer
         self.template = template
         self.image_args = (image_size, tuple(image_mean), tuple(image_std), image_mode)
@@ -201,14 +224,26 @@ class VisualInstructionDataset(Dataset):
         return [bool(s.images) for s in self.samples]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        sample = self.samples[index]
+        """The sample's item; with `skip_bad_images`, an image that no longer loads (it did at setup) gives the
+        next sample's item instead, with a warning, rather than ending the run."""
+        for attempt in range(len(self.samples)):
+            sample = self.samples[(index + attempt) % len(self.samples)]
+            try:
+                return self._item(sample, self._load_images(sample))
+            except BadRecordError as err:
+                if not self.skip_bad_images:
+                    raise
+                warnings.warn(f"{err}; using the next sample instead (on_bad_record='skip')", stacklevel=2)
+        raise RuntimeError("no sample of this split has loadable images any more")
+
+    def _item(self, sample: _Sample, images: Tensor) -> dict[str, Any]:
         n_images = len(sample.images)
         encoded = encode_conversation(sample.conversations, self.template, self.tokenizer, num_images=n_images,
                                       sample_id=sample.sample_id, check=False)
         item = {
             "input_ids": torch.tensor(encoded.input_ids[: self.max_length]),
             "labels": torch.tensor(encoded.labels[: self.max_length]),
-            "images": self._load_images(sample),
+            "images": images,
             "sample_id": sample.sample_id,
         }
         if self.generation:
@@ -224,7 +259,7 @@ class VisualInstructionDataset(Dataset):
             try:
                 with Image.open(path) as image:
                     tensors.append(preprocess_image(image, *self.image_args))
-            except (OSError, UnidentifiedImageError) as err:
+            except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as err:
                 raise BadRecordError("unreadable_image", f"sample {sample.sample_id!r}: cannot read image {path}: "
                                      f"{err}") from err
         return torch.stack(tensors) if tensors else torch.zeros(0, 3, size, size)  # (n, 3, S, S)
@@ -329,8 +364,11 @@ class VisualInstructionDataModule(pl.LightningDataModule):
     """LLaVA-1.5 visual instruction data (module docstring: checks, batch format, preprocessing choice).
 
     Args:
-        data_path: training records (JSON list, or JSON Lines for *.jsonl).
+        data_path: training records (a JSON list, or JSON Lines; UTF-8).
         image_folder: root the records' "image" paths are relative to.
+        allow_images_outside_folder: accept image paths that lead out of `image_folder` ("../x.png", "/x.png").
+        image_check: "decode" (every image fully decoded at setup) or "header" (headers only: faster on huge
+            sets; an image that then fails to load is an error, or with on_bad_record="skip" replaced).
         tokenizer_path: local tokenizer directory (loaded by `load_tokenizer`, no download).
         template: "vicuna_v1" (LLaVA-1.5) or "llama3" (LLaMA-3 chat).
         image_size, image_mean, image_std: preprocessing; must match the vision tower.
@@ -371,6 +409,8 @@ class VisualInstructionDataModule(pl.LightningDataModule):
         seed: int = 42,
         pad_token: str | None = None,
         system_prompt: str | None = None,
+        allow_images_outside_folder: bool = False,
+        image_check: Literal["decode", "header"] = "decode",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -390,17 +430,21 @@ class VisualInstructionDataModule(pl.LightningDataModule):
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(hp.tokenizer_path, pad_token=hp.pad_token)
             check_template(self.template, self.tokenizer)
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "", ())
+        # a fit builds the test split too: the CLI tests after fit, and a bad test record must stop the run
+        # before training, not after it
+        wanted = {"fit": ("train", "val", "test"), "validate": ("val",), "test": ("test",)}.get(stage or "", ())
         missing = [split for split in wanted or ("train", "val", "test") if split not in self.datasets]
         raw = self._raw_splits() if missing else {}
         for split in missing:
-            if split in raw:
+            if split == "test" and "val" in self.datasets and raw.get("test") is raw.get("val"):
+                self.datasets["test"], self.stats["test"] = self.datasets["val"], self.stats["val"]  # same records
+            elif split in raw:
                 self._build(split, *raw[split])
 
     def _raw_splits(self) -> dict[str, tuple[list[dict[str, Any]], str]]:
         """Records of every split with the file they came from; the validation split is seeded."""
         hp = self.hparams
-        splits = {"train": (_read_records(hp.data_path), hp.data_path)}
+        splits = {"train": (_read_records(hp.data_path, hp.on_bad_record), hp.data_path)}
         if hp.val_set_size:
             records = splits["train"][0]
             order = list(range(len(records)))
@@ -409,10 +453,10 @@ class VisualInstructionDataModule(pl.LightningDataModule):
             splits["val"] = ([records[i] for i in sorted(held)], hp.data_path)
             splits["train"] = ([r for i, r in enumerate(records) if i not in held], hp.data_path)
         elif hp.val_data_path:
-            splits["val"] = (_read_records(hp.val_data_path), hp.val_data_path)
+            splits["val"] = (_read_records(hp.val_data_path, hp.on_bad_record), hp.val_data_path)
         test_path = hp.test_data_path
         if test_path:
-            splits["test"] = (_read_records(test_path), test_path)
+            splits["test"] = (_read_records(test_path, hp.on_bad_record), test_path)
         elif "val" in splits:
             splits["test"] = splits["val"]
         return splits
@@ -426,6 +470,10 @@ class VisualInstructionDataModule(pl.LightningDataModule):
                        for i, r in enumerate(records[start: start + _CHUNK])]
             samples += self._encode_checked([c for c in checked if c is not None], generation, stats, counter)
         counter.raise_if_above(self.hparams.max_mismatch_ratio)
+        if not samples and split == "train":
+            raise RecordError(f"{path}: no training sample is left after the checks ({dict(stats)}, "
+                              f"{counter.mismatched} tokenization mismatches). Fix the records, raise max_length, "
+                              "or check image_folder.")
         if generation:
             _require_unique_ids(samples, path)
         stats["kept"], stats["mismatch"] = len(samples), counter.mismatched
@@ -433,20 +481,25 @@ class VisualInstructionDataModule(pl.LightningDataModule):
         hp = self.hparams
         self.datasets[split] = VisualInstructionDataset(samples, self.tokenizer, self.template, hp.image_size,
                                                         hp.image_mean, hp.image_std, hp.image_mode, hp.max_length,
-                                                        generation=generation)
+                                                        generation=generation,
+                                                        skip_bad_images=hp.on_bad_record == "skip")
         rank_zero_info(f"visual instruction {split} ({path}): {dict(stats)}")
 
     def _check_record(self, record: dict[str, Any], index: int, path: str, stats: Counter[str]) -> _Sample | None:
         """Conversation structure and image files of one record: a sample (length unknown yet), None when
         skipped (counted), or an error naming the sample id (and the image path)."""
         hp = self.hparams
-        sample_id = str(record.get("id", f"{Path(path).name}#{index}"))
+        sample_id = str(record.get("id", f"{Path(path).name}#{index}")) if isinstance(record, dict) \
+            else f"{Path(path).name}#{index}"
         try:
-            images = _image_paths(record, sample_id, Path(hp.image_folder))
+            if not isinstance(record, dict):
+                raise BadRecordError("bad_record", f"sample {sample_id!r}: record {index} is a "
+                                     f"{type(record).__name__}, expected an object with 'conversations'")
+            images = _image_paths(record, sample_id, Path(hp.image_folder), hp.allow_images_outside_folder)
             conversations, dropped = reference_turns(record.get("conversations"))
             validate_conversation(sample_id, conversations, len(images))
             for image in images:
-                _check_image(sample_id, image)
+                _check_image(sample_id, image, decode=hp.image_check == "decode")
         except ValueError as err:
             if hp.on_bad_record == "error":
                 raise err if isinstance(err, BadRecordError) else ValueError(f"{path}: {err}") from err
@@ -479,6 +532,7 @@ class VisualInstructionDataModule(pl.LightningDataModule):
         Both samplers are DistributedSamplers that shard per rank, so Lightning uses them as they are.
         """
         data, hp = self.datasets["train"], self.hparams
+        require_training_batches(self.trainer)
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
         sampler: ResumableSampler
         if hp.group_by_modality_length:
@@ -544,6 +598,8 @@ def _check_args(hp: Any) -> None:
         problems.append(f"image_mode must be 'pad' or 'resize', got {hp.image_mode!r}")
     if hp.on_bad_record not in ("error", "skip"):
         problems.append(f"on_bad_record must be 'error' or 'skip', got {hp.on_bad_record!r}")
+    if hp.image_check not in ("decode", "header"):
+        problems.append(f"image_check must be 'decode' or 'header', got {hp.image_check!r}")
     if not 0.0 <= hp.max_mismatch_ratio <= 1.0 or math.isnan(hp.max_mismatch_ratio):
         problems.append(f"max_mismatch_ratio must be in [0, 1], got {hp.max_mismatch_ratio}")
     if hp.val_data_path and hp.val_set_size:

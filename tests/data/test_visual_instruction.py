@@ -160,8 +160,10 @@ def test_tokenization_mismatch_fails_past_the_threshold(dataset):
     (dataset / "specials.json").write_text(json.dumps(records))
     with pytest.raises(RuntimeError, match=r"train: 3 of 3 samples \(100.00%\) do not tokenize"):
         module(dataset, "specials.json")  # "user" round-trips, "Color?" does not
+    records[1]["conversations"][0]["value"] = "Say hi"  # one sample left to train on
+    (dataset / "specials.json").write_text(json.dumps(records))
     dm = module(dataset, "specials.json", max_mismatch_ratio=1.0)
-    assert (dm.stats["train"]["mismatch"], dm.stats["train"]["kept"]) == (3, 0)
+    assert (dm.stats["train"]["mismatch"], dm.stats["train"]["kept"]) == (2, 1)
 
 
 def test_a_leading_gpt_turn_is_dropped_and_counted(dataset):
