@@ -14,8 +14,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from effilora_lightning import EffiLoRACallback, EffiLoRAConfig, apply_adapter
-from effilora_lightning.adapters import is_adapter_param, save_adapter
+from effilora_lightning import EffiLoRACallback, EffiLoRAConfig, adapter_parameters, apply_adapter
+from effilora_lightning.adapters import save_adapter
 
 
 class MyLitLM(L.LightningModule):
@@ -39,17 +39,17 @@ class MyLitLM(L.LightningModule):
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        # by NAME, never by requires_grad: the callback toggles B every step and never adds param groups
-        params = [p for n, p in self.named_parameters() if is_adapter_param(n)]
-        return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+        # every adapter parameter by NAME, not by requires_grad: the callback toggles B every step and never adds
+        # param groups
+        return torch.optim.AdamW(adapter_parameters(self), lr=1e-3, weight_decay=0.01)
 
 
-def main() -> None:
+def main(max_steps: int = 20) -> None:
     torch.manual_seed(0)
     data = DataLoader(TensorDataset(torch.randint(0, 256, (64, 32))), batch_size=8)
     callback = EffiLoRACallback(keep_ratio=0.5, importance="taylor", selection="sample", warmup_steps=2,
                                 log_every_n_steps=5)
-    trainer = L.Trainer(max_steps=20, accelerator="cpu", callbacks=[callback], log_every_n_steps=5,
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", callbacks=[callback], log_every_n_steps=5,
                         default_root_dir="logs/callback_example", enable_checkpointing=False)
     module = MyLitLM()
     trainer.fit(module, data)

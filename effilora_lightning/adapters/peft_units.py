@@ -55,14 +55,14 @@ def is_peft_lora_layer(module: nn.Module) -> bool:
     return isinstance(getattr(module, "lora_B", None), nn.ModuleDict) and hasattr(module, "active_adapters")
 
 
-def _active_b(module: nn.Module) -> list[tuple[str, nn.Module | nn.Parameter]]:
-    """(adapter name, B) for each active adapter of one PEFT LoRA layer that has a B here."""
-    found: list[tuple[str, nn.Module | nn.Parameter]] = []
+def _active_b(module: nn.Module) -> list[tuple[str, str, nn.Module | nn.Parameter]]:
+    """(attribute, adapter name, B) for each active adapter of one PEFT LoRA layer that has a B here."""
+    found: list[tuple[str, str, nn.Module | nn.Parameter]] = []
     for adapter in module.active_adapters:
         if adapter in module.lora_B:
-            found.append((adapter, module.lora_B[adapter]))
+            found.append(("lora_B", adapter, module.lora_B[adapter]))
         elif adapter in getattr(module, "lora_embedding_B", {}):
-            found.append((adapter, module.lora_embedding_B[adapter]))
+            found.append(("lora_embedding_B", adapter, module.lora_embedding_B[adapter]))
     return found
 
 
@@ -96,7 +96,7 @@ def peft_lora_units(model: nn.Module, granularity: Granularity = "layer") -> Sel
                 f"PEFT LoRA layer '{mname}' has its adapter merged into the base weight, so its lora_B takes no part "
                 "in the forward. Call model.unmerge_adapter() before training (merge_and_unload after it)."
             )
-        for adapter, b in _active_b(module):
+        for attr, adapter, b in _active_b(module):
             uname = unit_name(unwrapped_name(mname), granularity)
             if uname not in names:
                 names.append(uname)
@@ -110,7 +110,7 @@ def peft_lora_units(model: nn.Module, granularity: Granularity = "layer") -> Sel
                     continue
                 seen.add(id(p))
                 params.append(p)
-                param_names.append(".".join(filter(None, (unwrapped_name(mname), "lora_B", adapter, pname))))
+                param_names.append(".".join(filter(None, (unwrapped_name(mname), attr, adapter, pname))))
                 owner.append(u)
     if not params:
         raise ValueError(f"The model has no PEFT LoRA layer with an active adapter. {describe_adapters(model)}")

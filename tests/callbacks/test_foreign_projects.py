@@ -304,3 +304,16 @@ def test_ours_and_peft_in_one_model_is_refused():
     model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["down_proj"]))
     with pytest.raises(ValueError, match="both EffiLoRA modules .* and PEFT LoRA layers"):
         selectable_units(model)
+
+
+def test_peft_lora_on_embeddings_is_a_unit_of_its_own():
+    """Found by the same attributes; an embedding belongs to no decoder layer, so it is its own unit."""
+    from effilora_lightning.adapters.peft_units import trained_beside_units
+
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"]))
+    units = selectable_units(model)
+    assert units.names == ("base_model.model.model.embed_tokens", "base_model.model.model.layers.0",
+                           "base_model.model.model.layers.1")
+    assert units.param_names[0] == "base_model.model.model.embed_tokens.lora_embedding_B.default"
+    assert units.numel.tolist() == [32 * 2, 32 * 2, 32 * 2]
+    assert trained_beside_units(model, units) == {"lora_embedding_A": 2 * 128, "lora_A": 2 * 2 * 32}
