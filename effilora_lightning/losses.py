@@ -4,10 +4,16 @@ LLaMA-3's 128,256-word vocabulary makes the logits the largest activation of an 
 tokens: 8 GB of fp32 logits, and as much again for their gradient). Here they only ever exist one chunk at a
 time::
 
-    hidden (N, H), the rows whose target counts ──┬─ chunk 0 (c, H) @ W.T ─► logits (c, V) fp32 ─► lse, z_target
-                                                  ├─ chunk 1 ...             (freed before the next chunk)
-    forward  keeps: hidden rows, lse (N,)         └─ ...                     loss sum = sum(lse - z_target)
-    backward redoes each chunk's logits: softmax(z) - onehot(target) ─► grad_h = g @ W, grad_W += g.T @ h
+    hidden (n, H): the rows whose target counts
+      ├─ chunk 0 (c, H) @ W.T ─► logits (c, V) fp32 ─► loss += logsumexp - z_target
+      │                                  └─► in place: softmax - onehot(target) = dloss/dlogits
+      │                                        ─► grad_h[chunk] = g @ W   (grad_W += g.T @ h if W trains)
+      ├─ chunk 1 ...   (each chunk's (c, V) buffer is freed before the next one)
+    backward: scale the kept grad_h (n, H) by the incoming gradient
+
+The gradients are computed while each chunk's logits are at hand, as Liger-Kernel does: the head costs the same
+matmuls as the plain path. ``recompute=True`` instead keeps only the hidden rows and each row's logsumexp and
+redoes the chunk's logits in backward (one more head matmul per step, nothing but (n,) kept besides the rows).
 
 The result is HF's ``model(..., labels=labels).loss`` (transformers' ``ForCausalLMLoss``): labels shifted by one,
 -100 ignored, logits computed in the head's (or autocast's) dtype and upcast to fp32, the sum divided by the
@@ -50,6 +56,7 @@ def chunked_lm_loss(
     num_items_in_batch: torch.Tensor | int | None = None,
     shift: bool = True,
     use_liger: bool = True,
+    recompute: bool = False,
 ) -> torch.Tensor:
     """Mean causal-LM cross-entropy of ``hidden @ weight.T + bias`` against ``labels``, ``chunk_size`` tokens at a time.
 
@@ -62,6 +69,8 @@ def chunked_lm_loss(
         num_items_in_batch: divide the sum by this instead of the counted tokens (HF's gradient accumulation).
         shift: position t predicts label t + 1 (HF causal LMs); False: labels are already the targets.
         use_liger: on CUDA, use liger_kernel's fused linear cross-entropy when it is importable.
+        recompute: keep nothing of the logits' gradient from forward and redo each chunk's logits in backward
+            (one more head matmul); default: forward computes the gradients while it has each chunk's logits.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
@@ -82,7 +91,7 @@ def chunked_lm_loss(
         total = liger(h, weight, t, bias=bias, ignore_index=ignore_index, reduction="sum")
         total = total[0] if isinstance(total, tuple) else total
     else:
-        total = _LinearCrossEntropySum.apply(h, weight, bias, t, chunk_size, _compute_dtype(hidden, weight))
+        total = _LinearCrossEntropySum.apply(h, weight, bias, t, chunk_size, _compute_dtype(hidden, weight), recompute)
     return total.float() / divisor
 
 
@@ -104,49 +113,85 @@ def _liger_loss() -> Any:
 
 
 class _LinearCrossEntropySum(torch.autograd.Function):
-    """sum_i [logsumexp(h_i W^T + b) - (h_i W^T + b)[t_i]] over rows h (n, H), chunk by chunk; no ignored rows."""
+    """sum_i [logsumexp(h_i W^T + b) - (h_i W^T + b)[t_i]] over rows h (n, H), chunk by chunk; no ignored rows.
+
+    The gradient of that sum is ``softmax(z) - onehot(t)`` per row, which each chunk has in hand right after its
+    loss. By default (``recompute=False``) the forward turns it into the chunk's grad_h (and grad_W, grad_b) at
+    once, so the logits are computed once and backward only scales what it kept by the incoming gradient: the
+    head's matmuls as in the plain path (2 per step with a frozen head), held memory (n, H). ``recompute=True``
+    keeps only hidden rows and their logsumexp and redoes each chunk's logits in backward: one more matmul.
+    """
 
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                chunk_size: int, dtype: torch.dtype) -> torch.Tensor:
+                chunk_size: int, dtype: torch.dtype, recompute: bool) -> torch.Tensor:
+        ctx.chunk_size, ctx.dtype, ctx.rows = chunk_size, dtype, h.shape[0]
+        ctx.eager = any(ctx.needs_input_grad[:3]) and not recompute
+        grads = _Grads(h, weight, bias, ctx.needs_input_grad[:3], dtype) if ctx.eager else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)  # (n,)
         for start in range(0, h.shape[0], chunk_size):
             end = start + chunk_size
             logits = _chunk_logits(h[start:end], weight, bias, dtype)  # (c, V) fp32
             target_logit = logits.gather(1, targets[start:end, None]).squeeze(1)  # (c,)
-            lse[start:end] = _logsumexp_(logits)  # destroys logits: one (c, V) buffer, not two
+            lse[start:end] = _lse_(logits, softmax=grads is not None)  # in place: one (c, V) buffer, not two
             total += (lse[start:end] - target_logit).sum()
+            if grads is not None:
+                grads.add_chunk(start, end, logits, targets[start:end])
             del logits
-        ctx.save_for_backward(h, weight, bias, targets, lse)
-        ctx.chunk_size, ctx.dtype = chunk_size, dtype
+        if grads is not None:
+            ctx.save_for_backward(*grads.tensors())
+        else:
+            ctx.save_for_backward(h, weight, bias, targets, lse)
         return total
 
     @staticmethod
     def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        h, weight, bias, targets, lse = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
-        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=h.device) if need_b else None
-        w = weight.to(ctx.dtype)  # a no-op unless autocast computes in another dtype
-        for start in range(0, h.shape[0], ctx.chunk_size):
-            end = start + ctx.chunk_size
-            g = _chunk_logits(h[start:end], weight, bias, ctx.dtype)  # (c, V) fp32, recomputed
-            g.sub_(lse[start:end, None]).exp_()  # softmax
-            g[torch.arange(g.shape[0], device=g.device), targets[start:end]] -= 1.0  # minus onehot(target)
-            g.mul_(grad_total)
-            if grad_b is not None:
-                grad_b += g.sum(0)
-            g = g.to(ctx.dtype)  # the grad reaches the matmuls in their dtype, as through HF's .float()
-            if grad_h is not None:
-                grad_h[start:end] = g @ w  # (c, H)
-            if grad_w is not None:
-                grad_w += g.t() @ h[start:end].to(ctx.dtype)  # (V, H), summed over chunks in fp32
-            del g
-        grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
-        grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
-        return grad_h, grad_w, grad_b, None, None, None
+        if ctx.eager:  # d(sum)/d(inputs) was computed in forward; the loss is linear in it
+            grads = ctx.saved_tensors
+            if ctx.rows > 0:  # no rows: zeros stay zeros (as HF's), even times the inf of 1 / 0 tokens
+                grads = [g * grad_total if g is not None else None for g in grads]
+        else:
+            h, weight, bias, targets, lse = ctx.saved_tensors
+            acc = _Grads(h, weight, bias, ctx.needs_input_grad[:3], ctx.dtype)
+            for start in range(0, h.shape[0], ctx.chunk_size):
+                end = start + ctx.chunk_size
+                g = _chunk_logits(h[start:end], weight, bias, ctx.dtype)  # (c, V) fp32, recomputed
+                g.sub_(lse[start:end, None]).exp_()  # softmax
+                acc.add_chunk(start, end, g.mul_(grad_total), targets[start:end], scale=grad_total)
+                del g
+            grads = acc.tensors()
+        return (*grads, None, None, None, None)
+
+
+class _Grads:
+    """Gradients of the loss sum w.r.t. (h, weight, bias), accumulated chunk by chunk (None where not needed)."""
+
+    def __init__(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, needed: tuple[bool, ...],
+                 dtype: torch.dtype) -> None:
+        self.h, self.weight, self.bias, self.dtype = h, weight, bias, dtype
+        self.w = weight.to(dtype)  # a no-op unless autocast computes in another dtype
+        self.grad_h = torch.empty_like(h) if needed[0] else None
+        self.grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if needed[1] else None
+        self.grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=h.device) if needed[2] else None
+
+    def add_chunk(self, start: int, end: int, probs: torch.Tensor, targets: torch.Tensor,
+                  scale: torch.Tensor | float = 1.0) -> None:
+        """``probs``: (c, V) fp32 softmax of the chunk (times ``scale``), overwritten by its logits' gradient."""
+        rows = torch.arange(probs.shape[0], device=probs.device)
+        probs[rows, targets] -= scale  # softmax - onehot(target)
+        if self.grad_b is not None:
+            self.grad_b += probs.sum(0)
+        g = probs.to(self.dtype)  # the gradient meets the matmuls in their dtype, as through HF's .float()
+        if self.grad_h is not None:
+            self.grad_h[start:end] = g @ self.w  # (c, H)
+        if self.grad_w is not None:
+            self.grad_w += g.t() @ self.h[start:end].to(self.dtype)  # (V, H), summed over chunks in fp32
+
+    def tensors(self) -> tuple[torch.Tensor | None, ...]:
+        grad_w = self.grad_w.to(self.weight.dtype) if self.grad_w is not None else None
+        grad_b = self.grad_b.to(self.bias.dtype) if self.grad_b is not None else None
+        return self.grad_h, grad_w, grad_b
 
 
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
@@ -157,11 +202,14 @@ def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return F.linear(h.to(dtype), weight.to(dtype), b).float()
 
 
-def _logsumexp_(logits: torch.Tensor) -> torch.Tensor:
-    """Row-wise logsumexp of (c, V) fp32 logits, overwriting them (no second (c, V) buffer)."""
+def _lse_(logits: torch.Tensor, softmax: bool) -> torch.Tensor:
+    """Row-wise logsumexp of (c, V) fp32 logits, overwriting them with exp(z - max), or the softmax."""
     top = logits.amax(dim=1, keepdim=True)  # (c, 1)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # rows of -inf stay -inf, not NaN
-    return logits.sub_(top).exp_().sum(dim=1).log_().add_(top.squeeze(1))
+    sums = logits.sub_(top).exp_().sum(dim=1, keepdim=True)  # (c, 1)
+    if softmax:
+        logits.div_(sums)
+    return sums.log_().add_(top).squeeze(1)
 
 
 class ChunkedLossHead(nn.Linear):
@@ -181,9 +229,10 @@ class ChunkedLossHead(nn.Linear):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, chunk_size: int = 1024,
-                 device: Any = None, dtype: torch.dtype | None = None) -> None:
+                 device: Any = None, dtype: torch.dtype | None = None, recompute: bool = False) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.chunk_size = chunk_size
+        self.recompute = recompute  # see chunked_lm_loss
         self._request: tuple[torch.Tensor, torch.Tensor | int | None] | None = None
 
     @classmethod
@@ -212,7 +261,7 @@ class ChunkedLossHead(nn.Linear):
             return F.linear(hidden, self.weight, self.bias)
         labels, num_items = self._request
         return chunked_lm_loss(hidden, self.weight, labels, self.bias, chunk_size=self.chunk_size,
-                               num_items_in_batch=num_items)
+                               num_items_in_batch=num_items, recompute=self.recompute)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, chunk_size={self.chunk_size}"

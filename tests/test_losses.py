@@ -38,12 +38,13 @@ def _grads(loss: torch.Tensor, *tensors: torch.Tensor | None) -> list[torch.Tens
     return list(torch.autograd.grad(loss, present))
 
 
+@pytest.mark.parametrize("recompute", [False, True], ids=["grads_in_forward", "recompute"])
 @pytest.mark.parametrize("chunk_size", [1, 5, 16, 128, 10_000])  # 5 does not divide the 102 counted tokens
 @pytest.mark.parametrize("bias", [False, True])
-def test_loss_and_gradients_equal_hf_for_any_chunk_size(chunk_size, bias):
+def test_loss_and_gradients_equal_hf_for_any_chunk_size(chunk_size, bias, recompute):
     hidden, weight, b, labels = _inputs(bias)
     ref = _hf_loss(hidden, weight, b, labels)
-    loss = chunked_lm_loss(hidden, weight, labels, b, chunk_size=chunk_size)
+    loss = chunked_lm_loss(hidden, weight, labels, b, chunk_size=chunk_size, recompute=recompute)
     torch.testing.assert_close(loss, ref, **TIGHT)
     for got, want in zip(_grads(loss, hidden, weight, b), _grads(ref, hidden, weight, b), strict=True):
         torch.testing.assert_close(got, want, **TIGHT)
@@ -60,20 +61,22 @@ def test_ignored_rows_get_exactly_zero_gradient_and_the_mean_counts_only_labelle
     torch.testing.assert_close(total / counted, loss, **TIGHT)
 
 
-def test_num_items_in_batch_divides_the_sum_as_hf_does():
+@pytest.mark.parametrize("recompute", [False, True])
+def test_num_items_in_batch_divides_the_sum_as_hf_does(recompute):
     hidden, weight, b, labels = _inputs(bias=True)
     for n in (37, torch.tensor(37)):
         ref = _hf_loss(hidden, weight, b, labels, num_items_in_batch=n)
-        loss = chunked_lm_loss(hidden, weight, labels, b, chunk_size=9, num_items_in_batch=n)
+        loss = chunked_lm_loss(hidden, weight, labels, b, chunk_size=9, num_items_in_batch=n, recompute=recompute)
         torch.testing.assert_close(loss, ref, **TIGHT)
         torch.testing.assert_close(_grads(loss, hidden)[0], _grads(ref, hidden)[0], **TIGHT)
 
 
-def test_a_batch_with_no_counted_token_is_nan_with_zero_gradients_like_hf():
+@pytest.mark.parametrize("recompute", [False, True])
+def test_a_batch_with_no_counted_token_is_nan_with_zero_gradients_like_hf(recompute):
     hidden, weight, _, labels = _inputs(bias=False)
     labels[:] = -100
     ref = _hf_loss(hidden, weight, None, labels)
-    loss = chunked_lm_loss(hidden, weight, labels, chunk_size=8)
+    loss = chunked_lm_loss(hidden, weight, labels, chunk_size=8, recompute=recompute)
     assert torch.isnan(ref) and torch.isnan(loss)
     for got, want in zip(_grads(loss, hidden, weight), _grads(ref, hidden, weight), strict=True):
         torch.testing.assert_close(got, want)  # zeros on both sides
@@ -89,11 +92,12 @@ def test_frozen_weight_gets_no_gradient_and_unshifted_labels_are_targets():
     torch.testing.assert_close(chunked_lm_loss(hidden, weight, targets, chunk_size=11, shift=False), loss, **TIGHT)
 
 
-def test_bf16_autocast_matches_hf_under_the_same_autocast():
+@pytest.mark.parametrize("recompute", [False, True])
+def test_bf16_autocast_matches_hf_under_the_same_autocast(recompute):
     hidden, weight, _, labels = _inputs(bias=False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = _hf_loss(hidden, weight, None, labels)
-        loss = chunked_lm_loss(hidden, weight, labels, chunk_size=16)
+        loss = chunked_lm_loss(hidden, weight, labels, chunk_size=16, recompute=recompute)
     assert loss.dtype == ref.dtype == torch.float32
     torch.testing.assert_close(loss, ref, rtol=2e-3, atol=2e-3)  # bf16 logits, blocked differently
     torch.testing.assert_close(_grads(loss, hidden)[0], _grads(ref, hidden)[0], rtol=2e-2, atol=2e-3)
@@ -112,13 +116,15 @@ def _saved_numels(fn) -> list[tuple[int, tuple[int, ...]]]:
     return saved
 
 
-def test_no_logits_sized_tensor_is_kept_for_backward():
-    """The plain path keeps (N, V) logits (and their log-softmax); the chunked one only rows of (N, H), the
-    weight it was given and (N,) vectors: nothing with a vocabulary-sized row except the weight itself."""
+@pytest.mark.parametrize("recompute", [False, True])
+def test_no_logits_sized_tensor_is_kept_for_backward(recompute):
+    """The plain path keeps (N, V) logits (and their log-softmax); the chunked one only rows of (N, H) (hidden
+    rows, or their gradient), the weight it was given and (N,) vectors: nothing vocabulary-sized but the weight."""
     hidden, weight, _, labels = _inputs(bias=False)
+    weight.requires_grad_(False)  # a frozen head, as under adapters: no (V, H) gradient kept either
     n = B * T
     plain = _saved_numels(lambda: _hf_loss(hidden, weight, None, labels))
-    chunked = _saved_numels(lambda: chunked_lm_loss(hidden, weight, labels, chunk_size=16))
+    chunked = _saved_numels(lambda: chunked_lm_loss(hidden, weight, labels, chunk_size=16, recompute=recompute))
     assert max(numel for numel, _ in plain) >= n * V
     assert all(shape == (V, H) or V not in shape for _, shape in chunked), chunked
     assert sum(numel for numel, shape in chunked if shape != (V, H)) < n * H + 4 * n
