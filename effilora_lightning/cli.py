@@ -30,6 +30,17 @@ class EffiLoRACLI(LightningCLI):
         parser.add_argument("--test_after_fit", type=bool, default=False,
                             help="After fit, run test with the trained weights and print the per-task table.")
 
+    def instantiate_classes(self) -> None:
+        """As LightningCLI, but a module's or datamodule's own ValueError/TypeError (which names the key at fault)
+        is raised as it is, not inside jsonargparse's "Does not validate against any of the Union subtypes"."""
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            cause = err.__cause__
+            if isinstance(cause, (ValueError, TypeError)) and str(cause) and str(cause) in str(err):
+                raise cause from None
+            raise
+
     def after_fit(self) -> None:
         if self.config.get(self.subcommand, {}).get("test_after_fit"):
             self.trainer.test(self.model, datamodule=self.datamodule)

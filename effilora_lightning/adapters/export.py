@@ -143,7 +143,7 @@ def read_adapter_config(directory: str | Path) -> tuple[AdapterConfig, dict[str,
     fields = dict(meta.get("config") or {})
     method = fields.pop("method", meta.get("method"))
     if method not in _CONFIGS:
-        close = difflib.get_close_matches(str(method), list(_CONFIGS), n=2)
+        close = difflib.get_close_matches(str(method), list(_CONFIGS), n=2, cutoff=0.8)  # not dora -> lora
         hint = f" (did you mean {' or '.join(close)}?)" if close else ""
         raise ValueError(f"{path} names the adapter method {method!r}{hint}; known methods: {', '.join(_CONFIGS)}.")
     try:
