@@ -56,9 +56,11 @@ WHEELS = REPO / ".gpu_wheels"
 DEMO_CONFIG = REPO / "configs" / "demo" / "commonsense_effilora.yaml"
 LOSS_MEMORY = REPO / "benchmarks" / "loss_memory.py"
 STEPS = ["environment", "pytest_gpu", "speed", "demo", "loss_memory"]
-BUDGET_S = 480  # the 8 minutes
+BUDGET_S = 480  # the 8 minutes, on the GPU
 LIMITS_S = {"environment": 90, "pytest_gpu": 210, "speed": 240, "demo": 180, "loss_memory": 120}
-DRY_LIMITS_S = {"environment": 60, "pytest_gpu": 120, "speed": 120, "demo": 150, "loss_memory": 120}
+# The dry run's limits only catch hangs: on a shared 2-core box under load each child's imports alone take 10-20 s.
+DRY_BUDGET_S = 1500
+DRY_LIMITS_S = {"environment": 180, "pytest_gpu": 300, "speed": 300, "demo": 360, "loss_memory": 360}
 SPEED_METHODS = ["floor", "peft_lora", "lora", "effilora_k1.0", "effilora_k0.5", "effilora_in_k1.0", "effilora_in_k0.5",
                  "effilora_k0.5_bf16"]
 TAIL = 6000  # characters of a child's output kept in its step's JSON (the whole of it is in log.txt)
@@ -471,9 +473,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="on the CPU, tiny presets: everything but CUDA itself")
     ap.add_argument("--only", nargs="+", choices=STEPS, help="run these steps (environment always runs first)")
     ap.add_argument("--skip", nargs="+", choices=STEPS, default=[], help="leave these steps out")
-    ap.add_argument("--budget", type=float, default=BUDGET_S, help=f"seconds for everything (default {BUDGET_S})")
+    ap.add_argument("--budget", type=float, default=None,
+                    help=f"seconds for everything (default {BUDGET_S}; with --dry-run {DRY_BUDGET_S})")
     ap.add_argument("--work", default=None, help="scratch folder (default: a new temporary one)")
     args = ap.parse_args(argv)
+    if args.budget is None:
+        args.budget = DRY_BUDGET_S if args.dry_run else BUDGET_S
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work).resolve() if args.work else Path(tempfile.mkdtemp(prefix="gpu_check_"))
