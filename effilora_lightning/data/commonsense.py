@@ -37,19 +37,22 @@ ids at the boundary, e.g. ``['\n', 16 spaces, 'the']`` vs ``['\n', 15 spaces, ' 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 from transformers import PreTrainedTokenizerBase
 
-from effilora_lightning.data.records import RecordError, read_records
+from effilora_lightning.data.records import RecordError, check_data_file, read_records
 from effilora_lightning.data.sampling import (
+    ModalityLengthGroupedSampler,
     ResumableSampler,
     checked_position,
     require_training_batches,
@@ -57,7 +60,17 @@ from effilora_lightning.data.sampling import (
     training_position,
 )
 from effilora_lightning.data.templates import ANSWER_PATTERNS, TASKS, build_eval_prompt, build_train_prompt
-from effilora_lightning.data.tokenizer import load_tokenizer
+from effilora_lightning.data.token_cache import (
+    EntryBuilder,
+    TokenRows,
+    TokenRowsWriter,
+    cache_key,
+    default_cache_dir,
+    file_digest,
+    load_or_build,
+    tokenizer_digest,
+)
+from effilora_lightning.data.tokenizer import encode_texts, load_tokenizer
 
 __all__ = ["SAMPLE_ID_STRIDE", "CommonsenseDataModule", "RecordError", "is_generation_batch", "read_records"]
 
@@ -127,8 +140,11 @@ class _Encoding:
 
 
 def _ids(tokenizer: PreTrainedTokenizerBase, texts: list[str], bos: int | None) -> list[list[int]]:
-    """Tokenize without special tokens (so BOS is never doubled), dropping a BOS the text itself spelled out."""
-    out = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    """Tokenize without special tokens (so BOS is never doubled), dropping a BOS the text itself spelled out.
+    Each distinct text is tokenized once (the outputs are a handful of "the correct answer is ..." strings)."""
+    unique = list(dict.fromkeys(texts))
+    ids_of = dict(zip(unique, encode_texts(tokenizer, unique)))
+    out = [ids_of[t] for t in texts]
     return [ids[1:] if bos is not None and ids[:1] == [bos] else ids for ids in out]
 
 
@@ -198,6 +214,33 @@ def collate_generate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, A
     }
 
 
+class _LossRows(Dataset):
+    """Teacher-forced examples over token rows: ``{"input_ids", "labels"}`` as int64 arrays."""
+
+    def __init__(self, rows: TokenRows) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return {"input_ids": np.asarray(self.rows.ids_of(index), np.int64), "labels": self.rows.labels_of(index)}
+
+
+class _PromptRows(Dataset):
+    """Generation examples: a prompt row with its task, answer and sample id."""
+
+    def __init__(self, rows: TokenRows, tasks: list[str], answers: list[str], sample_ids: list[int]) -> None:
+        self.rows, self.tasks, self.answers, self.sample_ids = rows, tasks, answers, sample_ids
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"input_ids": np.asarray(self.rows.ids_of(index), np.int64), "task": self.tasks[index],
+                "answer": self.answers[index], "sample_id": self.sample_ids[index]}
+
+
 # ---------------------------------------------------------------------------------------------- module
 
 
@@ -224,6 +267,11 @@ class CommonsenseDataModule(LightningDataModule):
         pad_token: pad token to use (see ``load_tokenizer``); None picks a reserved special token.
         reference_whitespace: use LLM-Adapters' literal prompt whitespace instead of the clean template.
         seed: seeds the validation split and the training shuffle.
+        group_by_length: training batches of similar lengths (shuffled windows of ``length_group_batches``
+            global batches, each sorted by length) instead of a plain shuffle: far less padding.
+        length_group_batches: batches per length-sorted window (Hugging Face's megabatch: 50).
+        cache_dir: where tokenized splits are cached (``token_cache``); None: ``default_cache_dir()``.
+        use_cache: False tokenizes at every setup and writes nothing.
 
     Raises:
         ValueError: unknown eval task or invalid argument; ``RecordError`` (a ValueError) for bad data.
@@ -250,11 +298,16 @@ class CommonsenseDataModule(LightningDataModule):
         pad_token: str | None = None,
         reference_whitespace: bool = False,
         seed: int = 42,
+        group_by_length: bool = False,
+        length_group_batches: int = 50,
+        cache_dir: str | None = None,
+        use_cache: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.eval_tasks = _check_tasks(list(TASKS) if eval_tasks is None else list(eval_tasks))
-        _check_positive(cutoff_len=cutoff_len, batch_size=batch_size, eval_batch_size=eval_batch_size)
+        _check_positive(cutoff_len=cutoff_len, batch_size=batch_size, eval_batch_size=eval_batch_size,
+                        length_group_batches=length_group_batches)
         _check_non_negative(val_set_size=val_set_size, num_workers=num_workers,
                             val_generation_samples_per_task=val_generation_samples_per_task)
         if max_test_samples_per_task is not None:
@@ -270,31 +323,68 @@ class CommonsenseDataModule(LightningDataModule):
         self.num_fully_masked = 0
         self.longest_eval_prompt: tuple[int, str, int] | None = None
         """(length in tokens with BOS, task, record index) of the longest generation prompt, after setup."""
-        self._train: list[dict[str, list[int]]] | None = None
-        self._val: list[dict[str, list[int]]] = []
-        self._test: list[dict[str, Any]] | None = None
+        self.built_cache: dict[str, bool] = {}
+        """Per part ("train", "test"): whether this process tokenized it (False: read from the cache)."""
+        self._train: _LossRows | None = None
+        self._val: _LossRows | None = None
+        self._test: _PromptRows | None = None
         self._resume: dict[str, int] | None = None  # from a checkpoint: epoch and batches already consumed
 
     # ------------------------------------------------------------------ setup
 
     def setup(self, stage: str | None = None) -> None:
-        """Load the tokenizer, validate and tokenize the training file (fit/validate) and the test sets."""
+        """Load the tokenizer, then the training file (fit/validate) and the test sets: from the token cache
+        when an entry for exactly these inputs exists, else validated, tokenized and cached (by local rank 0;
+        the other ranks wait and memory-map it)."""
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.hparams.tokenizer_path, self.hparams.pad_token)
         if stage in (None, "fit", "validate") and self._train is None:
-            self._train, self._val = self._build_train_val()
+            rows, meta = self._cached("train", self._build_train_val, data=file_digest(check_data_file(self.data_path)))
+            self._train, self._val = _LossRows(rows["train"]), _LossRows(rows["val"])
+            self.num_truncated_train, self.num_fully_masked = meta["truncated"], meta["fully_masked"]
+            self._note_skipped(self.data_path, meta["skipped"])
             self._warn_counts("train", self.num_truncated_train, "training sequences were cut at cutoff_len")
         if self._test is None:
-            self._test = self._build_test()
+            files = {task: file_digest(check_data_file(self._test_file(task))) for task in self.eval_tasks}
+            rows, meta = self._cached("test", self._build_test, files=files)
+            self._test = _PromptRows(rows["prompts"], meta["tasks"], meta["answers"], meta["sample_ids"])
+            self.longest_eval_prompt = tuple(meta["longest"]) if meta["longest"] else None
+            for task, skipped in meta["skipped"].items():
+                self._note_skipped(self._test_file(task), skipped)
+
+    def _cached(self, part: str, build: Callable[[EntryBuilder], dict[str, Any]], **inputs: Any
+                ) -> tuple[dict[str, TokenRows], dict[str, Any]]:
+        """``build()`` through the token cache, keyed by the inputs, the settings and the tokenizer."""
+        hp, trainer = self.hparams, getattr(self, "trainer", None)
+        settings = {k: v for k, v in hp.items() if k not in ("batch_size", "eval_batch_size", "num_workers",
+                                                               "group_by_length", "length_group_batches",
+                                                               "cache_dir", "use_cache", "data_path",
+                                                               "dataset_dir", "tokenizer_path")}
+        key = cache_key(owner=f"{type(self).__name__}.{part}", inputs=inputs, settings=settings,
+                        tokenizer=tokenizer_digest(hp.tokenizer_path), pad=self.tokenizer.pad_token)
+        cache_dir = (hp.cache_dir or default_cache_dir()) if hp.use_cache else None
+        distributed = trainer is not None and trainer.world_size > 1
+        rows, meta, built = load_or_build(
+            cache_dir, key, build, is_builder=trainer is None or trainer.local_rank == 0,
+            barrier=(lambda: trainer.strategy.barrier(f"token_cache_{part}")) if distributed else None)
+        self.built_cache[part] = built
+        return rows, meta
+
+    def _test_file(self, task: str) -> Path:
+        path = self.dataset_dir / task / "test.json"
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"eval task {task!r}: directory {path.parent} does not exist "
+                                    f"(dataset_dir={self.dataset_dir} must hold <task>/test.json)")
+        return path
 
     def _encoding(self) -> _Encoding:
         tok, hp = self.tokenizer, self.hparams
         return _Encoding(tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, hp.cutoff_len, hp.max_eval_prompt_len)
 
-    def _build_train_val(self) -> tuple[list[dict[str, list[int]]], list[dict[str, list[int]]]]:
-        """Validate the training file, split off the seeded validation records, tokenize both."""
+    def _build_train_val(self, entry: EntryBuilder) -> dict[str, Any]:
+        """Validate the training file, split off the seeded validation records, tokenize both into ``entry``'s
+        rows "train" and "val"; returns the counts."""
         records, skipped = load_records(self.data_path, ("instruction", "output", "answer"), self.hparams.on_bad_record)
-        self._note_skipped(self.data_path, skipped)
         val_size = self.hparams.val_set_size
         if val_size >= len(records):
             raise ValueError(f"val_set_size={val_size} leaves no training records: {self.data_path} has "
@@ -302,19 +392,22 @@ class CommonsenseDataModule(LightningDataModule):
         order = list(range(len(records)))
         random.Random(self.hparams.seed).shuffle(order)
         val = [records[i][1] for i in sorted(order[:val_size])]
-        train = self._tokenize_train([records[i][1] for i in sorted(order[val_size:])])
-        if not train:
+        train = entry.rows("train")
+        truncated, fully_masked = self._tokenize_train([records[i][1] for i in sorted(order[val_size:])], train)
+        if not train.rows:
             raise RecordError(
                 f"{self.data_path}: no training sequence is left: the prompt of each of its {len(order) - val_size} "
                 f"training records fills cutoff_len={self.hparams.cutoff_len}, and train_on_inputs=False leaves "
                 "them no label. Raise cutoff_len or set train_on_inputs=True.")
-        return train, self._tokenize_train(val)
+        self._tokenize_train(val, entry.rows("val"))
+        return {"truncated": truncated, "fully_masked": fully_masked, "skipped": skipped}
 
-    def _tokenize_train(self, records: list[dict[str, str]]) -> list[dict[str, list[int]]]:
-        """Prompt + output ids and the prompt's length, per record (see the module docstring for why the
-        clean template and ``reference_whitespace`` tokenize differently)."""
+    def _tokenize_train(self, records: list[dict[str, str]], writer: TokenRowsWriter) -> tuple[int, int]:
+        """Rows of prompt + output ids into ``writer`` (see the module docstring for why the clean template and
+        ``reference_whitespace`` tokenize differently); returns how many were cut and dropped fully masked."""
+        truncated_count, fully_masked = 0, 0
         if not records:
-            return []
+            return 0, 0
         enc, ws = self._encoding(), self.hparams.reference_whitespace
         prompts = [build_train_prompt(r["instruction"], "", reference_whitespace=ws) for r in records]
         prompt_ids = _ids(self.tokenizer, prompts, enc.bos)
@@ -324,35 +417,36 @@ class CommonsenseDataModule(LightningDataModule):
         else:
             output_ids = _ids(self.tokenizer, [r["output"] for r in records], enc.bos)
             text_ids = [p + o for p, o in zip(prompt_ids, output_ids)]
-        examples = []
         for text, prompt in zip(text_ids, prompt_ids):
             example, truncated = train_example(text, len(prompt), enc, self.hparams.train_on_inputs,
                                                self.hparams.add_eos)
-            self.num_truncated_train += truncated
-            if all(label == -100 for label in example["labels"]):
-                self.num_fully_masked += 1  # the prompt filled cutoff_len: nothing left to learn from
+            truncated_count += truncated
+            trained = [label != -100 for label in example["labels"]]
+            if not any(trained):
+                fully_masked += 1  # the prompt filled cutoff_len: nothing left to learn from
                 continue
-            examples.append(example)
-        return examples
+            writer.add(example["input_ids"], trained)
+        return truncated_count, fully_masked
 
-    def _build_test(self) -> list[dict[str, Any]]:
-        """Validate and tokenize each eval task's test.json into generation examples."""
-        enc, examples = self._encoding(), []
+    def _build_test(self, entry: EntryBuilder) -> dict[str, Any]:
+        """Validate and tokenize each eval task's test.json into the generation prompts of row set "prompts"."""
+        enc, writer = self._encoding(), entry.rows("prompts")
+        meta: dict[str, Any] = {"tasks": [], "answers": [], "sample_ids": [], "longest": None, "skipped": {}}
         for task in self.eval_tasks:
-            path = self.dataset_dir / task / "test.json"
-            if not path.parent.is_dir():
-                raise FileNotFoundError(f"eval task {task!r}: directory {path.parent} does not exist "
-                                        f"(dataset_dir={self.dataset_dir} must hold <task>/test.json)")
+            path = self._test_file(task)
             records, skipped = load_records(path, ("instruction", "answer"), self.hparams.on_bad_record, task)
-            self._note_skipped(path, skipped)
+            if skipped:
+                meta["skipped"][task] = skipped
             records = records[: self.hparams.max_test_samples_per_task]
             prompts = [build_eval_prompt(r["instruction"], self.hparams.reference_whitespace) for _, r in records]
             for (index, record), ids in zip(records, _ids(self.tokenizer, prompts, enc.bos)):
                 ids = generation_prompt(ids, enc, task, index, path)
-                self.longest_eval_prompt = max(self.longest_eval_prompt or (0, "", 0), (len(ids), task, index))
-                sample_id = TASKS.index(task) * SAMPLE_ID_STRIDE + index
-                examples.append({"input_ids": ids, "task": task, "answer": record["answer"], "sample_id": sample_id})
-        return examples
+                meta["longest"] = max(meta["longest"] or (0, "", 0), (len(ids), task, index))
+                writer.add(ids, [False] * len(ids))
+                meta["tasks"].append(task)
+                meta["answers"].append(record["answer"])
+                meta["sample_ids"].append(TASKS.index(task) * SAMPLE_ID_STRIDE + index)
+        return meta
 
     def _note_skipped(self, path: Path, skipped: int) -> None:
         if skipped:
@@ -374,7 +468,14 @@ class CommonsenseDataModule(LightningDataModule):
         trainer = getattr(self, "trainer", None)
         require_training_batches(trainer)
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = ResumableSampler(self._train, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed)
+        hp = self.hparams
+        sampler: ResumableSampler
+        if hp.group_by_length:
+            lengths = self._train.rows.lengths.tolist()
+            sampler = ModalityLengthGroupedSampler(lengths, [False] * len(lengths), hp.batch_size, world, rank,
+                                                   hp.seed, batches_per_window=hp.length_group_batches)
+        else:
+            sampler = ResumableSampler(self._train, num_replicas=world, rank=rank, shuffle=True, seed=hp.seed)
         if self._resume is not None:  # once: a reloaded loader starts whole
             resume_sampler(sampler, self._resume, self.hparams.batch_size)
             self._resume = None
@@ -398,9 +499,10 @@ class CommonsenseDataModule(LightningDataModule):
                                       collate_fn=partial(collate_train, pad_id=self.tokenizer.pad_token_id),
                                       num_workers=self.hparams.num_workers))
         cap = self.hparams.val_generation_samples_per_task
-        subset = [e for task in self.eval_tasks for e in [x for x in self._test if x["task"] == task][:cap]]
+        tasks = self._test.tasks
+        subset = [i for task in self.eval_tasks for i in [j for j, t in enumerate(tasks) if t == task][:cap]]
         if subset:
-            loaders.append(self._generation_loader(subset))
+            loaders.append(self._generation_loader(Subset(self._test, subset)))
         return loaders
 
     def test_dataloader(self) -> DataLoader:
@@ -408,7 +510,7 @@ class CommonsenseDataModule(LightningDataModule):
         self._require(self._test, "test")
         return self._generation_loader(self._test)
 
-    def _generation_loader(self, examples: list[dict[str, Any]]) -> DataLoader:
+    def _generation_loader(self, examples: Dataset) -> DataLoader:
         return DataLoader(examples, batch_size=self.hparams.eval_batch_size, shuffle=False,
                           collate_fn=partial(collate_generate, pad_id=self.tokenizer.pad_token_id),
                           num_workers=self.hparams.num_workers)

@@ -64,6 +64,7 @@ __all__ = [
     "encode_conversation",
     "encode_conversations",
     "encode_prompt",
+    "encode_prompts",
     "get_template",
     "reference_turns",
     "validate_conversation",
@@ -514,6 +515,21 @@ def encode_conversation(
                                 sample_ids=[sample_id], check=check)[0]
 
 
+def encode_prompts(
+    conversations: Sequence[list[dict[str, str]]],
+    template: ConversationTemplate,
+    tokenizer: Any,
+    *,
+    num_images: Sequence[int],
+    sample_ids: Sequence[str],
+) -> list[tuple[list[int], str]]:
+    """`encode_prompt` for many samples with one tokenizer call."""
+    turns = _conversation_turns(conversations, num_images, sample_ids)
+    prompts = [[s for s in _render(conv, template, tokenizer) if s.turn < len(conv) - 1] for conv in turns]
+    encoded = _encode_rendered(prompts, tokenizer, template, check=False)
+    return [(ids, conv[-1]["value"]) for (ids, _, _), conv in zip(encoded, turns, strict=True)]
+
+
 def encode_prompt(
     conversations: list[dict[str, str]],
     template: ConversationTemplate,
@@ -525,11 +541,7 @@ def encode_prompt(
     """Generation prompt (every segment before the last reply, ending with the assistant header) and the
     last reply as the reference answer. The prompt is tokenized on its own, as the reference's evaluation
     does; its ids are the prefix of `encode_conversation`'s ids for the tokenizers we know."""
-    (turns,) = _conversation_turns([conversations], [num_images], [sample_id])
-    last_turn = len(turns) - 1
-    prompt = [s for s in _render(turns, template, tokenizer) if s.turn < last_turn]
-    ((ids, _, _),) = _encode_rendered([prompt], tokenizer, template, check=False)
-    return ids, turns[-1]["value"]
+    return encode_prompts([conversations], template, tokenizer, num_images=[num_images], sample_ids=[sample_id])[0]
 
 
 # ---------------------------------------------------------------------------------------- mismatch counting

@@ -11,20 +11,26 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["RecordError", "read_records"]
+__all__ = ["RecordError", "check_data_file", "read_records"]
 
 
 class RecordError(ValueError):
     """A data file or one of its records is malformed; the message names the file, record and field."""
 
 
-def _text(path: Path) -> str:
-    """The file's text, refusing a directory, a missing file and bytes that are not UTF-8 (naming the line)."""
+def check_data_file(path: str | Path) -> Path:
+    """``path`` as a Path, refusing a directory and a missing file with a message naming it."""
+    path = Path(path)
     if path.is_dir():
         raise RecordError(f"data file {path} is a directory; give the path of a JSON or JSON Lines file inside it")
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
-    raw = path.read_bytes()
+    return path
+
+
+def _text(path: Path) -> str:
+    """The file's text, refusing a directory, a missing file and bytes that are not UTF-8 (naming the line)."""
+    raw = check_data_file(path).read_bytes()
     try:
         return raw.decode("utf-8-sig")  # a byte-order mark is dropped, not read as content
     except UnicodeDecodeError as err:
@@ -42,29 +48,97 @@ def read_records(path: str | Path, on_bad_record: Literal["error", "skip"] = "er
     line is an error, or skipped and counted with ``on_bad_record="skip"``. The record index of a JSON Lines
     file counts its non-blank lines from 0.
     """
-    path = Path(path)
-    text = _text(path)
-    if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise RecordError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from err
-        return list(enumerate(records)), 0
-    return _read_json_lines(path, text, on_bad_record)
+    stream = RecordStream(path, on_bad_record)
+    records = list(stream)
+    return records, stream.skipped
 
 
-def _read_json_lines(path: Path, text: str, on_bad_record: str) -> tuple[list[tuple[int, Any]], int]:
-    """One JSON value per non-blank line."""
-    records, skipped = [], 0
-    lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
-    for index, (line_no, line) in enumerate(lines):
+class RecordStream:
+    """(record index, record) pairs of a JSON list or JSON Lines file, parsed as they are read: memory holds a
+    chunk of text and one batch of records, never the whole file (llava_v1_5_mix665k.json is ~1 GB of text and
+    several GB as Python objects). ``skipped`` counts the JSON Lines lines dropped with ``on_bad_record='skip'``.
+    Errors are those of ``read_records``, with the same line numbers."""
+
+    def __init__(self, path: str | Path, on_bad_record: Literal["error", "skip"] = "error",
+                 chunk_chars: int = 1 << 24) -> None:
+        self.path, self.on_bad_record, self.chunk_chars = check_data_file(path), on_bad_record, chunk_chars
+        self.skipped = 0
+        self._size, self._read = max(1, self.path.stat().st_size), 0
+
+    @property
+    def fraction(self) -> float:
+        """About how much of the file has been read (characters over bytes), for progress lines."""
+        return min(1.0, self._read / self._size)
+
+    def __iter__(self):
         try:
-            records.append((index, json.loads(line)))
-        except json.JSONDecodeError as err:
-            if on_bad_record == "error":
-                raise RecordError(
-                    f"{path}: record {index} (line {line_no}) is not valid JSON ({err.msg}); fix it or pass "
-                    "on_bad_record='skip'"
-                ) from err
-            skipped += 1
-    return records, skipped
+            with open(self.path, encoding="utf-8-sig") as f:
+                head = f.read(self.chunk_chars)
+                self._read += len(head)
+                if head.lstrip().startswith("["):
+                    yield from self._json_list(f, head)
+                else:
+                    yield from self._json_lines(f, head)
+        except UnicodeDecodeError:
+            _text(self.path)  # raises the error that names the line
+            raise
+
+    def _json_lines(self, f, head: str):
+        rest = head + f.readline()  # complete the last line of the first chunk
+        lines = (line for chunk in (rest.splitlines(), (line.rstrip("\n") for line in f)) for line in chunk)
+        index = 0
+        for line_no, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield index, json.loads(line)
+            except json.JSONDecodeError as err:
+                if self.on_bad_record == "error":
+                    raise RecordError(f"{self.path}: record {index} (line {line_no}) is not valid JSON ({err.msg}); "
+                                      "fix it or pass on_bad_record='skip'") from err
+                self.skipped += 1
+            index += 1
+            self._read += len(line) + 1
+
+    def _json_list(self, f, buf: str):
+        decoder, index, lines_before, column_before = json.JSONDecoder(), 0, 0, 0
+        pos = buf.index("[") + 1
+        eof = False
+        while True:
+            while True:  # the next value, or "]"
+                pos = _skip_space(buf, pos)
+                if pos < len(buf) and buf[pos] == "]":
+                    return
+                try:
+                    record, end = decoder.raw_decode(buf, pos)
+                    break
+                except json.JSONDecodeError as err:
+                    if eof:
+                        line, column = lines_before + err.lineno, err.colno + (column_before if err.lineno == 1 else 0)
+                        raise RecordError(f"{self.path}: not valid JSON (line {line}, column {column}: "
+                                          f"{err.msg})") from err
+                    newline = buf.rfind("\n", 0, pos)  # the buffer will start at pos: where is that in its line?
+                    column_before = pos - newline - 1 if newline >= 0 else column_before + pos
+                    lines_before += buf.count("\n", 0, pos)
+                    more = f.read(self.chunk_chars)
+                    eof, self._read = not more, self._read + len(more)
+                    buf, pos = buf[pos:] + more, 0
+            yield index, record
+            index += 1
+            pos = _skip_space(buf, end)
+            while pos >= len(buf) and not eof:
+                more = f.read(self.chunk_chars)
+                eof, self._read = not more, self._read + len(more)
+                buf += more
+            if pos < len(buf) and buf[pos] == ",":
+                pos += 1
+            elif not (pos < len(buf) and buf[pos] == "]"):
+                line = lines_before + buf.count("\n", 0, pos) + 1
+                raise RecordError(f"{self.path}: not valid JSON (line {line}: expected ',' or ']' after record "
+                                  f"{index - 1})")
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos

@@ -10,12 +10,14 @@ Subclasses with another order (``ModalityLengthGroupedSampler``) override ``rank
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import random
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from torch.utils.data import Dataset, DistributedSampler
 
 __all__ = [
+    "ModalityLengthGroupedSampler",
     "ResumableSampler",
     "checked_position",
     "consumed_batches",
@@ -58,6 +60,59 @@ class ResumableSampler(DistributedSampler):
         if self.resume_epoch == self.epoch:  # every pass over the resumed epoch (Lightning may call iter twice)
             indices = indices[self.resume_skip:]
         return iter(indices)
+
+
+class ModalityLengthGroupedSampler(ResumableSampler):
+    """Seeded order in which every window of `batch_size * num_replicas` indices is one modality (all with
+    images or all text-only) and sorted by length, so each rank's batch is homogeneous and little padded.
+
+    Windows are cut from a per-modality shuffle and then shuffled; the two partial windows go last. The
+    sampler shards itself: rank r takes positions r, r + R, ... of the (padded) order, so batch b of every
+    rank lies inside window b. Being a DistributedSampler (via `ResumableSampler`), Lightning keeps it under
+    DDP instead of wrapping it. The order depends only on (seed, epoch): iterating twice in an epoch gives the
+    same indices, Lightning's `set_epoch` moves to the next order, and `resume_at` skips consumed samples.
+    Only the last (at most two) batches of a rank can mix modalities: the partial windows and the padding.
+
+    ``batches_per_window > 1`` sorts a window of that many global batches by length before cutting it into
+    batches (Hugging Face's ``group_by_length`` megabatches), which is what removes padding inside a batch
+    when every sample has the same modality (the commonsense tasks).
+    """
+
+    def __init__(self, lengths: Sequence[int], has_image: Sequence[bool], batch_size: int,
+                 num_replicas: int = 1, rank: int = 0, seed: int = 0, batches_per_window: int = 1) -> None:
+        if len(lengths) != len(has_image):
+            raise ValueError(f"lengths ({len(lengths)}) and has_image ({len(has_image)}) differ in length")
+        if min(batch_size, num_replicas, batches_per_window) < 1:
+            raise ValueError(f"batch_size, num_replicas and batches_per_window must be >= 1, got {batch_size}, "
+                             f"{num_replicas} and {batches_per_window}")
+        # DistributedSampler only takes len() of its dataset: the indices stand in for it
+        super().__init__(range(len(lengths)), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.lengths, self.has_image = list(lengths), list(has_image)
+        self.window = batch_size * num_replicas * batches_per_window
+
+    def global_order(self) -> list[int]:
+        """Every index once, for all ranks together: full one-modality windows (longest first) in a seeded
+        shuffle, then the partial windows. Depends on (seed, epoch) only."""
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        full, partial = [], []
+        for modality in (True, False):
+            idx = [i for i, m in enumerate(self.has_image) if m == modality]
+            rng.shuffle(idx)
+            for window in (idx[k: k + self.window] for k in range(0, len(idx), self.window)):
+                window.sort(key=lambda i: -self.lengths[i])
+                (full if len(window) == self.window else partial).append(window)
+        rng.shuffle(full)
+        return [i for window in full + partial for i in window]
+
+    def rank_indices(self) -> list[int]:
+        """This rank's positions of the global order, padded like DistributedSampler (repeating its start)
+        so that every rank gets `num_samples` indices."""
+        order = self.global_order()
+        if not order:
+            return []
+        while len(order) < self.total_size:
+            order += order[: self.total_size - len(order)]
+        return order[self.rank: self.total_size: self.num_replicas]
 
 
 def consumed_batches(trainer: Any) -> dict[str, int]:

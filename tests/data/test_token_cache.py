@@ -1,0 +1,211 @@
+"""The token cache: keyed by everything that changes the tokens, written atomically, built by one rank per node."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from PIL import Image
+
+from effilora_lightning.data import CommonsenseDataModule, VisualInstructionDataModule
+from effilora_lightning.data.token_cache import default_cache_dir, load_or_build
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "data" / "tiny-llama"
+
+
+def rec(instruction: str, answer: str = "true") -> dict[str, str]:
+    return {"instruction": instruction, "input": "", "output": f"the correct answer is {answer}", "answer": answer}
+
+
+def commonsense_files(root: Path, train: list | None = None) -> dict[str, str]:
+    (root / "dataset" / "boolq").mkdir(parents=True, exist_ok=True)
+    (root / "train.json").write_text(json.dumps(train or [rec("is the sky blue?"), rec("is fire cold?", "false")]))
+    (root / "dataset" / "boolq" / "test.json").write_text(json.dumps([rec("is it?")]))
+    return {"data_path": str(root / "train.json"), "dataset_dir": str(root / "dataset"), "tokenizer_path": str(TINY)}
+
+
+def commonsense(root: Path, cache: Path, **kw) -> CommonsenseDataModule:
+    files = commonsense_files(root) if not (root / "train.json").exists() else {
+        "data_path": str(root / "train.json"), "dataset_dir": str(root / "dataset"), "tokenizer_path": str(TINY)}
+    dm = CommonsenseDataModule(**(files | kw), eval_tasks=["boolq"], cache_dir=str(cache))
+    dm.setup("fit")
+    return dm
+
+
+def rows_of(dm: CommonsenseDataModule) -> list[tuple[list[int], list[int]]]:
+    return [(dm._train[i]["input_ids"].tolist(), dm._train[i]["labels"].tolist()) for i in range(len(dm._train))]
+
+
+def test_a_second_setup_reads_the_cache_and_sees_the_same_samples(tmp_path):
+    first = commonsense(tmp_path, tmp_path / "cache")
+    second = commonsense(tmp_path, tmp_path / "cache")
+    assert first.built_cache == {"train": True, "test": True} and second.built_cache == {"train": False, "test": False}
+    assert rows_of(first) == rows_of(second)
+    uncached = CommonsenseDataModule(**commonsense_files(tmp_path / "u"), eval_tasks=["boolq"], use_cache=False)
+    uncached.setup("fit")
+    assert rows_of(uncached) == rows_of(first)
+
+
+@pytest.mark.parametrize("change", [
+    {"cutoff_len": 9}, {"train_on_inputs": False}, {"reference_whitespace": True}, {"add_eos": False},
+    {"val_set_size": 1}, {"seed": 7}, {"pad_token": "<|reserved_special_token_1|>"},
+], ids=lambda c: next(iter(c)))
+def test_every_setting_that_changes_the_tokens_is_in_the_key(tmp_path, change):
+    commonsense(tmp_path, tmp_path / "cache")
+    changed = commonsense(tmp_path, tmp_path / "cache", **change)
+    assert changed.built_cache["train"] is True
+    assert commonsense(tmp_path, tmp_path / "cache", batch_size=3).built_cache["train"] is False  # not a token setting
+
+
+def test_changed_data_or_tokenizer_files_never_meet_a_stale_entry(tmp_path):
+    commonsense(tmp_path, tmp_path / "cache")
+    commonsense_files(tmp_path, train=[rec("is the sky green?", "false"), rec("is fire cold?", "false")])
+    changed = commonsense(tmp_path, tmp_path / "cache")
+    assert changed.built_cache["train"] is True and changed.built_cache["test"] is False
+    assert "green" in changed.tokenizer.decode(changed._train[0]["input_ids"])
+    tokenizer = tmp_path / "tok"
+    tokenizer.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tokenizer / name).write_bytes((TINY / name).read_bytes())
+    config = json.loads((tokenizer / "tokenizer_config.json").read_text())
+    (tokenizer / "tokenizer_config.json").write_text(json.dumps(config | {"model_max_length": 12345}))
+    assert commonsense(tmp_path, tmp_path / "cache", tokenizer_path=str(tokenizer)).built_cache["train"] is True
+
+
+def llava_files(root: Path) -> Path:
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (16, 16), (255, 0, 0)).save(root / "images" / "a.png")
+    turns = [{"from": "human", "value": "<image>\nColor?"}, {"from": "gpt", "value": "red"}]
+    (root / "train.json").write_text(json.dumps([{"id": "a", "image": "a.png", "conversations": turns},
+                                                 {"id": "b", "conversations": turns[:0] + [
+                                                     {"from": "human", "value": "Hi"},
+                                                     {"from": "gpt", "value": "hello"}]}]))
+    return root
+
+
+def llava(root: Path, cache: Path, **kw) -> VisualInstructionDataModule:
+    kw = {"image_size": 16, "template": "vicuna_v1", "max_length": 512} | kw
+    dm = VisualInstructionDataModule(str(root / "train.json"), str(root / "images"), str(TINY),
+                                     cache_dir=str(cache), val_data_path=str(root / "train.json"), **kw)
+    dm.setup("fit")
+    return dm
+
+
+@pytest.mark.parametrize("change", [{"template": "llama3"}, {"max_length": 200}, {"system_prompt": "Be brief."},
+                                    {"image_mode": "resize"}, {"on_bad_record": "skip"}],
+                         ids=lambda c: next(iter(c)))
+def test_llava_settings_are_in_the_key_and_the_test_split_reuses_validation(tmp_path, change):
+    root = llava_files(tmp_path)
+    first = llava(root, tmp_path / "cache")
+    assert first.built_cache == {"train": True, "val": True}  # test = val: same records, same dataset
+    assert first.datasets["test"] is first.datasets["val"]
+    assert llava(root, tmp_path / "cache").built_cache == {"train": False, "val": False}
+    assert llava(root, tmp_path / "cache", **change).built_cache["train"] is True
+
+
+def test_the_llava_cache_holds_exactly_what_setup_checked(tmp_path):
+    root = llava_files(tmp_path)
+    first, second = llava(root, tmp_path / "cache"), llava(root, tmp_path / "cache")
+    for split in ("train", "val"):
+        a, b = first.datasets[split], second.datasets[split]
+        assert [s.sample_id for s in a.samples] == [s.sample_id for s in b.samples] == ["a", "b"]
+        for i in range(len(a)):
+            x, y = a[i], b[i]
+            assert torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["labels"], y["labels"])
+            assert torch.equal(x["images"], y["images"])
+    assert first.stats == second.stats
+
+
+def test_the_default_location_is_a_user_cache_never_the_dataset(monkeypatch, tmp_path):
+    monkeypatch.delenv("EFFILORA_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "effilora_lightning" / "data"
+    monkeypatch.setenv("EFFILORA_CACHE_DIR", str(tmp_path / "mine"))
+    assert default_cache_dir() == tmp_path / "mine"
+
+
+_SLOW_WRITER = """
+import sys, time
+from effilora_lightning.data.token_cache import load_or_build
+def build(entry):
+    rows = entry.rows("tokens")
+    rows.add([1, 2, 3])
+    print("writing", flush=True)
+    time.sleep(60)
+    return {}
+load_or_build(sys.argv[1], "k", build)
+"""
+
+
+def test_a_writer_killed_mid_write_leaves_no_entry_and_the_next_run_rebuilds(tmp_path):
+    writer = subprocess.Popen([sys.executable, "-c", _SLOW_WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "writing"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    assert not (tmp_path / "k").exists() and len(list(tmp_path.glob("k.tmp-*"))) == 1  # half an entry, not in place
+
+    def build(entry):
+        entry.rows("tokens").add([4, 5], [True, False])
+        return {"note": "rebuilt"}
+
+    rows, meta, built = load_or_build(tmp_path, "k", build)
+    assert built and meta["note"] == "rebuilt" and rows["tokens"].ids_of(0).tolist() == [4, 5]
+    assert rows["tokens"].labels_of(0).tolist() == [4, -100]
+    assert list(tmp_path.glob("k.tmp-*")) == []  # the dead writer's directory is gone
+    assert load_or_build(tmp_path, "k", build)[2] is False
+
+
+def test_a_failed_build_leaves_nothing_behind(tmp_path):
+    def build(entry):
+        entry.rows("tokens").add([1])
+        raise ValueError("record 3 is bad")
+
+    with pytest.raises(ValueError, match="record 3 is bad"):
+        load_or_build(tmp_path, "k", build)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------- two ranks on one node
+
+
+def _rank(rank: int, world: int, port: int, root: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    import effilora_lightning.data.commonsense as commonsense_module
+
+    calls = []
+    real = commonsense_module.encode_texts
+    commonsense_module.encode_texts = lambda tok, texts: calls.append(len(texts)) or real(tok, texts)
+    trainer = SimpleNamespace(world_size=world, local_rank=rank, global_rank=rank,
+                              strategy=SimpleNamespace(barrier=lambda name=None: dist.barrier()))
+    dm = CommonsenseDataModule(**commonsense_files(Path(root)) if rank == 0 else {
+        "data_path": f"{root}/train.json", "dataset_dir": f"{root}/dataset", "tokenizer_path": str(TINY)},
+        eval_tasks=["boolq"], cache_dir=f"{root}/cache")
+    dist.barrier()  # rank 0 has written the files
+    dm.trainer = trainer
+    dm.setup("fit")
+    digest = [np.asarray(dm._train[i]["input_ids"]).tolist() for i in range(len(dm._train))]
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"calls": calls, "built": dm.built_cache, "rows": digest}))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_on_one_node_only_local_rank_0_tokenizes_and_both_ranks_see_the_same_rows(tmp_path):
+    port = 29500 + os.getpid() % 1000
+    mp.start_processes(_rank, args=(2, port, str(tmp_path), str(tmp_path)), nprocs=2, start_method="spawn")
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["built"] == {"train": True, "test": True} and sum(r0["calls"]) > 0
+    assert r1["built"] == {"train": False, "test": False} and r1["calls"] == []  # rank 1 tokenized nothing
+    assert r0["rows"] == r1["rows"] and r0["rows"]
