@@ -10,6 +10,7 @@ One optimizer step (see DESIGN.md, "Data flow in one training step"):
     on_before_optimizer_step grads complete and reduced: per-unit scores -> all-reduce -> EMA;
                              grad_drop mode drops unselected grads here; decide S_{s+1}
     on_train_batch_end       log active units/params, churn, scores, tokens/s, memory, MFU
+    on_train_end             every B trainable again: the model leaves as it came
 
 State (EMA, seen units, next selection, step, selection history) is checkpointed and re-applied in
 ``on_train_start``, because sharded strategies restore callbacks after ``on_fit_start``. The draw is
@@ -246,6 +247,13 @@ class EffiLoRACallback(Callback):
         if self._meter.params_total is None:
             self._meter.params_total = int(local[1])
         return 4.0 * self._meter.params_total + 2.0 * local[0]
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Leave the model as it came: every B trainable again (PEFT's print_trainable_parameters, a later fit whose
+        # optimizer filters by requires_grad). Checkpoints and exports select adapters by name either way.
+        if self.reducer is not None and self.freeze_mode == "requires_grad":
+            self.units.set_trainable(torch.ones(self.units.num_units, dtype=torch.bool))
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

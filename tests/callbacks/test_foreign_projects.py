@@ -120,7 +120,9 @@ def _assert_exactly_k_move(cb: EffiLoRACallback, check: StepCheck, k: int, steps
 def test_peft_lora_project_trains_exactly_k_layers_lora_b_per_step(tmp_path, freeze_mode):
     module = LitPeftLM()
     lora_a = {n: p.detach().clone() for n, p in module.named_parameters() if ".lora_A." in n}
+    trainable = module.model.get_nb_trainable_parameters()
     cb, check = _fit(module, tmp_path, freeze_mode=freeze_mode)
+    assert module.model.get_nb_trainable_parameters() == trainable  # every lora_B trainable again after fit
     assert cb.units.names == tuple(f"model.base_model.model.model.layers.{i}" for i in range(4))
     assert all(".lora_B.default." in n for n in cb.units.param_names) and len(cb.units.params) == 4 * len(TARGETS)
     _assert_exactly_k_move(cb, check, k=2, steps=5)
