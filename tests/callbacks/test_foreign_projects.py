@@ -319,3 +319,12 @@ def test_peft_lora_on_embeddings_is_a_unit_of_its_own():
     assert units.param_names[0] == "base_model.model.model.embed_tokens.lora_embedding_B.default"
     assert units.numel.tolist() == [32 * 2, 32 * 2, 32 * 2]
     assert trained_beside_units(model, units) == {"lora_embedding_A": 2 * 128, "lora_A": 2 * 2 * 32}
+
+
+def test_peft_lora_bias_belongs_to_its_b_unit():
+    model = peft.get_peft_model(tiny_llama(), lora_config(lora_bias=True))
+    units = selectable_units(model)
+    assert len(units.params) == 2 * 2 * len(TARGETS)  # weight and bias of each lora_B
+    assert units.param_names[:2] == ("base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight",
+                                     "base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.bias")
+    assert units.numel.tolist() == [(32 + 16 + 32) * (4 + 1)] * 2  # out x (r + 1) for q (32), v (16), down (32)
