@@ -141,7 +141,20 @@ def checked_position(state: dict[str, int], owner: str) -> dict[str, int] | None
     if not {"epoch", "batches"} <= state.keys():
         raise ValueError(f"datamodule state {state} lacks 'epoch'/'batches': the checkpoint was not written "
                          f"by {owner}; resume from one of its checkpoints")
+    _silence_not_resumable_warning()
     return dict(state)
+
+
+def _silence_not_resumable_warning() -> None:
+    """Lightning warns on every mid-epoch resume that "your dataloader is not resumable": it looks for
+    ``state_dict`` on the DataLoader, while ours lives in the DataModule, which Lightning saves and restores
+    itself, and which makes the sampler skip exactly the consumed batches (tested). Only that warning goes."""
+    import warnings
+
+    from lightning.pytorch.utilities.warnings import PossibleUserWarning
+
+    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended "
+                            r"and your dataloader is not resumable", category=PossibleUserWarning)
 
 
 def resume_sampler(sampler: ResumableSampler, position: dict[str, int], batch_size: int) -> None:

@@ -377,3 +377,22 @@ def test_default_eval_tasks_are_all_eight_and_state_dict_is_empty(tmp_path: Path
     dm = CommonsenseDataModule(**layout(tmp_path))
     assert dm.eval_tasks == list(TASKS)
     assert dm.state_dict() == {}
+
+
+def test_length_grouped_batches_cut_padding_and_cover_every_record_once(tmp_path: Path) -> None:
+    train = [rec("is it " + "very " * (i * 7 % 40) + "red?") for i in range(64)]
+    plain = module(tmp_path / "plain", train=train, batch_size=4)
+    grouped = module(tmp_path / "grouped", train=train, batch_size=4, group_by_length=True, length_group_batches=4)
+
+    def padding(dm: CommonsenseDataModule) -> tuple[float, list[int]]:
+        batches = list(dm.train_dataloader())
+        masks = torch.cat([b["attention_mask"].flatten() for b in batches])
+        seen = sorted(tuple(row[m.bool()].tolist()) for b in batches for row, m in zip(b["input_ids"],
+                                                                                    b["attention_mask"]))
+        return 1 - masks.float().mean().item(), seen
+
+    (plain_pad, plain_seen), (grouped_pad, grouped_seen) = padding(plain), padding(grouped)
+    assert grouped_seen == plain_seen  # the same 64 examples, each once
+    assert grouped_pad < plain_pad / 2, (grouped_pad, plain_pad)  # here 10 % vs 30 %
+    sampler = grouped.train_dataloader().sampler
+    assert sampler.window == 16 and list(sampler) == list(grouped.train_dataloader().sampler)  # seeded

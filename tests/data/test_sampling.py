@@ -59,3 +59,18 @@ def test_position_is_recorded_during_a_mid_epoch_validation_save():
     assert consumed_batches(_trainer("fit", training=True)) == {"epoch": 2, "batches": 5}
     assert consumed_batches(_trainer("validate", training=False)) == {}
     assert consumed_batches(None) == {}
+
+
+def test_a_resume_silences_only_lightnings_not_resumable_warning():
+    import warnings
+
+    from lightning.pytorch.utilities.warnings import PossibleUserWarning
+
+    from effilora_lightning.data.sampling import checked_position
+
+    checked_position({"epoch": 0, "batches": 3}, "CommonsenseDataModule")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.warn("You're resuming from a checkpoint that ended before the epoch ended and your dataloader is"
+                      " not resumable. This can cause unreliable results.", PossibleUserWarning, stacklevel=1)
+        warnings.warn("something else", PossibleUserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["something else"]
