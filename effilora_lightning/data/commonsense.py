@@ -67,7 +67,7 @@ from effilora_lightning.data.token_cache import (
     cache_key,
     default_cache_dir,
     file_digest,
-    load_or_build,
+    load_or_build_on_node,
     tokenizer_digest,
 )
 from effilora_lightning.data.tokenizer import encode_texts, load_tokenizer
@@ -363,10 +363,7 @@ class CommonsenseDataModule(LightningDataModule):
         key = cache_key(owner=f"{type(self).__name__}.{part}", inputs=inputs, settings=settings,
                         tokenizer=tokenizer_digest(hp.tokenizer_path), pad=self.tokenizer.pad_token)
         cache_dir = (hp.cache_dir or default_cache_dir()) if hp.use_cache else None
-        distributed = trainer is not None and trainer.world_size > 1
-        rows, meta, built = load_or_build(
-            cache_dir, key, build, is_builder=trainer is None or trainer.local_rank == 0,
-            barrier=(lambda: trainer.strategy.barrier(f"token_cache_{part}")) if distributed else None)
+        rows, meta, built = load_or_build_on_node(trainer, cache_dir, key, build, part)
         self.built_cache[part] = built
         return rows, meta
 

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["CACHE_VERSION", "EntryBuilder", "TokenRows", "TokenRowsWriter", "cache_key", "default_cache_dir",
-           "file_digest", "load_or_build", "tokenizer_digest"]
+           "file_digest", "load_or_build", "load_or_build_on_node", "tokenizer_digest"]
 
 CACHE_VERSION = 1
 """Bumped whenever what the DataModules write into an entry changes meaning."""
@@ -243,3 +243,17 @@ def load_or_build(
                            "this node see the same cache_dir?")
     rows, meta = _load_entry(final)
     return rows, meta, built
+
+
+def load_or_build_on_node(
+    trainer: Any,
+    cache_dir: str | os.PathLike[str] | None,
+    key: str,
+    build: Callable[[EntryBuilder], dict[str, Any]],
+    name: str,
+) -> tuple[dict[str, TokenRows], dict[str, Any], bool]:
+    """``load_or_build`` for a DataModule's setup: local rank 0 of each node builds, every rank of a
+    multi-process run waits at the strategy's barrier ``token_cache_<name>``; ``trainer=None`` builds alone."""
+    distributed = trainer is not None and trainer.world_size > 1
+    return load_or_build(cache_dir, key, build, is_builder=trainer is None or trainer.local_rank == 0,
+                         barrier=(lambda: trainer.strategy.barrier(f"token_cache_{name}")) if distributed else None)

@@ -72,7 +72,7 @@ from .token_cache import (
     cache_key,
     default_cache_dir,
     file_digest,
-    load_or_build,
+    load_or_build_on_node,
     tokenizer_digest,
 )
 from .tokenizer import load_tokenizer
@@ -227,10 +227,7 @@ class VisualInstructionDataModule(pl.LightningDataModule):
                         image_folder=os.path.abspath(hp.image_folder), template=asdict(self.template),
                         tokenizer=tokenizer_digest(hp.tokenizer_path), pad=self.tokenizer.pad_token)
         cache_dir = (hp.cache_dir or default_cache_dir()) if hp.use_cache else None
-        distributed = trainer is not None and trainer.world_size > 1
-        rows, meta, built = load_or_build(
-            cache_dir, key, build, is_builder=trainer is None or trainer.local_rank == 0,
-            barrier=(lambda: trainer.strategy.barrier(f"token_cache_{split}")) if distributed else None)
+        rows, meta, built = load_or_build_on_node(trainer, cache_dir, key, build, split)
         self.built_cache[split] = built
         return rows, meta
 
