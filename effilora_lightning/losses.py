@@ -91,11 +91,11 @@ def chunked_lm_loss(
         total = liger(h, weight, t, bias=bias, ignore_index=ignore_index, reduction="sum")
         total = total[0] if isinstance(total, tuple) else total
     else:
-        total = _LinearCrossEntropySum.apply(h, weight, bias, t, chunk_size, _compute_dtype(hidden, weight), recompute)
+        total = _LinearCrossEntropySum.apply(h, weight, bias, t, chunk_size, _compute_dtype(hidden), recompute)
     return total.float() / divisor
 
 
-def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     """The dtype ``F.linear(hidden, weight)`` would compute in here: autocast's when it is on, else the input's."""
     device = hidden.device.type
     if torch.is_autocast_enabled(device):
