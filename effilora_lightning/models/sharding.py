@@ -125,11 +125,14 @@ def gathered_for_export(root: nn.Module) -> contextlib.AbstractContextManager:
     ``summon_full_params`` all-gathers them (offloaded to CPU, rank 0 only: the one that writes). Collective:
     every rank must enter. FSDP2 (DTensor, gathered by the writers themselves) and unsharded models need nothing.
     """
-    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 
-    if isinstance(root, FullyShardedDataParallel):
-        return FullyShardedDataParallel.summon_full_params(root, writeback=False, rank0_only=True, offload_to_cpu=True)
-    return contextlib.nullcontext()
+    if not isinstance(root, FullyShardedDataParallel):
+        return contextlib.nullcontext()
+    if root.sharding_strategy == ShardingStrategy.NO_SHARD:  # what FSDP1 runs at world size 1: nothing to gather,
+        # and summon_full_params refuses offload_to_cpu there ("not supported yet")
+        return FullyShardedDataParallel.summon_full_params(root, writeback=False)
+    return FullyShardedDataParallel.summon_full_params(root, writeback=False, rank0_only=True, offload_to_cpu=True)
 
 
 @contextlib.contextmanager

@@ -133,10 +133,6 @@ def test_fsdp1_one_gpu_bf16_base_fp32_adapters_trains_checkpoints_validates(tmp_
     assert set(state) == _adapter_keys()  # one file, full tensors, the adapter only
 
 
-@pytest.mark.xfail(strict=False, reason="at world size 1 torch's FSDP1 runs FULL_SHARD as NO_SHARD, and "
-                   "models.sharding.gathered_for_export asks summon_full_params(offload_to_cpu=True), which NO_SHARD "
-                   "refuses ('offload_to_cpu=True and NO_SHARD is not supported yet'; seen on CPU through the gloo "
-                   "shim of tests/distributed)")
 def test_fsdp1_one_gpu_exports_the_adapter_at_the_end_of_fit(tmp_path, model_path):
     r = fit(tmp_path, model_path, "fsdp1", "--dtype", "bfloat16", "--precision", "bf16-mixed")
     assert "adapter" in r["export"]
