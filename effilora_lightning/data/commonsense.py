@@ -74,6 +74,8 @@ from effilora_lightning.data.tokenizer import encode_texts, load_tokenizer
 
 __all__ = ["SAMPLE_ID_STRIDE", "CommonsenseDataModule", "RecordError", "is_generation_batch", "read_records"]
 
+_CHUNK = 8192  # records tokenized per tokenizer call in setup
+
 SAMPLE_ID_STRIDE = 10_000_000
 """sample_id = task index * SAMPLE_ID_STRIDE + record index (test sets are far smaller than the stride)."""
 
@@ -401,28 +403,29 @@ class CommonsenseDataModule(LightningDataModule):
 
     def _tokenize_train(self, records: list[dict[str, str]], writer: TokenRowsWriter) -> tuple[int, int]:
         """Rows of prompt + output ids into ``writer`` (see the module docstring for why the clean template and
-        ``reference_whitespace`` tokenize differently); returns how many were cut and dropped fully masked."""
+        ``reference_whitespace`` tokenize differently), ``_CHUNK`` records at a time so that only one chunk's
+        Python lists of ids exist at once; returns how many were cut and dropped fully masked."""
         truncated_count, fully_masked = 0, 0
-        if not records:
-            return 0, 0
         enc, ws = self._encoding(), self.hparams.reference_whitespace
-        prompts = [build_train_prompt(r["instruction"], "", reference_whitespace=ws) for r in records]
-        prompt_ids = _ids(self.tokenizer, prompts, enc.bos)
-        if ws:  # the reference's ids: the whole string at once
-            texts = [build_train_prompt(r["instruction"], r["output"], reference_whitespace=True) for r in records]
-            text_ids = _ids(self.tokenizer, texts, enc.bos)
-        else:
-            output_ids = _ids(self.tokenizer, [r["output"] for r in records], enc.bos)
-            text_ids = [p + o for p, o in zip(prompt_ids, output_ids)]
-        for text, prompt in zip(text_ids, prompt_ids):
-            example, truncated = train_example(text, len(prompt), enc, self.hparams.train_on_inputs,
-                                               self.hparams.add_eos)
-            truncated_count += truncated
-            trained = [label != -100 for label in example["labels"]]
-            if not any(trained):
-                fully_masked += 1  # the prompt filled cutoff_len: nothing left to learn from
-                continue
-            writer.add(example["input_ids"], trained)
+        for start in range(0, len(records), _CHUNK):
+            chunk = records[start: start + _CHUNK]
+            prompts = [build_train_prompt(r["instruction"], "", reference_whitespace=ws) for r in chunk]
+            prompt_ids = _ids(self.tokenizer, prompts, enc.bos)
+            if ws:  # the reference's ids: the whole string at once
+                texts = [build_train_prompt(r["instruction"], r["output"], reference_whitespace=True) for r in chunk]
+                text_ids = _ids(self.tokenizer, texts, enc.bos)
+            else:
+                output_ids = _ids(self.tokenizer, [r["output"] for r in chunk], enc.bos)
+                text_ids = [p + o for p, o in zip(prompt_ids, output_ids)]
+            for text, prompt in zip(text_ids, prompt_ids):
+                example, truncated = train_example(text, len(prompt), enc, self.hparams.train_on_inputs,
+                                                   self.hparams.add_eos)
+                truncated_count += truncated
+                trained = [label != -100 for label in example["labels"]]
+                if not any(trained):
+                    fully_masked += 1  # the prompt filled cutoff_len: nothing left to learn from
+                    continue
+                writer.add(example["input_ids"], trained)
         return truncated_count, fully_masked
 
     def _build_test(self, entry: EntryBuilder) -> dict[str, Any]:

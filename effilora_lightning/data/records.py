@@ -63,18 +63,17 @@ class RecordStream:
                  chunk_chars: int = 1 << 24) -> None:
         self.path, self.on_bad_record, self.chunk_chars = check_data_file(path), on_bad_record, chunk_chars
         self.skipped = 0
-        self._size, self._read = max(1, self.path.stat().st_size), 0
+        self._size, self._consumed = max(1, self.path.stat().st_size), 0
 
     @property
     def fraction(self) -> float:
-        """About how much of the file has been read (characters over bytes), for progress lines."""
-        return min(1.0, self._read / self._size)
+        """About how much of the file has been parsed (characters over bytes), for progress lines."""
+        return min(1.0, self._consumed / self._size)
 
     def __iter__(self):
         try:
             with open(self.path, encoding="utf-8-sig") as f:
                 head = f.read(self.chunk_chars)
-                self._read += len(head)
                 if head.lstrip().startswith("["):
                     yield from self._json_list(f, head)
                 else:
@@ -98,10 +97,10 @@ class RecordStream:
                                       "fix it or pass on_bad_record='skip'") from err
                 self.skipped += 1
             index += 1
-            self._read += len(line) + 1
+            self._consumed += len(line) + 1
 
     def _json_list(self, f, buf: str):
-        decoder, index, lines_before, column_before = json.JSONDecoder(), 0, 0, 0
+        decoder, index, lines_before, column_before, consumed_before = json.JSONDecoder(), 0, 0, 0, 0
         pos = buf.index("[") + 1
         eof = False
         while True:
@@ -120,15 +119,17 @@ class RecordStream:
                     newline = buf.rfind("\n", 0, pos)  # the buffer will start at pos: where is that in its line?
                     column_before = pos - newline - 1 if newline >= 0 else column_before + pos
                     lines_before += buf.count("\n", 0, pos)
+                    consumed_before += pos
                     more = f.read(self.chunk_chars)
-                    eof, self._read = not more, self._read + len(more)
+                    eof = not more
                     buf, pos = buf[pos:] + more, 0
+            self._consumed = consumed_before + end
             yield index, record
             index += 1
             pos = _skip_space(buf, end)
             while pos >= len(buf) and not eof:
                 more = f.read(self.chunk_chars)
-                eof, self._read = not more, self._read + len(more)
+                eof = not more
                 buf += more
             if pos < len(buf) and buf[pos] == ",":
                 pos += 1

