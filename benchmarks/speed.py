@@ -386,34 +386,17 @@ def matmul_params(preset: Preset) -> int:
     return p.layers * (p.hidden * (2 * p.hidden + 2 * kv) + 3 * p.hidden * p.intermediate) + p.vocab * p.hidden
 
 
-# Dense (no 2:4 sparsity) peak FLOP/s by datasheet, per device-name substring (lower case), first match wins.
-# Lightning's get_available_flops has the H200 at its 2:4-sparse rates (bf16 2.0e15) and finds no entry for the
-# name an H200 reports ("NVIDIA H200": neither "sxm1" nor "nvl1" in it), so MFU against it would be missing or
-# halved.
-DENSE_PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
-    ("h200 nvl", {"bfloat16": 835e12, "float16": 835e12, "float32": 60e12}),
-    ("h200", {"bfloat16": 989.4e12, "float16": 989.4e12, "float32": 66.9e12}),
-    ("h100 pcie", {"bfloat16": 756e12, "float16": 756e12, "float32": 51.2e12}),
-    ("h100 nvl", {"bfloat16": 835e12, "float16": 835e12, "float32": 60e12}),
-    ("h100", {"bfloat16": 989.4e12, "float16": 989.4e12, "float32": 66.9e12}),
-    ("a100", {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12}),
-]
-
-
 def peak_flops(device: torch.device, dtype: str, override_tflops: float | None = None) -> tuple[float | None, str]:
     """(dense peak FLOP/s of one device at ``dtype``, where the figure came from); (None, why) off CUDA."""
     if override_tflops:
         return override_tflops * 1e12, "--peak-tflops"
     if device.type != "cuda":
         return None, "no peak on CPU"
-    name = torch.cuda.get_device_name(device).lower()
-    for key, table in DENSE_PEAK_FLOPS:
-        if key in name and dtype in table:
-            return table[dtype], f"datasheet dense {dtype} for '{key}'"
-    from lightning.fabric.utilities.throughput import get_available_flops
+    from effilora_lightning.callbacks.peak_flops import dense_peak_flops
 
-    flops = get_available_flops(device, getattr(torch, dtype))
-    return (float(flops), "lightning get_available_flops") if flops else (None, f"unknown device {name!r}")
+    name = torch.cuda.get_device_name(device)
+    flops = dense_peak_flops(name, getattr(torch, dtype), device)  # the callback's own figure (datasheet, dense)
+    return (float(flops), f"dense_peak_flops({name!r}, {dtype})") if flops else (None, f"unknown device {name!r}")
 
 
 def measure_matmul_flops(device: torch.device, dtype: str, n: int = 8192, reps: int = 10) -> float | None:

@@ -31,7 +31,6 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import nn
@@ -41,6 +40,7 @@ from ..adapters import SelectableUnits
 from ..adapters.peft_units import describe_adapters, has_selectable_units, selectable_units, trained_beside_units
 from ..selection import FROZEN_SCORE, IMPORTANCE, SELECTION, ImportanceTracker, Reducer
 from .heatmap import write_selection_heatmap
+from .peak_flops import dense_peak_flops
 
 __all__ = ["EffiLoRACallback"]
 
@@ -387,7 +387,7 @@ def _device_peak_flops(trainer: pl.Trainer, pl_module: pl.LightningModule) -> fl
     from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
 
     dtype = getattr(pl_module, "compute_dtype", None) or _plugin_to_compute_dtype(trainer.precision_plugin)
-    return get_available_flops(device, dtype)
+    return dense_peak_flops(torch.cuda.get_device_name(device), dtype, device)
 
 
 def _ids_and_mask(batch: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:

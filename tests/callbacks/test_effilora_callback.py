@@ -248,10 +248,21 @@ def test_mfu_peak_is_looked_up_at_the_compute_dtype(monkeypatch, precision, comp
     from effilora_lightning.callbacks import effilora as module
 
     seen = []
-    monkeypatch.setattr(module, "get_available_flops", lambda device, dtype: seen.append(dtype) or 1e15)
+    monkeypatch.setattr(module, "dense_peak_flops", lambda name, dtype, device: seen.append(dtype) or 1e15)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
     plugin = MixedPrecision("bf16-mixed", "cuda") if precision == "bf16-mixed" else Precision()
     trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)), precision_plugin=plugin)
     assert module._device_peak_flops(trainer, SimpleNamespace(compute_dtype=compute_dtype)) == 1e15
     assert seen == [expected]
     cpu = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")), precision_plugin=plugin)
     assert module._device_peak_flops(cpu, SimpleNamespace()) is None
+
+
+def test_dense_peak_flops_knows_the_h200_by_the_name_it_reports():
+    """Lightning's table misses "NVIDIA H200" and lists the 2:4-sparse rate; ours is the datasheet's dense one."""
+    from effilora_lightning.callbacks.peak_flops import dense_peak_flops
+
+    assert dense_peak_flops("NVIDIA H200", torch.bfloat16) == 989.4e12
+    assert dense_peak_flops("NVIDIA H200 NVL", torch.bfloat16) == 835e12
+    assert dense_peak_flops("NVIDIA H100 80GB HBM3", torch.float32) == 66.9e12
+    assert dense_peak_flops("Some Future GPU", torch.bfloat16) is None  # and Lightning's table when given the device
