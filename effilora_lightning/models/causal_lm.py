@@ -24,17 +24,22 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from safetensors import SafetensorError
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..adapters import AdapterConfig, EffiLoRAConfig, apply_adapter, is_adapter_param, param_group
-from ..adapters.export import export_peft_lora, save_adapter
+from ..adapters.base import unwrapped_name
+from ..adapters.export import check_safetensors_file, export_peft_lora, save_adapter
 from ..callbacks import EffiLoRACallback
+from ..checkpoint_io import install_checkpoint_io, remove_orphaned_checkpoints
 from ..data.commonsense import is_generation_batch
 from ..data.templates import TASKS, extract_answer
 from ..data.tokenizer import load_tokenizer
+from ..losses import find_loss_head, install_chunked_loss_head
 from ..metrics import TaskAccuracy, format_table
-from ..strategies import AdapterModelParallelStrategy
+from ..strategies import AdapterModelParallelStrategy, check_checkpoint_keys, describe_adapter
+from .settings import check_reducer, check_settings, check_token_ids
 from .sharding import (
     fsdp1_rank0_load_kwargs,
     fsdp1_wrap_policy,
@@ -46,6 +51,7 @@ from .sharding import (
 __all__ = ["CausalLMModule", "load_causal_lm"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CONTENTS_KEY = "effilora_lightning"  # checkpoint entry: the adapter config and the saved keys with their shapes
 
 
 def load_causal_lm(
@@ -67,7 +73,12 @@ def load_causal_lm(
             with torch.device("meta"):
                 config = AutoConfig.from_pretrained(str(path), local_files_only=True)
                 return AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
-        return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch_dtype)
+        for weights in sorted(path.glob("*.safetensors")):
+            check_safetensors_file(weights)  # a truncated shard, named, before transformers reads it
+        try:
+            return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch_dtype)
+        except (OSError, ValueError, RuntimeError, EOFError, SafetensorError) as err:
+            raise ValueError(f"The model in {path} cannot be loaded: {type(err).__name__}: {err}") from err
     if model_config is None:
         raise ValueError("Give model_path (a local checkpoint directory) or model_config (a config dict).")
     cfg = dict(model_config)
@@ -98,6 +109,10 @@ class CausalLMModule(pl.LightningModule):
         fsdp_param_dtype: under ModelParallelStrategy (FSDP2), the all-gather/compute dtype (``bfloat16`` on
             GPUs); gradients are always reduced in fp32.
         init_seed: seeds model_config initialisation (adapter init is seeded by the adapter config).
+        chunked_loss: compute the training/validation loss with the LM head and cross-entropy fused per chunk
+            of ``loss_chunk_size`` tokens (``effilora_lightning.losses``): never the (tokens x vocab) logits, same
+            loss and gradients as HF's. False: HF's own ``labels=`` loss. Generation is the same either way.
+        loss_chunk_size: tokens per chunk of the chunked loss (chunk x vocab fp32 logits exist at once).
     """
 
     requires_adapter = True  # VisionLanguageModule's stage 1 trains the projector alone
@@ -124,8 +139,13 @@ class CausalLMModule(pl.LightningModule):
         export_dir: str | None = None,
         fsdp_param_dtype: Literal["bfloat16", "float16", "float32"] | None = None,
         init_seed: int = 0,
+        chunked_loss: bool = True,
+        loss_chunk_size: int = 1024,
     ) -> None:
         super().__init__()
+        if isinstance(loss_chunk_size, bool) or not isinstance(loss_chunk_size, int) or loss_chunk_size < 1:
+            raise ValueError(f"loss_chunk_size must be an integer >= 1 (tokens per chunk of the chunked loss), "
+                             f"got {loss_chunk_size!r}")
         if adapter is None and self.requires_adapter:
             raise ValueError(f"{type(self).__name__} needs an adapter config (LoRAConfig, EffiLoRAConfig, ...).")
         if adapter is not None and not isinstance(adapter, AdapterConfig):
@@ -133,8 +153,10 @@ class CausalLMModule(pl.LightningModule):
         if model_path is None and model_config is None:
             raise ValueError("CausalLMModule needs model_path (a local checkpoint directory) or model_config.")
         self.save_hyperparameters(ignore=["adapter"])
+        check_settings(type(self).__name__, self.hparams)
+        reducer = check_reducer(reducer)  # names and types, before the callback sees them
         self.adapter = adapter
-        self.reducer = EffiLoRACallback(**(reducer or {})) if isinstance(adapter, EffiLoRAConfig) else None
+        self.reducer = _build_reducer(reducer) if isinstance(adapter, EffiLoRAConfig) else None
         self.strict_loading = False  # checkpoints hold adapter weights only
         self.model: PreTrainedModel | None = None
         self.tokenizer: PreTrainedTokenizerBase | None = None
@@ -146,6 +168,10 @@ class CausalLMModule(pl.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return  # Lightning may call this more than once
+        self._configure_model()
+        self.check_inputs_fit_model()
+
+    def _configure_model(self) -> None:
         hp = self.hparams
         self._check_strategy()
         mesh = getattr(self, "_device_mesh", None)  # set by ModelParallelStrategy (FSDP2)
@@ -192,6 +218,7 @@ class CausalLMModule(pl.LightningModule):
         model.train()  # from_pretrained returns eval mode; adapter dropout must be live
         self.adapter_report = apply_adapter(model, self.adapter)
         rank_zero_info(str(self.adapter_report))
+        self._install_loss_head(model)
         if hp.load_adapter_from and not meta:
             from ..adapters import load_adapter
 
@@ -249,13 +276,44 @@ class CausalLMModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         self.tokenizer = getattr(dm, "tokenizer", None)  # else loaded from model_path when generation needs it
+        if self._trainer is not None:
+            install_checkpoint_io(self._trainer.strategy)  # temp files beside the target, broken files named
+        if self.model is not None:  # configured before the Trainer got it; else configure_model checks
+            self.check_inputs_fit_model()
+
+    def check_inputs_fit_model(self) -> None:
+        """Before any step, once the model exists: every special token id the data uses has an input embedding
+        (VisionLanguageModule adds the image size). Without a tokenizer (no datamodule), nothing to check."""
+        if self.tokenizer is None or self.model is None:
+            return
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        template = getattr(dm, "template", None)
+        extra = (*getattr(template, "special_tokens", ()), getattr(template, "end_of_turn", None))
+        embeddings = getattr(self.model, "language_model", self.model).get_input_embeddings()
+        check_token_ids(self.tokenizer, embeddings.num_embeddings, extra,
+                        where=f"the model ({self.hparams.model_path or 'model_config'})")
 
     def forward(self, **batch: torch.Tensor) -> Any:
         return self.model(**batch)
 
     # ------------------------------------------------------------------ steps
+    def _install_loss_head(self, model: PreTrainedModel) -> None:
+        """With ``chunked_loss``, swap the LM head for a ``ChunkedLossHead`` holding the same parameters (before
+        any sharding); ``_lm_loss`` then gets the loss from the model's own forward, through FSDP's hooks."""
+        if self.hparams.chunked_loss:
+            install_chunked_loss_head(model, self.hparams.loss_chunk_size, on_skip=rank_zero_info)
+
+    def _lm_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean next-token loss of a teacher-forced batch: chunked (no full logits) when the head was swapped."""
+        head = find_loss_head(self.model)
+        if head is None:
+            return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              labels=batch["labels"]).loss
+        with head.computing_loss(batch["labels"]):  # the head returns the loss as HF's `logits`
+            return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        loss = self._lm_loss(batch)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch["input_ids"].shape[0])
         return loss
 
@@ -263,7 +321,7 @@ class CausalLMModule(pl.LightningModule):
         if is_generation_batch(batch):
             self._score_generation(batch, self.val_accuracy)
             return
-        loss = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        loss = self._lm_loss(batch)
         self.log("val_loss", loss, prog_bar=True, sync_dist=True, add_dataloader_idx=False,
                  batch_size=batch["input_ids"].shape[0])
 
@@ -372,6 +430,9 @@ class CausalLMModule(pl.LightningModule):
         if root is not None and self._fsdp1_strategy() is not None and self.trainer.strategy.model is self:
             self.trainer.strategy.model = root
 
+    def on_train_start(self) -> None:
+        remove_orphaned_checkpoints(self.trainer)  # resumed from last.ckpt: files the killed run wrote after it
+
     def on_train_end(self) -> None:
         if self.hparams.export_dir is None:
             return
@@ -391,7 +452,9 @@ class CausalLMModule(pl.LightningModule):
         for name, p in self.named_parameters():
             if is_adapter_param(name):
                 groups.setdefault(param_group(name) or "b", []).append(p)
-        return [{"name": g, "params": ps, "lr": lrs.get(g) or hp.learning_rate} for g, ps in groups.items()]
+        # `is None`, not `or`: lr_b: 0.0 freezes that group, it does not fall back to learning_rate
+        return [{"name": g, "params": ps, "lr": hp.learning_rate if lrs.get(g) is None else lrs[g]}
+                for g, ps in groups.items()]
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
@@ -430,6 +493,39 @@ class CausalLMModule(pl.LightningModule):
         state = checkpoint["state_dict"]
         for key in [k for k in state if not self.in_checkpoint(k)]:
             del state[key]
+        # what the checkpoint holds, beside the weights: checked on load under every strategy (FSDP ones load
+        # single files themselves and hand on_load_checkpoint no state_dict)
+        checkpoint[CONTENTS_KEY] = {"adapter": self.adapter.to_dict() if self.adapter is not None else None,
+                                    "keys": {k: list(v.shape) for k, v in state.items() if torch.is_tensor(v)}}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose saved keys are not the ones this model saves (fit, validate and test alike),
+        naming the missing and unexpected keys and the adapter it holds. Lightning loads non-strictly (base
+        weights are not in checkpoints), so a LoRA checkpoint would otherwise load into an EffiLoRA model as
+        nothing at all, and a resume would fail later on the optimizer's parameter groups."""
+        if self.model is None or (self._trainer is not None and _saves_full_shards(self._trainer.strategy)):
+            return
+        contents = checkpoint.get(CONTENTS_KEY) or {}
+        if "keys" in contents:
+            saved: dict[str, Any] = {k: torch.Size(v) for k, v in contents["keys"].items()}
+        elif isinstance(checkpoint.get("state_dict"), dict):
+            saved = {k: v.shape if torch.is_tensor(v) else None for k, v in checkpoint["state_dict"].items()}
+        else:
+            return  # a sharded checkpoint: AdapterModelParallelStrategy checked its keys while loading
+        model = self._state_shapes()
+        if any(shape is None for shape in model.values()):  # FSDP1: flat shards, names only
+            saved = dict.fromkeys(saved)
+        path = (self._trainer.ckpt_path if self._trainer is not None else None) or "being loaded"
+        check_checkpoint_keys(saved, model, [k for k in model if self.in_checkpoint(k)], path,
+                              holds=describe_adapter(contents.get("adapter"), saved),
+                              expects=describe_adapter(self.adapter.to_dict() if self.adapter else None, ()))
+
+    def _state_shapes(self) -> dict[str, torch.Size | None]:
+        """State-dict key -> global shape; under FSDP1 names only (its parameters are flat shards here)."""
+        if self._fsdp1_strategy() is None:
+            return {k: v.shape if torch.is_tensor(v) else None for k, v in self.state_dict().items()}
+        named = [*self.named_parameters(remove_duplicate=False), *self.named_buffers(remove_duplicate=False)]
+        return {unwrapped_name(n): None for n, _ in named}
 
     def in_checkpoint(self, key: str) -> bool:
         """Whether a state-dict key is saved in checkpoints (and so required when resuming from one)."""
@@ -438,6 +534,14 @@ class CausalLMModule(pl.LightningModule):
     def keep_in_checkpoint(self, key: str) -> bool:
         """Non-adapter weights that still train (VisionLanguageModule keeps its projector)."""
         return False
+
+
+def _build_reducer(reducer: dict[str, Any]) -> EffiLoRACallback:
+    """EffiLoRACallback(**reducer); its range errors are prefixed with where the value came from."""
+    try:
+        return EffiLoRACallback(**reducer)
+    except ValueError as err:
+        raise ValueError(f"reducer: {err}") from None
 
 
 def _fsdp1_can_load_on_rank0(strategy: Any, model_path: str | None) -> bool:

