@@ -315,7 +315,15 @@ class CausalLMModule(pl.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._lm_loss(batch)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch["input_ids"].shape[0])
+        self.log_padding_fraction(batch)
         return loss
+
+    def log_padding_fraction(self, batch: dict[str, Any]) -> None:
+        """``perf/padding_fraction``: padding / all positions of this rank's (B, T) token batch, each image one
+        position (a device tensor: no host sync here; the logger reads it every log_every_n_steps)."""
+        mask = batch["attention_mask"]
+        self.log("perf/padding_fraction", 1.0 - mask.float().mean(), on_step=True, on_epoch=False,
+                 batch_size=mask.shape[0])
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         if is_generation_batch(batch):

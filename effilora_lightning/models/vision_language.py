@@ -213,6 +213,7 @@ class VisionLanguageModule(CausalLMModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self._batch_loss(batch)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(batch["sample_id"]))
+        self.log_padding_fraction(batch)
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:

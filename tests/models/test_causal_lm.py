@@ -350,3 +350,20 @@ def test_an_eval_prompt_longer_than_the_models_context_fails_before_any_step(tmp
         _trainer(tmp_path).test(module, datamodule=dm)
     module.model.config.max_position_embeddings = length + 32
     _trainer(tmp_path).test(module, datamodule=dm)
+
+
+def test_padding_fraction_is_logged_from_each_training_batch(tmp_path):
+    """perf/padding_fraction = padding positions / all positions of the step's batch."""
+    dm = _datamodule(batch_size=4, val_set_size=0, val_generation_samples_per_task=0)
+    module = _module()
+    seen = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            mask = batch["attention_mask"]
+            seen.append((float(trainer.callback_metrics["perf/padding_fraction"]),
+                         float((mask == 0).sum()) / mask.numel()))
+
+    _trainer(tmp_path, max_steps=3, callbacks=[Record()], limit_val_batches=0).fit(module, datamodule=dm)
+    assert len(seen) == 3 and all(logged == pytest.approx(expected, abs=1e-7) for logged, expected in seen)
+    assert any(expected > 0 for _, expected in seen)
