@@ -32,7 +32,7 @@ from ..adapters import AdapterConfig, EffiLoRAConfig, apply_adapter, is_adapter_
 from ..adapters.base import unwrapped_name
 from ..adapters.export import check_safetensors_file, export_peft_lora, save_adapter
 from ..callbacks import EffiLoRACallback
-from ..checkpoint_io import install_checkpoint_io, remove_orphaned_checkpoints
+from ..checkpoint_io import check_checkpoint_file, install_checkpoint_io, remove_orphaned_checkpoints
 from ..data.commonsense import is_generation_batch
 from ..data.templates import TASKS, extract_answer
 from ..data.tokenizer import load_tokenizer
@@ -278,6 +278,9 @@ class CausalLMModule(pl.LightningModule):
         self.tokenizer = getattr(dm, "tokenizer", None)  # else loaded from model_path when generation needs it
         if self._trainer is not None:
             install_checkpoint_io(self._trainer.strategy)  # temp files beside the target, broken files named
+            ckpt_path = getattr(self._trainer, "ckpt_path", None)
+            if ckpt_path is not None and "://" not in str(ckpt_path):  # every strategy, also those (FSDP1,
+                check_checkpoint_file(ckpt_path)  # ModelParallelStrategy) that read the file without our IO
         if self.model is not None:  # configured before the Trainer got it; else configure_model checks
             self.check_inputs_fit_model()
 

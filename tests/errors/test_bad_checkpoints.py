@@ -242,3 +242,19 @@ def test_resume_from_an_explicit_older_file_removes_nothing(tmp_path):
     _trainer(tmp_path, max_steps=3, callbacks=[callback], enable_checkpointing=True).fit(
         _module(LoRAConfig(**LORA)), datamodule=_data(), ckpt_path=str(ckpts / "epoch=0-step=2.ckpt"))
     assert later.exists()  # a deliberate branch from an older step: its own files stay
+
+
+def test_a_truncated_ckpt_is_named_at_setup_under_strategies_that_read_it_themselves(lora_ckpt, tmp_path):
+    """FSDP1 and Lightning's ModelParallelStrategy load a .ckpt without the CheckpointIO: setup checks it first."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from effilora_lightning import CausalLMModule, LoRAConfig
+
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(Path(lora_ckpt).read_bytes()[:1000])
+    module = CausalLMModule(adapter=LoRAConfig(rank=2, target_modules=["q_proj"]), model_path=str(TINY))
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy(), ckpt_path=str(cut), datamodule=None)
+    with pytest.raises(ValueError, match=r"The checkpoint .*cut\.ckpt \(1000 bytes\) is not a complete checkpoint"):
+        module.setup("fit")
