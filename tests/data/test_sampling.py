@@ -74,3 +74,17 @@ def test_a_resume_silences_only_lightnings_not_resumable_warning():
                       " not resumable. This can cause unreliable results.", PossibleUserWarning, stacklevel=1)
         warnings.warn("something else", PossibleUserWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["something else"]
+
+
+def test_length_windows_play_their_batches_in_a_shuffled_order():
+    """Each global batch holds similar lengths, but a window's batches do not run longest to shortest (on
+    multi-task data that is a run of one task: the commonsense demo fell from 71 % to 12 % that way)."""
+    from effilora_lightning.data.sampling import ModalityLengthGroupedSampler
+
+    lengths = list(range(64))
+    sampler = ModalityLengthGroupedSampler(lengths, [False] * 64, batch_size=4, seed=3, batches_per_window=16)
+    order = sampler.global_order()
+    batches = [order[k: k + 4] for k in range(0, 64, 4)]
+    assert all(max(b) - min(b) == 3 for b in batches)  # 64 lengths, one window: 16 batches of 4 neighbours
+    maxima = [max(b) for b in batches]
+    assert sorted(order) == lengths and maxima != sorted(maxima, reverse=True)
