@@ -1,8 +1,8 @@
 """How much of a training step EffiLoRACallback costs: time inside its hooks over the whole step.
 
-    .venv/bin/python benchmarks/callback_overhead.py [--steps 60] [--model data/tiny-llama]
+    .venv/bin/python benchmarks/callback_overhead.py [--steps 60] [--model data/checkpoints/tiny-llama]
 
-Trains the demo's model shape (data/tiny-llama if present, else the same shape from a config) with the
+Trains the demo's model shape (data/checkpoints/tiny-llama if present, else the same shape from a config) with the
 demo's EffiLoRA adapter and batch (16 x 128 tokens) on CPU, wraps each hook of the callback in a timer,
 and prints hook time / step time. Steps, not wall time of the whole run, so start-up does not count.
 """
@@ -52,7 +52,7 @@ def _timed(cb: Callback, totals: dict[str, list[float]]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--model", default="data/tiny-llama")
+    ap.add_argument("--model", default="data/checkpoints/tiny-llama")
     args = ap.parse_args()
     torch.manual_seed(0)
     model_kw = {"model_path": args.model} if Path(args.model, "config.json").is_file() else {"model_config": {

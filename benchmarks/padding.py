@@ -3,7 +3,7 @@
 Two figures per batch size:
 
 * padding fraction (padding tokens / all tokens of an epoch's batches) - counted, not timed: exact;
-* non-padding tokens per second of training steps on the demo model (data/tiny-llama with LoRA), measured in
+* non-padding tokens per second of training steps on the demo model (data/checkpoints/tiny-llama with LoRA), measured in
   ONE process, random and grouped batches interleaved with a rotating start, each round's ratio
   grouped / random taken from the same round, reported as the median with a 95 % interval over rounds.
 
@@ -35,7 +35,7 @@ from data_setup import build_tokenizer, generate_commonsense, machine  # noqa: E
 from effilora_lightning import LoRAConfig, apply_adapter  # noqa: E402
 from effilora_lightning.data import CommonsenseDataModule  # noqa: E402
 
-TINY = ROOT / "data" / "tiny-llama"
+TINY = ROOT / "data" / "checkpoints" / "tiny-llama"
 
 
 def datamodule(data: dict[str, Any], tokenizer: Path, batch_size: int, grouped: bool, cutoff: int

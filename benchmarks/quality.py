@@ -6,7 +6,7 @@
 Runs go to ``--jobs`` worker processes (default 2, one torch thread each: on a 2-core machine that beats one
 process with 2 threads for a model this small); wall times are per run, with the other worker running beside it.
 
-It drives the product's own path: ``CausalLMModule(adapter=..., model_path="data/tiny-llama", reducer=...)``
+It drives the product's own path: ``CausalLMModule(adapter=..., model_path="data/checkpoints/tiny-llama", reducer=...)``
 (which adds EffiLoRACallback itself for EffiLoRA), ``CommonsenseDataModule`` and ``lightning.Trainer`` on CPU.
 
 Protocol (identical for every method):
@@ -76,9 +76,9 @@ METHODS = [
 class Study:
     """Settings shared by every run."""
 
-    model_path: str = str(ROOT / "data/tiny-llama")
-    data_path: str = str(ROOT / "data/commonsense/commonsense_170k.json")
-    dataset_dir: str = str(ROOT / "data/commonsense/dataset")
+    model_path: str = str(ROOT / "data/checkpoints/tiny-llama")
+    data_path: str = str(ROOT / "data/datasets/commonsense/commonsense_170k.json")
+    dataset_dir: str = str(ROOT / "data/datasets/commonsense/dataset")
     rank: int = 8
     steps: int = 300  # the demo config's budget: the tiny base needs ~200 steps to leave chance
     batch_size: int = 16
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     study = study_from(args)
     if not (Path(study.model_path) / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{study.model_path}/model.safetensors is missing: build it with data/make_tiny_llama.py")
+        raise FileNotFoundError(f"{study.model_path}/model.safetensors is missing: build it with data/scripts/make_tiny_llama.py")
     methods = [m for m in METHODS if args.methods is None or m.name in args.methods]
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     started = time.time()

@@ -76,10 +76,9 @@ from effilora_lightning.adapters import (
     LilyConfig,
     LoRAConfig,
     apply_adapter,
-    effilora_units,
     is_adapter_param,
 )
-from effilora_lightning.selection import Reducer
+from effilora_lightning.selection import Reducer, effilora_units
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MIB = 2**20

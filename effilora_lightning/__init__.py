@@ -8,7 +8,7 @@ from importlib import import_module
 from typing import Any
 
 from .adapters import AdapterReport, EffiLoRAConfig, HydraLoRAConfig, LilyConfig, LoRAConfig, apply_adapter
-from .adapters.peft_units import adapter_parameters
+from .adapters.inject import adapter_parameters
 
 __version__ = "0.1.0"
 

@@ -23,7 +23,7 @@ from .hydralora import HydraLoRAConfig, HydraLoRALinear
 from .lily import LilyConfig
 from .lora import LoRAConfig, LoRALinear
 
-__all__ = ["AdapterReport", "apply_adapter", "match_modules", "adapter_config_of", "layer_index"]
+__all__ = ["AdapterReport", "adapter_parameters", "apply_adapter", "match_modules", "adapter_config_of", "layer_index"]
 
 # Module-name components that mark a vision tower or a multimodal projector: never adapted (by default).
 VISION_MARKERS = frozenset(
@@ -219,3 +219,16 @@ def build_report(model: nn.Module, cfg: AdapterConfig, wrapped: list[str], extra
             base_trainable += p.numel() if p.requires_grad else 0
     groups = {g: n for g, n in groups.items() if n}
     return AdapterReport(cfg.method, wrapped, sum(groups.values()), groups, base, base_trainable, extras)
+
+
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The optimizer's parameters, from step 0: every adapter parameter by name, plus whatever requires grad now.
+
+    By name (ours: ``effilora_`` / ``lora_`` / ``hydralora_`` / ``lily_``; PEFT LoRA's ``lora_*``), so a B that
+    EffiLoRACallback has frozen is still included; plus every other parameter that requires grad at the call
+    (a projector you unfroze, PEFT's ``modules_to_save``). Each parameter once, in ``named_parameters`` order::
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(adapter_parameters(self), lr=3e-4)
+    """
+    return [p for name, p in model.named_parameters() if p.requires_grad or is_adapter_param(name)]

@@ -36,9 +36,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import nn
 from typing_extensions import override
 
-from ..adapters import SelectableUnits
-from ..adapters.peft_units import describe_adapters, has_selectable_units, selectable_units, trained_beside_units
-from ..selection import FROZEN_SCORE, IMPORTANCE, SELECTION, ImportanceTracker, Reducer
+from ..selection import SelectableUnits, describe_adapters, has_selectable_units, selectable_units, trained_beside_units
+from ..selection.reducer import FROZEN_SCORE, IMPORTANCE, SELECTION, ImportanceTracker, Reducer
 from .heatmap import write_selection_heatmap
 from .peak_flops import dense_peak_flops
 

@@ -56,7 +56,7 @@ def _check_directory(directory: Path) -> Path:
     if not directory.is_dir():
         raise FileNotFoundError(
             f"tokenizer directory {directory} does not exist. Tokenizers are loaded from local files only; "
-            "no download is attempted. Point tokenizer_path at a checkpoint directory (e.g. data/tiny-llama)."
+            "no download is attempted. Point tokenizer_path at a checkpoint directory (e.g. data/checkpoints/tiny-llama)."
         )
     if not any((directory / name).is_file() for name in _TOKENIZER_FILES):
         raise FileNotFoundError(

@@ -67,7 +67,7 @@ def load_causal_lm(
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
                 f"No model at {path} (config.json missing). Models load from local directories only; no download "
-                "is attempted. Point model_path at a Hugging Face checkpoint directory (e.g. data/tiny-llama)."
+                "is attempted. Point model_path at a Hugging Face checkpoint directory (e.g. data/checkpoints/tiny-llama)."
             )
         if meta:
             with torch.device("meta"):

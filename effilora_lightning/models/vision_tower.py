@@ -19,7 +19,7 @@ network. Weights come from a local FILE only:
 Preprocessing (`image_size`, `image_mean`, `image_std`) and QuickGELU are decided, in order, by:
 1. an explicit argument (`image_size`, `force_quick_gelu`);
 2. an `open_clip_config.json` next to the weight file (open_clip's own hub layout: `model_cfg.quick_gelu`,
-   `preprocess_cfg.mean/std`), which `data/make_tiny_clip.py` writes for the bundled tower;
+   `preprocess_cfg.mean/std`), which `data/scripts/make_tiny_clip.py` writes for the bundled tower;
 3. open_clip's registry of published weights for the architecture, when all of them agree (ViT-L-14-336 has
    only OpenAI weights: QuickGELU and the OpenAI mean/std);
 4. the architecture config (`quick_gelu`, default False) and open_clip's default OpenAI mean/std.

@@ -56,8 +56,8 @@ def test_speed_smoke_has_every_method_with_sane_numbers(tmp_path: Path) -> None:
 
 
 def test_quality_smoke_has_every_method_with_sane_numbers(tmp_path: Path) -> None:
-    if not (ROOT / "data/tiny-llama/model.safetensors").is_file():
-        pytest.skip("data/tiny-llama is not built (python data/make_tiny_llama.py)")
+    if not (ROOT / "data/checkpoints/tiny-llama/model.safetensors").is_file():
+        pytest.skip("data/checkpoints/tiny-llama is not built (python data/scripts/make_tiny_llama.py)")
     quality = _load("quality")
     out = tmp_path / "quality.json"
     quality.main(["--smoke", "--json", str(out)])

@@ -310,7 +310,7 @@ def test_ours_and_peft_in_one_model_is_refused():
 
 def test_peft_lora_on_embeddings_is_a_unit_of_its_own():
     """Found by the same attributes; an embedding belongs to no decoder layer, so it is its own unit."""
-    from effilora_lightning.adapters.peft_units import trained_beside_units
+    from effilora_lightning.selection import trained_beside_units
 
     model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"]))
     units = selectable_units(model)

@@ -17,7 +17,7 @@ from effilora_lightning.data.records import RecordError, read_records
 from effilora_lightning.data.visual_instruction import BadRecordError, VisualInstructionDataModule, to_rgb
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "data" / "tiny-llama"
+TINY = ROOT / "data" / "checkpoints" / "tiny-llama"
 
 
 def rec(instruction: str, answer: str = "true") -> dict[str, str]:

@@ -13,7 +13,7 @@ from effilora_lightning.data.commonsense import SAMPLE_ID_STRIDE, RecordError, i
 from effilora_lightning.data.templates import TASKS, build_eval_prompt, build_train_prompt
 from effilora_lightning.data.tokenizer import load_tokenizer
 
-TINY_LLAMA = Path(__file__).resolve().parents[2] / "data" / "tiny-llama"
+TINY_LLAMA = Path(__file__).resolve().parents[2] / "data" / "checkpoints" / "tiny-llama"
 
 
 def rec(instruction: str, answer: str = "true", output: str | None = None) -> dict[str, str]:

@@ -30,7 +30,7 @@ from effilora_lightning.data.tokenizer import load_tokenizer
 BOS, EOS, SH, EH, EOT = 256, 257, 258, 259, 260
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
             "<|reserved_special_token_0|>"]
-TINY_LLAMA = Path(__file__).resolve().parents[2] / "data" / "tiny-llama"
+TINY_LLAMA = Path(__file__).resolve().parents[2] / "data" / "checkpoints" / "tiny-llama"
 
 
 def byte_tokenizer(directory: Path, specials: list[str] = SPECIALS, lowercase: bool = False):
@@ -193,7 +193,7 @@ def test_mismatch_detected_counted_and_fatal_past_ratio(tmp_path):
         counter.raise_if_above(0.05)
 
 
-@pytest.mark.skipif(not (TINY_LLAMA / "tokenizer.json").is_file(), reason="data/tiny-llama not built")
+@pytest.mark.skipif(not (TINY_LLAMA / "tokenizer.json").is_file(), reason="data/checkpoints/tiny-llama not built")
 @pytest.mark.parametrize("template", [VICUNA_V1, LLAMA3], ids=lambda t: t.name)
 def test_tiny_llama_tokenizer_round_trips(template):
     real = load_tokenizer(TINY_LLAMA)

@@ -21,7 +21,7 @@ from effilora_lightning.data import CommonsenseDataModule, VisualInstructionData
 from effilora_lightning.data.token_cache import default_cache_dir, load_or_build
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "data" / "tiny-llama"
+TINY = ROOT / "data" / "checkpoints" / "tiny-llama"
 
 
 def rec(instruction: str, answer: str = "true") -> dict[str, str]:

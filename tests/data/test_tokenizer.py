@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerFast
 
 from effilora_lightning.data.tokenizer import load_tokenizer
 
-TINY_LLAMA = Path(__file__).resolve().parents[2] / "data" / "tiny-llama"
+TINY_LLAMA = Path(__file__).resolve().parents[2] / "data" / "checkpoints" / "tiny-llama"
 
 
 def save_tokenizer(directory: Path, specials: list[str], pad: str | None = None, unk_special: bool = False) -> Path:

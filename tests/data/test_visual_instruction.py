@@ -313,12 +313,12 @@ def test_resume_with_another_world_or_batch_size_warns_and_a_foreign_state_is_re
         dm.load_state_dict({"step": 3})
 
 
-@pytest.mark.skipif(not (ROOT / "data/tiny-llama/tokenizer.json").is_file(), reason="data/tiny-llama not built")
+@pytest.mark.skipif(not (ROOT / "data/checkpoints/tiny-llama/tokenizer.json").is_file(), reason="data/checkpoints/tiny-llama not built")
 @pytest.mark.parametrize("template", ["vicuna_v1", "llama3"])
 def test_bundled_llava_set_loads_cleanly(template):
-    dm = VisualInstructionDataModule(str(ROOT / "data/llava/llava_train.json"), str(ROOT / "data/llava"),
-                                     str(ROOT / "data/tiny-llama"), template=template, image_size=64,
-                                     val_data_path=str(ROOT / "data/llava/llava_test.json"))
+    dm = VisualInstructionDataModule(str(ROOT / "data/datasets/llava/llava_train.json"), str(ROOT / "data/datasets/llava"),
+                                     str(ROOT / "data/checkpoints/tiny-llama"), template=template, image_size=64,
+                                     val_data_path=str(ROOT / "data/datasets/llava/llava_test.json"))
     dm.setup("fit")
     assert dm.stats["train"]["kept"] == dm.stats["train"]["total"] == 576
     assert dm.stats["val"]["kept"] == dm.stats["val"]["total"] == 144

@@ -103,7 +103,7 @@ def test_a_broken_adapter_fails_the_module_at_configure_model(tmp_path):
     directory = _saved(tmp_path)
     (directory / CONFIG_NAME).write_text("not json")
     module = CausalLMModule(adapter=LoRAConfig(rank=4, target_modules=TARGETS),
-                            model_path=str(ROOT / "data/tiny-llama"), load_adapter_from=str(directory))
+                            model_path=str(ROOT / "data/checkpoints/tiny-llama"), load_adapter_from=str(directory))
     with pytest.raises(ValueError, match=rf"{directory / CONFIG_NAME} is not valid JSON"):
         module.configure_model()
 
@@ -112,8 +112,8 @@ def test_truncated_stage1_projector_names_the_file(tmp_path):
     projector = tmp_path / "mm_projector.safetensors"
     projector.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
     module = VisionLanguageModule(
-        adapter=None, model_path=str(ROOT / "data/tiny-llama"), vision_tower="effilora-tiny-vit",
-        vision_pretrained=str(ROOT / "data/tiny-clip/open_clip_model.safetensors"), projector_path=str(projector))
+        adapter=None, model_path=str(ROOT / "data/checkpoints/tiny-llama"), vision_tower="effilora-tiny-vit",
+        vision_pretrained=str(ROOT / "data/checkpoints/tiny-clip/open_clip_model.safetensors"), projector_path=str(projector))
     with pytest.raises(ValueError, match=rf"{projector} \(\d+ bytes\) is not a complete safetensors file"):
         module.configure_model()
 

@@ -20,8 +20,8 @@ from effilora_lightning import CausalLMModule, CommonsenseDataModule, EffiLoRACo
 from effilora_lightning.checkpoint_io import AtomicCheckpointIO, remove_stale_temp_files
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "data" / "tiny-llama"
-DATA = ROOT / "data" / "commonsense"
+TINY = ROOT / "data" / "checkpoints" / "tiny-llama"
+DATA = ROOT / "data" / "datasets" / "commonsense"
 LORA = dict(rank=4, target_modules=["q_proj", "v_proj"])
 
 

@@ -21,10 +21,10 @@ from effilora_lightning import (
 from effilora_lightning.cli import run
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "data" / "tiny-llama"
-DATA = ROOT / "data" / "commonsense"
+TINY = ROOT / "data" / "checkpoints" / "tiny-llama"
+DATA = ROOT / "data" / "datasets" / "commonsense"
 DEMO = ROOT / "configs" / "demo" / "commonsense_effilora.yaml"
-TOWER = dict(vision_tower="effilora-tiny-vit", vision_pretrained=str(ROOT / "data/tiny-clip/open_clip_model.safetensors"))
+TOWER = dict(vision_tower="effilora-tiny-vit", vision_pretrained=str(ROOT / "data/checkpoints/tiny-clip/open_clip_model.safetensors"))
 
 
 def _module(**kw) -> CausalLMModule:
@@ -150,7 +150,7 @@ def test_reducer_errors_reach_the_command_line(monkeypatch):
 def test_image_size_other_than_the_towers_fails_before_step_one(tmp_path):
     module = VisionLanguageModule(adapter=None, model_path=str(TINY), **TOWER)
     data = VisualInstructionDataModule(
-        data_path=str(ROOT / "data/llava/llava_train.json"), image_folder=str(ROOT / "data/llava"),
+        data_path=str(ROOT / "data/datasets/llava/llava_train.json"), image_folder=str(ROOT / "data/datasets/llava"),
         tokenizer_path=str(TINY), image_size=32, max_length=256, val_set_size=0, batch_size=4, system_prompt="")
     trainer = _trainer(tmp_path, callbacks=[_NoStep()])
     with pytest.raises(ValueError, match=r"data.image_size=32 but the vision tower effilora-tiny-vit expects 64"):

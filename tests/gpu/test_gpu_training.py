@@ -108,13 +108,13 @@ def test_default_peak_flops_is_found_for_this_gpu_and_is_the_dense_rate():
 def test_causal_lm_with_a_bf16_base_fits_validates_and_generates(tmp_path):
     """CausalLMModule as configs/llama3-8b runs it (bf16 base, fp32 adapters, bf16-mixed) on the bundled tiny
     LLaMA and commonsense data: losses finite, validation loss and accuracy, a per-task test table."""
-    data = ROOT / "data" / "commonsense"
-    module = CausalLMModule(model_path=str(ROOT / "data" / "tiny-llama"), dtype="bfloat16", learning_rate=1e-2,
+    data = ROOT / "data" / "datasets" / "commonsense"
+    module = CausalLMModule(model_path=str(ROOT / "data" / "checkpoints" / "tiny-llama"), dtype="bfloat16", learning_rate=1e-2,
                             adapter=EffiLoRAConfig(rank=4, target_modules=["q_proj", "v_proj", "down_proj"]),
                             max_new_tokens=4, reducer={"warmup_steps": 0, "heatmap": False, "log_every_n_steps": 1,
                                                        "peak_flops": dense_bf16_peak() if ACCELERATOR == "gpu" else 1e12})
     dm = CommonsenseDataModule(data_path=str(data / "commonsense_170k.json"), dataset_dir=str(data / "dataset"),
-                               tokenizer_path=str(ROOT / "data" / "tiny-llama"), cutoff_len=96, batch_size=8,
+                               tokenizer_path=str(ROOT / "data" / "checkpoints" / "tiny-llama"), cutoff_len=96, batch_size=8,
                                eval_batch_size=32, val_set_size=16, val_generation_samples_per_task=2,
                                max_test_samples_per_task=3)
     logger = MemoryLogger()

@@ -13,8 +13,8 @@ from effilora_lightning import CausalLMModule, CommonsenseDataModule, EffiLoRACo
 from effilora_lightning.adapters import is_adapter_param
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "data" / "tiny-llama"
-DATA = ROOT / "data" / "commonsense"
+TINY = ROOT / "data" / "checkpoints" / "tiny-llama"
+DATA = ROOT / "data" / "datasets" / "commonsense"
 
 
 def _module(**kw) -> CausalLMModule:

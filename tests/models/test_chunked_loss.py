@@ -17,9 +17,9 @@ from effilora_lightning.data.conversation import IMAGE_TOKEN_INDEX
 from effilora_lightning.losses import ChunkedLossHead, find_loss_head
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "data" / "tiny-llama"
-DATA = ROOT / "data" / "commonsense"
-TOWER = dict(vision_tower="effilora-tiny-vit", vision_pretrained=str(ROOT / "data/tiny-clip/open_clip_model.safetensors"))
+TINY = ROOT / "data" / "checkpoints" / "tiny-llama"
+DATA = ROOT / "data" / "datasets" / "commonsense"
+TOWER = dict(vision_tower="effilora-tiny-vit", vision_pretrained=str(ROOT / "data/checkpoints/tiny-clip/open_clip_model.safetensors"))
 TIGHT = dict(rtol=1e-5, atol=1e-6)
 
 

@@ -15,18 +15,18 @@ from effilora_lightning.adapters import AdapterLinear, is_adapter_param
 from effilora_lightning.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 ROOT = Path(__file__).resolve().parents[2]
-TOWER = dict(vision_tower="effilora-tiny-vit", vision_pretrained=str(ROOT / "data/tiny-clip/open_clip_model.safetensors"))
+TOWER = dict(vision_tower="effilora-tiny-vit", vision_pretrained=str(ROOT / "data/checkpoints/tiny-clip/open_clip_model.safetensors"))
 
 
 def _module(adapter=None, **kw) -> VisionLanguageModule:
-    module = VisionLanguageModule(adapter=adapter, model_path=str(ROOT / "data/tiny-llama"), **TOWER, **kw)
+    module = VisionLanguageModule(adapter=adapter, model_path=str(ROOT / "data/checkpoints/tiny-llama"), **TOWER, **kw)
     module.configure_model()
     return module
 
 
 def _datamodule(**kw) -> VisualInstructionDataModule:
-    args = dict(data_path=str(ROOT / "data/llava/llava_train.json"), image_folder=str(ROOT / "data/llava"),
-                tokenizer_path=str(ROOT / "data/tiny-llama"), image_size=64, max_length=256, val_set_size=8,
+    args = dict(data_path=str(ROOT / "data/datasets/llava/llava_train.json"), image_folder=str(ROOT / "data/datasets/llava"),
+                tokenizer_path=str(ROOT / "data/checkpoints/tiny-llama"), image_size=64, max_length=256, val_set_size=8,
                 batch_size=8, eval_batch_size=8, system_prompt="")
     args.update(kw)
     return VisualInstructionDataModule(**args)
@@ -141,8 +141,8 @@ def _fit_steps(root: Path, data_path: Path, steps: int, ckpt_path: str | None = 
 
 
 def test_mid_epoch_resume_continues_the_same_data_order_and_losses(tmp_path):
-    records = json.loads((ROOT / "data/llava/llava_train.json").read_text())
-    data = tmp_path / "train.json"  # a slice of the bundled set (images stay under data/llava): faster setup
+    records = json.loads((ROOT / "data/datasets/llava/llava_train.json").read_text())
+    data = tmp_path / "train.json"  # a slice of the bundled set (images stay under data/datasets/llava): faster setup
     data.write_text(json.dumps(records[:48]))
     full = _fit_steps(tmp_path / "full", data, 4)
     _fit_steps(tmp_path / "part", data, 4, every=2, kill_at=2)  # killed after step 2 of epoch 0 (3 batches)
@@ -188,7 +188,7 @@ def test_fsdp2_groups_each_vision_block_and_decoder_layer_and_trains_in_bf16(one
     tower gets no gradient and every adapter B and the projector do."""
     from torch.distributed.fsdp import FSDPModule
 
-    module = VisionLanguageModule(adapter=EffiLoRAConfig(rank=4), model_path=str(ROOT / "data/tiny-llama"), **TOWER,
+    module = VisionLanguageModule(adapter=EffiLoRAConfig(rank=4), model_path=str(ROOT / "data/checkpoints/tiny-llama"), **TOWER,
                                   dtype="float32", fsdp_param_dtype="bfloat16")
     module._device_mesh = one_rank_mesh  # as ModelParallelStrategy sets it before configure_model
     module.configure_model()
@@ -225,7 +225,7 @@ def test_fsdp1_policy_makes_each_vision_block_a_unit_and_leaves_attention_projec
 
     from lightning.pytorch.strategies import FSDPStrategy
 
-    module = VisionLanguageModule(adapter=EffiLoRAConfig(rank=4), model_path=str(ROOT / "data/tiny-llama"), **TOWER)
+    module = VisionLanguageModule(adapter=EffiLoRAConfig(rank=4), model_path=str(ROOT / "data/checkpoints/tiny-llama"), **TOWER)
     module._trainer = SimpleNamespace(strategy=FSDPStrategy())
     module.configure_model()
     policy = module._trainer.strategy.kwargs["auto_wrap_policy"]

@@ -148,10 +148,10 @@ def test_no_download_for_directories_tags_or_missing_files(tmp_path):
         VisionTower("RN50")
 
 
-@pytest.mark.skipif(not (ROOT / "data/tiny-clip/open_clip_model.safetensors").is_file(),
-                    reason="run data/make_tiny_clip.py")
+@pytest.mark.skipif(not (ROOT / "data/checkpoints/tiny-clip/open_clip_model.safetensors").is_file(),
+                    reason="run data/scripts/make_tiny_clip.py")
 def test_bundled_tiny_clip_weights_load():
-    tower = VisionTower(TINY_VIT, pretrained=str(ROOT / "data/tiny-clip/open_clip_model.safetensors"))
+    tower = VisionTower(TINY_VIT, pretrained=str(ROOT / "data/checkpoints/tiny-clip/open_clip_model.safetensors"))
     assert (tower.num_patches, tower.hidden_size, tower.quick_gelu) == (64, 64, False)
     assert tower.image_mean == tuple(open_clip.OPENAI_DATASET_MEAN)
     out = tower(torch.zeros(1, 3, 64, 64))

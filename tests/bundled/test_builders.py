@@ -1,7 +1,7 @@
 """The committed synthetic data: schema, instruction patterns, balanced labels, rule-correct answers,
 bit-identical rebuilds, and a tiny-llama directory that loads like a LLaMA-3 checkpoint.
 
-The slow pretraining in data/make_tiny_llama.py is never re-run here.
+The slow pretraining in data/scripts/make_tiny_llama.py is never re-run here.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import torch
 from effilora_lightning.data.templates import TASKS, extract_answer
 
 ROOT = Path(__file__).resolve().parents[2]
-DATA = ROOT / "data" / "commonsense"
-TINY_LLAMA = ROOT / "data" / "tiny-llama"
+DATA = ROOT / "data" / "datasets" / "commonsense"
+TINY_LLAMA = ROOT / "data" / "checkpoints" / "tiny-llama"
 
 _CHOOSE = "Please choose the correct answer to the question: "
 _FOUR = r"\n\nAnswer1: (.+) Answer2: (.+) Answer3: (.+) Answer4: (.+)\n\nAnswer format: answer1/answer2/answer3/answer4"
@@ -62,7 +62,7 @@ def task_of(instruction: str) -> str:
 
 @pytest.fixture(scope="module")
 def make_commonsense():
-    spec = importlib.util.spec_from_file_location("make_commonsense", ROOT / "data" / "make_commonsense.py")
+    spec = importlib.util.spec_from_file_location("make_commonsense", ROOT / "data" / "scripts" / "make_commonsense.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules.setdefault("make_commonsense", module)  # dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -164,7 +164,7 @@ def test_test_subjects_are_never_asked_about_in_training(parsed, train, tests) -
 
 
 def test_rebuild_is_bit_identical(tmp_path: Path) -> None:
-    subprocess.run([sys.executable, str(ROOT / "data" / "make_commonsense.py"), "--out", str(tmp_path)],
+    subprocess.run([sys.executable, str(ROOT / "data" / "scripts" / "make_commonsense.py"), "--out", str(tmp_path)],
                    check=True, capture_output=True)
     files = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.json"))
     assert files == sorted(p.relative_to(DATA) for p in DATA.rglob("*.json"))

@@ -12,7 +12,6 @@ rank and freeze. PEFT's ``get_peft_model(model, LoraConfig(...))`` builds such l
         active_adapters  list[str]
 
     selectable_units(model, granularity)   ours (effilora_units) or PEFT LoRA (peft_lora_units); refuses others
-    adapter_parameters(model)              every parameter an optimizer must hold from step 0
 
 Pure PyTorch: nothing here imports lightning, transformers or peft.
 """
@@ -20,32 +19,15 @@ Pure PyTorch: nothing here imports lightning, transformers or peft.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Literal
-
 import torch
 from torch import nn
 
-from .base import AdapterLinear, is_adapter_param, unwrapped_name
-from .effilora import EffiLoRALinear, SelectableUnits, effilora_units, unit_name
+from ..adapters.base import AdapterLinear, unwrapped_name
+from ..adapters.effilora import EffiLoRALinear
+from .units import Granularity, SelectableUnits, effilora_units, unit_name
 
-__all__ = ["adapter_parameters", "describe_adapters", "is_peft_lora_layer", "peft_lora_units", "selectable_units",
+__all__ = ["describe_adapters", "has_selectable_units", "is_peft_lora_layer", "peft_lora_units", "selectable_units",
            "trained_beside_units"]
-
-Granularity = Literal["layer", "module"]
-
-
-def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The optimizer's parameters, from step 0: every adapter parameter by name, plus whatever requires grad now.
-
-    By name (ours: ``effilora_`` / ``lora_`` / ``hydralora_`` / ``lily_``; PEFT LoRA's ``lora_*``), so a B that
-    EffiLoRACallback has frozen is still included; plus every other parameter that requires grad at the call
-    (a projector you unfroze, PEFT's ``modules_to_save``). Each parameter once, in ``named_parameters`` order::
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW(adapter_parameters(self), lr=3e-4)
-    """
-    return [p for name, p in model.named_parameters() if p.requires_grad or is_adapter_param(name)]
-
 
 def is_peft_lora_layer(module: nn.Module) -> bool:
     """A PEFT LoRA layer (duck-typed): ``lora_B`` a ModuleDict keyed by adapter name, and ``active_adapters``.

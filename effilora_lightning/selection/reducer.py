@@ -21,8 +21,8 @@ from typing import Any, Literal
 
 import torch
 
-from .adapters.effilora import SelectableUnits
-from .adapters.peft_units import selectable_units
+from .peft import selectable_units
+from .units import SelectableUnits
 
 __all__ = [
     "IMPORTANCE", "SELECTION", "FROZEN_SCORE", "ImportanceTracker", "Reducer", "local_unit_scores", "num_kept",

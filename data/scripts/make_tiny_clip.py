@@ -1,10 +1,10 @@
-"""Build data/tiny-clip/: weights for the bundled tiny open_clip vision tower `effilora-tiny-vit`.
+"""Build data/checkpoints/tiny-clip/: weights for the bundled tiny open_clip vision tower `effilora-tiny-vit`.
 
-    python data/make_tiny_clip.py [--out data/tiny-clip] [--steps 500]
+    python data/scripts/make_tiny_clip.py [--out data/checkpoints/tiny-clip] [--steps 500]
 
 It loads through the same code path as real CLIP weights::
 
-    VisionTower("effilora-tiny-vit", pretrained="data/tiny-clip/open_clip_model.safetensors")
+    VisionTower("effilora-tiny-vit", pretrained="data/checkpoints/tiny-clip/open_clip_model.safetensors")
 
 What it writes:
     open_clip_model.safetensors   the `visual.*` tensors (fp32, ~0.7 MB): 64 px input, 8 px patches -> 64 patch
@@ -15,8 +15,8 @@ What it writes:
 
 Briefly pretrained, not random. A random tower already separates colours, but its patch features hardly say
 which shape is drawn or how many; the LLaVA demo would have to learn that through a frozen random tower. So
-the tower is trained here (400 steps, about a minute on one CPU thread) to classify scenes from data/make_llava.py's
-drawer, on scenes of its own (seed 2024, never the data/llava images): colour, shape and count from the
+the tower is trained here (400 steps, about a minute on one CPU thread) to classify scenes from data/scripts/make_llava.py's
+drawer, on scenes of its own (seed 2024, never the data/datasets/llava images): colour, shape and count from the
 mean of the block-1 patch tokens (the block `select_layer=-2` returns), and for each quadrant whether it
 holds an object from the mean of that quadrant's tokens, so the tokens keep where things are. The last block
 is never used by the VLM and stays random. Measured with a linear probe trained on frozen features
@@ -43,9 +43,10 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-ROOT = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]  # the repository
+sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT.parent))
 from make_llava import COLOURS, SHAPES, draw_scene  # noqa: E402
 
 from effilora_lightning.data.visual_instruction import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, preprocess_image  # noqa: E402
@@ -153,7 +154,7 @@ def save(visual: nn.Module, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tensors = {f"visual.{k}": v.detach().contiguous() for k, v in visual.state_dict().items()}
     save_file(tensors, str(out / "open_clip_model.safetensors"))
-    config_file = ROOT.parent / "effilora_lightning/models/open_clip_configs" / f"{TINY_VIT}.json"
+    config_file = ROOT / "effilora_lightning/models/open_clip_configs" / f"{TINY_VIT}.json"
     model_cfg = json.loads(config_file.read_text())
     sidecar = {
         "model_cfg": {**model_cfg, "quick_gelu": False},
@@ -165,7 +166,7 @@ def save(visual: nn.Module, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "tiny-clip")
+    parser.add_argument("--out", type=Path, default=ROOT / "data" / "checkpoints" / "tiny-clip")
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--probe", action="store_true", help="also measure random vs trained features")
     args = parser.parse_args()

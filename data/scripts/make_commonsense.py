@@ -1,6 +1,6 @@
-"""Write a small SYNTHETIC commonsense dataset in the LLM-Adapters layout into data/commonsense/.
+"""Write a small SYNTHETIC commonsense dataset in the LLM-Adapters layout into data/datasets/commonsense/.
 
-    python data/make_commonsense.py [--out data/commonsense] [--seed 1234]
+    python data/scripts/make_commonsense.py [--out data/datasets/commonsense] [--seed 1234]
 
 Output (same schema as the real sets, nothing copied from them):
     commonsense_170k.json          training records for all 8 tasks, shuffled
@@ -12,7 +12,7 @@ with the instruction in that task's published pattern (docs/DATA_FORMATS.md).
 The world (seeded): 32 things in 4 categories (fruit, animal, tool, vehicle: what you eat, feed, build with,
 ride), each with one of 4 colours, 2 sizes and 4 places, every value used equally often; rules that follow
 from colour, size and place ("a green thing hides well in the grass"); people whose needs call for a category
-("was hungry" -> fruit). data/make_tiny_llama.py pretrains the base model on these facts as plain text.
+("was hungry" -> fruit). data/scripts/make_tiny_llama.py pretrains the base model on these facts as plain text.
 
 Questions come in kinds. A kind has a CLOSED answer key: its options are always the same, in the same order
 ("Answer1: red Answer2: blue Answer3: green Answer4: yellow"), and one fact of the subject picks the answer.
@@ -342,7 +342,7 @@ def _dump(records: list[dict[str, str]], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "commonsense")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "datasets" / "commonsense")
     parser.add_argument("--seed", type=int, default=SEED)
     args = parser.parse_args()
     train, tests = build(args.seed)

@@ -1,20 +1,20 @@
-"""Build data/llava/: a small synthetic visual-instruction set in the LLaVA-1.5 layout.
+"""Build data/datasets/llava/: a small synthetic visual-instruction set in the LLaVA-1.5 layout.
 
-    python data/make_llava.py [--out data/llava] [--seed 0]
+    python data/scripts/make_llava.py [--out data/datasets/llava] [--seed 0]
 
 What it writes:
     images/train_NNNN.png, images/test_NNNN.png   64 x 64 RGB scenes drawn with PIL: one to four copies of one
         shape (circle, square, triangle) in one colour (red, green, blue, yellow, purple, orange), each in its
         own quadrant, on a light grey background. Flat colours, no anti-aliasing: about 0.3 KB a file.
     llava_train.json, llava_test.json              JSON lists of
-        {"id", "image" (relative to data/llava/, absent for text-only samples), "conversations": [...]}.
+        {"id", "image" (relative to data/datasets/llava/, absent for text-only samples), "conversations": [...]}.
         Questions about colour, shape, count, position (single objects) and yes/no presence; one to three
         turns; `<image>` before or after the first question (the loader moves it to the start of the turn).
         One sample in eight is text-only (sides of shapes, mixing colours, counting), so text-only and image
         samples share batches. Answers are one word: a colour, a shape, a number word, yes/no, left/right,
         top/bottom. In the test file the reference answer is the last gpt turn.
 
-The scene drawer (`draw_scene`) is imported by data/make_tiny_clip.py, which pretrains the tiny vision
+The scene drawer (`draw_scene`) is imported by data/scripts/make_tiny_clip.py, which pretrains the tiny vision
 tower on other scenes from the same distribution (a different seed), never on these test images.
 
 Determinism: `random.Random(seed)` only, fixed drawing order, PNG written by PIL without metadata; a rebuild
@@ -198,7 +198,7 @@ def build_split(split: str, out: Path, rng: random.Random) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "llava")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "datasets" / "llava")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     start = time.perf_counter()

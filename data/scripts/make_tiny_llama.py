@@ -1,11 +1,11 @@
-"""Build data/tiny-llama/: a tiny LLaMA-3-style checkpoint in Hugging Face format, pretrained on synthetic text.
+"""Build data/checkpoints/tiny-llama/: a tiny LLaMA-3-style checkpoint in Hugging Face format, pretrained on synthetic text.
 
-    python data/make_tiny_llama.py [--out data/tiny-llama] [--steps 1000]
+    python data/scripts/make_tiny_llama.py [--out data/checkpoints/tiny-llama] [--steps 1000]
 
 It loads through the same code path as a real LLaMA-3 checkpoint::
 
-    AutoModelForCausalLM.from_pretrained("data/tiny-llama", local_files_only=True)
-    AutoTokenizer.from_pretrained("data/tiny-llama", local_files_only=True)
+    AutoModelForCausalLM.from_pretrained("data/checkpoints/tiny-llama", local_files_only=True)
+    AutoTokenizer.from_pretrained("data/checkpoints/tiny-llama", local_files_only=True)
 
 What it writes, and why:
     tokenizer.json, tokenizer_config.json   byte-level BPE trained here with `tokenizers` on the synthetic text
@@ -20,11 +20,11 @@ What it writes, and why:
     model.safetensors                       fp32 weights (1.3 MB): CPU training and tests want fp32 anyway.
 
 Pretraining (1000 steps of 32 x 128 tokens, 3 to 6 minutes on one CPU thread) reads documents about the world of
-data/make_commonsense.py: profiles of every thing, consequences of the rules, general rules, comparisons,
+data/scripts/make_commonsense.py: profiles of every thing, consequences of the rules, general rules, comparisons,
 stories of people with needs, facts asked and answered in prose ("what colour is the plum? the answer is
 blue."), and multiple-choice quizzes in a plain format of their own with the choices in SHUFFLED order
 ("quiz: what colour is the plum? answer1 green, answer2 blue, ... the right one is answer2."; "true or false:
-is the plum red? false."). It also reads pictures like those of data/make_llava.py described in words ("the
+is the plum red? false."). It also reads pictures like those of data/scripts/make_llava.py described in words ("the
 picture shows two red circles, at the top left and bottom right. how many circles are there? two.") and the
 general facts the visual demo's text-only questions need.
 
@@ -239,7 +239,7 @@ def _story(world: tuple[Thing, ...], rng: random.Random) -> str:
 
 
 def _picture(rng: random.Random) -> str:
-    """A picture like those of data/make_llava.py described in words, then asked about in prose: the words
+    """A picture like those of data/scripts/make_llava.py described in words, then asked about in prose: the words
     its short answers use (shapes, colours, counts, sides) are ones the base model has already written."""
     shape, colour = rng.choice(pictures.SHAPES), rng.choice(list(pictures.COLOURS))
     where = rng.sample(pictures.QUADRANTS, rng.randint(1, 4))
@@ -362,7 +362,7 @@ def sha256(path: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "tiny-llama")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-llama")
     parser.add_argument("--steps", type=int, default=STEPS)
     args = parser.parse_args()
     torch.set_num_threads(1)
