@@ -50,6 +50,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Subset
 from transformers import PreTrainedTokenizerBase
 
+from effilora_lightning.data.batch import IGNORE_INDEX, is_generation_batch, pad, pad_mask
 from effilora_lightning.data.records import RecordError, check_data_file, read_records
 from effilora_lightning.data.sampling import (
     ModalityLengthGroupedSampler,
@@ -78,11 +79,6 @@ _CHUNK = 8192  # records tokenized per tokenizer call in setup
 
 SAMPLE_ID_STRIDE = 10_000_000
 """sample_id = task index * SAMPLE_ID_STRIDE + record index (test sets are far smaller than the stride)."""
-
-
-def is_generation_batch(batch: dict[str, Any]) -> bool:
-    """True for a left-padded prompt batch to generate from, False for a teacher-forced loss batch."""
-    return "sample_id" in batch
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -184,35 +180,24 @@ def generation_prompt(prompt: list[int], enc: _Encoding, task: str, index: int, 
     return ids
 
 
-def collate_train(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example: pad id in input_ids, 0 in attention_mask, -100 in labels."""
-    width = max(len(e["input_ids"]) for e in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, e in enumerate(examples):
-        n = len(e["input_ids"])
-        input_ids[row, :n] = torch.tensor(e["input_ids"])
-        labels[row, :n] = torch.tensor(e["labels"])
-        attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+def collate_train(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """A loss batch (``batch`` module): right-padded with the pad id, -100 in labels, 0 in attention_mask."""
+    ids = [e["input_ids"] for e in examples]
+    return {"input_ids": pad(ids, pad_id, "right"),  # (B, T)
+            "attention_mask": pad_mask(ids, "right"),  # (B, T)
+            "labels": pad([e["labels"] for e in examples], IGNORE_INDEX, "right")}  # (B, T)
 
 
 def collate_generate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
-    """Left-pad prompts so that generation continues every row from its last column."""
-    width = max(len(e["input_ids"]) for e in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, e in enumerate(examples):
-        n = len(e["input_ids"])
-        input_ids[row, width - n:] = torch.tensor(e["input_ids"])
-        attention_mask[row, width - n:] = 1
+    """A generation-only batch (``batch`` module): prompts LEFT-padded, so generation continues every row from
+    its last column, with their task, answer and integer sample id."""
+    ids = [e["input_ids"] for e in examples]
     return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
+        "input_ids": pad(ids, pad_id, "left"),  # (B, P)
+        "attention_mask": pad_mask(ids, "left"),  # (B, P)
         "task": [e["task"] for e in examples],
         "answer": [e["answer"] for e in examples],
-        "sample_id": torch.tensor([e["sample_id"] for e in examples], dtype=torch.long),
+        "sample_id": torch.tensor([e["sample_id"] for e in examples], dtype=torch.long),  # (B,)
     }
 
 

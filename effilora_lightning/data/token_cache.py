@@ -39,7 +39,7 @@ import numpy as np
 __all__ = ["CACHE_VERSION", "EntryBuilder", "TokenRows", "TokenRowsWriter", "cache_key", "default_cache_dir",
            "file_digest", "load_or_build", "load_or_build_on_node", "tokenizer_digest"]
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: visual sample_ids are record indices, the string ids are "names"
 """Bumped whenever what the DataModules write into an entry changes meaning."""
 
 _TOKENIZER_FILE_PREFIXES = ("tokenizer", "special_tokens_map", "added_tokens", "vocab", "merges", "spiece")

@@ -204,7 +204,7 @@ class VisualInstructionDataModule(pl.LightningDataModule):
         key_inputs = {"data": file_digest(check_data_file(path)), "part": part, "generation": generation}
         rows, meta = self._cached(split, functools.partial(self._build, split, path, part, generation), key_inputs)
         self.datasets[split] = VisualInstructionDataset(
-            rows["tokens"], meta["sample_ids"], meta["images"], hp.image_size, hp.image_mean, hp.image_std,
+            rows["tokens"], meta["sample_ids"], meta["names"], meta["images"], hp.image_size, hp.image_mean, hp.image_std,
             hp.image_mode, prompts=rows.get("prompts"), answers=meta["answers"] if generation else None,
             skip_bad_images=hp.on_bad_record == "skip")
         self.stats[split] = Counter(meta["stats"])
@@ -271,14 +271,14 @@ class VisualInstructionDataModule(pl.LightningDataModule):
             except (ValueError, AttributeError):
                 continue  # named by _check_record below
         check_images(wanted, hp.image_check == "decode", built.images_checked)
-        checked = [c for c in (self._check_record(r, i, path, built) for i, r in batch) if c is not None]
-        encoded = encode_conversations([c[2] for c in checked], self.template, self.tokenizer,
-                                       num_images=[len(c[1]) for c in checked], sample_ids=[c[0] for c in checked])
-        prompts = encode_prompts([c[2] for c in checked], self.template, self.tokenizer,
-                                 num_images=[len(c[1]) for c in checked], sample_ids=[c[0] for c in checked]) \
+        checked = [(i, *c) for i, r in batch if (c := self._check_record(r, i, path, built)) is not None]
+        encoded = encode_conversations([c[3] for c in checked], self.template, self.tokenizer,
+                                       num_images=[len(c[2]) for c in checked], sample_ids=[c[1] for c in checked])
+        prompts = encode_prompts([c[3] for c in checked], self.template, self.tokenizer,
+                                 num_images=[len(c[2]) for c in checked], sample_ids=[c[1] for c in checked]) \
             if built.prompts is not None else [None] * len(checked)
-        for (sample_id, images, _), enc, prompt in zip(checked, encoded, prompts, strict=True):
-            built.mismatch.add(sample_id, enc.mismatch)
+        for (index, name, images, _), enc, prompt in zip(checked, encoded, prompts, strict=True):
+            built.mismatch.add(name, enc.mismatch)
             if enc.mismatch is not None:
                 continue
             length = _fitted_length(enc.input_ids, enc.labels, hp.max_length, whole=built.prompts is not None)
@@ -289,7 +289,8 @@ class VisualInstructionDataModule(pl.LightningDataModule):
             if built.prompts is not None:
                 built.prompts.add(prompt[0], [False] * len(prompt[0]))
                 built.answers.append(prompt[1])
-            built.sample_ids.append(sample_id)
+            built.sample_ids.append(index)
+            built.names.append(name)
             built.images.append([str(p) for p in images])
 
     def _finish(self, built: _SplitBuild, path: str, json_skipped: int) -> dict[str, Any]:
@@ -300,9 +301,9 @@ class VisualInstructionDataModule(pl.LightningDataModule):
                               f"{built.mismatch.mismatched} tokenization mismatches). Fix the records, raise "
                               "max_length, or check image_folder.")
         if built.prompts is not None:
-            _require_unique_ids(built.sample_ids, path)
+            _require_unique_ids(built.names, path)
         built.stats["kept"], built.stats["mismatch"] = len(built.sample_ids), built.mismatch.mismatched
-        return {"sample_ids": built.sample_ids, "images": built.images, "answers": built.answers,
+        return {"sample_ids": built.sample_ids, "names": built.names, "images": built.images, "answers": built.answers,
                 "stats": dict(built.stats), "json_skipped": json_skipped,
                 "mismatch": {"seen": built.mismatch.seen, "mismatched": built.mismatch.mismatched,
                              "examples": built.mismatch.examples}}
@@ -388,9 +389,10 @@ def _fitted_length(input_ids: list[int], labels: list[int], max_length: int, who
     return max_length
 
 
-def _require_unique_ids(sample_ids: list[str], path: str) -> None:
-    """Evaluation dedupes by sample id across ranks, so ids must be unique."""
-    counts = Counter(sample_ids)
+def _require_unique_ids(names: list[str], path: str) -> None:
+    """Evaluation samples are reported by their record id, so those ids must be unique (the integer sample ids
+    the evaluation counts by are record indices, unique by construction)."""
+    counts = Counter(names)
     duplicates = [sid for sid, n in counts.items() if n > 1]
     if duplicates:
         raise ValueError(f"{path}: evaluation sample ids must be unique; repeated: {duplicates[:5]}")
@@ -427,7 +429,8 @@ class _SplitBuild:
     mismatch: MismatchCounter
     tokens: TokenRowsWriter
     prompts: TokenRowsWriter | None
-    sample_ids: list[str] = field(default_factory=list)
+    sample_ids: list[int] = field(default_factory=list)  # record index in the file
+    names: list[str] = field(default_factory=list)  # the record's "id"
     images: list[list[str]] = field(default_factory=list)
     answers: list[str] = field(default_factory=list)
     images_checked: dict[Path, BadRecordError | None] = field(default_factory=dict)

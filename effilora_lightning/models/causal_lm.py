@@ -33,7 +33,7 @@ from ..adapters.base import unwrapped_name
 from ..adapters.export import check_safetensors_file, export_peft_lora, save_adapter
 from ..callbacks import EffiLoRACallback
 from ..checkpoint_io import check_checkpoint_file, install_checkpoint_io, remove_orphaned_checkpoints
-from ..data.commonsense import is_generation_batch
+from ..data.batch import generation_prompt, is_generation_batch
 from ..data.templates import TASKS, extract_answer
 from ..data.tokenizer import load_tokenizer
 from ..losses import find_loss_head, install_chunked_loss_head
@@ -348,13 +348,14 @@ class CausalLMModule(pl.LightningModule):
         (``templates.response_text``); decoding the new tokens alone would read past a repeated marker.
         """
         tok = self._require_tokenizer()
+        prompt_ids, prompt_mask = generation_prompt(batch)  # (B, P) each, left-padded
         out = self.model.generate(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+            input_ids=prompt_ids, attention_mask=prompt_mask,
             max_new_tokens=self.hparams.max_new_tokens, num_beams=self.hparams.num_beams, do_sample=False,
             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
         )
-        width = batch["input_ids"].shape[1]  # (B, width + new tokens): prompts are left-padded
-        starts = (width - batch["attention_mask"].sum(dim=1)).tolist()  # one host copy per batch
+        width = prompt_ids.shape[1]  # (B, width + new tokens): prompts are left-padded
+        starts = (width - prompt_mask.sum(dim=1)).tolist()  # one host copy per batch
         return tok.batch_decode([row[start:] for row, start in zip(out, starts)], skip_special_tokens=True)
 
     def _score_generation(self, batch: dict[str, Any], metric: TaskAccuracy) -> None:

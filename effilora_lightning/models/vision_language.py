@@ -11,7 +11,6 @@ touch the tower or the projector (``exclude_vision``).
 
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +23,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..adapters import AdapterConfig, apply_adapter
 from ..adapters.export import full_cpu, read_safetensors, save_adapter
+from ..data.batch import generation_prompt, is_generation_batch, pad
 from ..data.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from ..losses import find_loss_head
 from ..metrics import TaskAccuracy
@@ -75,9 +75,10 @@ class LlavaModel(nn.Module):
             rows.append(emb)
             labs.append(lab_out)
             masks.append(torch.ones(emb.shape[0], dtype=attention_mask.dtype, device=emb.device))
-        embeds = _pad_rows(rows, 0.0, left_pad)  # (B, T', D)
-        mask = _pad_rows(masks, 0, left_pad)  # (B, T')
-        out_labels = _pad_rows(labs, IGNORE_INDEX, left_pad) if labels is not None else None
+        side = "left" if left_pad else "right"
+        embeds = pad(rows, 0.0, side)  # (B, T', D)
+        mask = pad(masks, 0, side)  # (B, T')
+        out_labels = pad(labs, IGNORE_INDEX, side) if labels is not None else None
         if feats.shape[0] == 0:  # text-only batch: keep the projector in the graph with a zero contribution
             embeds = embeds + feats.sum() * 0.0
         return embeds, mask, out_labels
@@ -110,17 +111,6 @@ def _splice(ids: torch.Tensor, labels: torch.Tensor | None, feats: torch.Tensor,
     if labels is not None:
         lab_parts.append(labels[start:])
     return torch.cat(parts), (torch.cat(lab_parts) if labels is not None else None)
-
-
-def _pad_rows(rows: list[torch.Tensor], value: float, left: bool) -> torch.Tensor:
-    width = max(r.shape[0] for r in rows)
-    out = rows[0].new_full((len(rows), width, *rows[0].shape[1:]), value)
-    for i, r in enumerate(rows):
-        if left:
-            out[i, width - r.shape[0]:] = r
-        else:
-            out[i, : r.shape[0]] = r
-    return out
 
 
 class VisionLanguageModule(CausalLMModule):
@@ -218,7 +208,7 @@ class VisionLanguageModule(CausalLMModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self.log("val_loss", self._batch_loss(batch), prog_bar=True, sync_dist=True, batch_size=len(batch["sample_id"]))
-        if "prompt_input_ids" in batch:
+        if is_generation_batch(batch):
             self._score(batch, self.val_accuracy)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -229,8 +219,9 @@ class VisionLanguageModule(CausalLMModule):
         """Greedy generation from the left-padded prompts with their images spliced in."""
         tok = self._require_tokenizer()
         with root_unsharded(self.model):  # FSDP2: embed and generate do not go through model(...)
-            embeds, mask, _ = self.model.embed(batch["prompt_input_ids"], batch["prompt_attention_mask"],
-                                               batch["image_counts"], batch["images"], left_pad=True)
+            prompt_ids, prompt_mask = generation_prompt(batch)  # (B, P) each, left-padded
+            embeds, mask, _ = self.model.embed(prompt_ids, prompt_mask, batch["image_counts"], batch["images"],
+                                               left_pad=True)
             out = self.model.language_model.generate(
                 inputs_embeds=embeds, attention_mask=mask, max_new_tokens=self.hparams.max_new_tokens,
                 num_beams=self.hparams.num_beams, do_sample=False, pad_token_id=tok.pad_token_id,
@@ -241,8 +232,7 @@ class VisionLanguageModule(CausalLMModule):
     def _score(self, batch: dict[str, Any], metric: TaskAccuracy) -> None:
         texts = self.generate_answers(batch)
         correct = [_normalise(t) == _normalise(a) for t, a in zip(texts, batch["answer"])]
-        ids = torch.tensor([zlib.crc32(str(s).encode()) for s in batch["sample_id"]], device=self.device)
-        metric.update([TASK] * len(texts), torch.tensor(correct, device=self.device), ids)
+        metric.update(batch["task"], torch.tensor(correct, device=self.device), batch["sample_id"])
 
     def on_test_epoch_end(self) -> None:
         results = self.test_accuracy.compute()

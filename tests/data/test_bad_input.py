@@ -162,10 +162,10 @@ def test_an_image_that_breaks_after_setup_is_replaced_in_skip_mode_and_named_oth
     truncated_png(llava / "images" / "b.png")
     dm = visual(llava, on_bad_record="skip", image_check="header")  # headers only: setup keeps it
     data = dm.datasets["train"]
-    index = [s.sample_id for s in data.samples].index("s-b")
+    index = [s.name for s in data.samples].index("s-b")
     with pytest.warns(UserWarning, match=r"sample 's-b': cannot read image .*b\.png.*using the next sample instead"):
         item = data[index]
-    assert item["sample_id"] == "s-a" and item["images"].shape == (1, 3, SIZE, SIZE)
+    assert item["sample_name"] == "s-a" and item["images"].shape == (1, 3, SIZE, SIZE)
     strict = visual(llava, image_check="header").datasets["train"]
     with pytest.raises(BadRecordError, match=r"sample 's-b': cannot read image"):
         strict[index]

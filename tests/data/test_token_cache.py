@@ -119,7 +119,7 @@ def test_the_llava_cache_holds_exactly_what_setup_checked(tmp_path):
     first, second = llava(root, tmp_path / "cache"), llava(root, tmp_path / "cache")
     for split in ("train", "val"):
         a, b = first.datasets[split], second.datasets[split]
-        assert [s.sample_id for s in a.samples] == [s.sample_id for s in b.samples] == ["a", "b"]
+        assert [s.name for s in a.samples] == [s.name for s in b.samples] == ["a", "b"]
         for i in range(len(a)):
             x, y = a[i], b[i]
             assert torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["labels"], y["labels"])

@@ -13,6 +13,7 @@ from PIL import Image
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from torch.utils.data import DistributedSampler
 
+from effilora_lightning.data.batch import is_generation_batch
 from effilora_lightning.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from effilora_lightning.data.visual_instruction import (
     OPENAI_CLIP_MEAN,
@@ -80,7 +81,7 @@ def module(root: Path, data: str = "train.json", **kw) -> VisualInstructionDataM
 def test_text_only_sample_shares_a_batch_with_image_samples(dataset):
     dm = module(dataset)
     batch = next(iter(dm.val_dataloader()))  # file order: img-a, txt-b, img-c
-    assert batch["sample_id"] == ["img-a", "txt-b", "img-c"]
+    assert batch["sample_name"] == ["img-a", "txt-b", "img-c"]
     assert batch["images"].shape == (2, 3, SIZE, SIZE) and batch["images"].dtype == torch.float32
     assert batch["image_counts"].tolist() == [1, 0, 1]
     assert ((batch["input_ids"] == IMAGE_TOKEN_INDEX).sum(dim=1)).tolist() == [1, 0, 1]
@@ -92,6 +93,24 @@ def test_text_only_sample_shares_a_batch_with_image_samples(dataset):
         assert (batch["input_ids"][row, n:] == dm.tokenizer.pad_token_id).all()
         assert (batch["labels"][row, n:] == IGNORE_INDEX).all()
     assert dm.tokenizer.decode(batch["labels"][1][batch["labels"][1] != IGNORE_INDEX]) == "hi<|eot_id|>hi hi<|eot_id|>"
+
+
+def test_sample_ids_are_record_indices_unique_across_the_file(dataset):
+    dm = module(dataset)
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["sample_id"].tolist() == [0, 1, 2] and batch["sample_id"].dtype == torch.long
+    assert batch["task"] == ["vqa"] * 3
+    assert is_generation_batch(batch)
+    assert not is_generation_batch(next(iter(dm.train_dataloader())))
+    # a bad record in the middle is skipped: the ids stay the records' indices in the file, each once
+    records = json.loads((dataset / "train.json").read_text())
+    many = [dict(r, id=f"{r['id']}-{k}") for k in range(40) for r in records]
+    many[5] = {"id": "broken", "conversations": []}
+    (dataset / "many.json").write_text(json.dumps(many))
+    dm = module(dataset, "many.json", on_bad_record="skip", eval_batch_size=7)
+    ids = [i for b in dm.val_dataloader() for i in b["sample_id"].tolist()]
+    assert ids == [i for i in range(len(many)) if i != 5]
+    assert [n for b in dm.val_dataloader() for n in b["sample_name"]] == [many[i]["id"] for i in ids]
 
 
 def test_generation_batch_is_left_padded_prompt_and_answer(dataset):
@@ -143,7 +162,7 @@ def test_skip_mode_drops_and_counts_each_kind(dataset):
     stats = dm.stats["train"]
     assert (stats["total"], stats["kept"]) == (7, 3)
     assert (stats["missing_image"], stats["unreadable_image"], stats["bad_conversation"]) == (1, 1, 2)
-    assert [s.sample_id for s in dm.datasets["train"].samples] == ["img-a", "txt-b", "img-c"]
+    assert [s.name for s in dm.datasets["train"].samples] == ["img-a", "txt-b", "img-c"]
     with pytest.raises(BadRecordError, match=r"sample 'x1': image not found: .*nope\.png"):
         module(dataset, "dirty.json", on_bad_record="error")
     (dataset / "dirty2.json").write_text(json.dumps(records[-1:]))
@@ -184,13 +203,13 @@ def test_truncation_keeps_images_and_drops_what_cannot_fit(dataset):
     records.append({"id": "img-late", "image": "a.png", "conversations": late})
     (dataset / "late.json").write_text(json.dumps(records))
     dm = module(dataset, "late.json", max_length=31, val_data_path=None)
-    assert {s.sample_id: s.length for s in dm.datasets["train"].samples} == {"txt-b": 31}
+    assert {s.name: s.length for s in dm.datasets["train"].samples} == {"txt-b": 31}
     assert dm.stats["train"]["too_long"] == 3  # no reply left (img-a, img-c), image cut off (img-late)
     item = dm.datasets["train"][0]
     assert item["input_ids"].shape == item["labels"].shape == (31,)
     assert dm.tokenizer.decode(item["labels"][item["labels"] != IGNORE_INDEX]) == "hi"
     dm = module(dataset, "late.json", max_length=36, val_data_path=None)
-    lengths = {s.sample_id: s.length for s in dm.datasets["train"].samples}
+    lengths = {s.name: s.length for s in dm.datasets["train"].samples}
     assert lengths == {"img-a": 35, "img-c": 36, "txt-b": 36}
     val = module(dataset, "late.json", max_length=36).stats["val"]  # evaluation samples must fit whole
     assert (val["kept"], val["too_long"]) == (1, 3)
@@ -199,7 +218,7 @@ def test_truncation_keeps_images_and_drops_what_cannot_fit(dataset):
 def test_val_set_size_split_is_seeded_and_disjoint(dataset):
     a = module(dataset, val_data_path=None, val_set_size=1, seed=3)
     b = module(dataset, val_data_path=None, val_set_size=1, seed=3)
-    ids = lambda dm, s: [x.sample_id for x in dm.datasets[s].samples]  # noqa: E731
+    ids = lambda dm, s: [x.name for x in dm.datasets[s].samples]  # noqa: E731
     assert ids(a, "val") == ids(b, "val") and len(ids(a, "val")) == 1
     assert sorted(ids(a, "train") + ids(a, "val")) == ["img-a", "img-c", "txt-b"]
 
@@ -274,11 +293,11 @@ def test_train_loader_uses_the_grouping_sampler(dataset):
     dm = module(dataset, batch_size=1)
     loader = dm.train_dataloader()
     assert isinstance(loader.sampler, ModalityLengthGroupedSampler)
-    assert sorted(sid for batch in loader for sid in batch["sample_id"]) == ["img-a", "img-c", "txt-b"]
+    assert sorted(sid for batch in loader for sid in batch["sample_name"]) == ["img-a", "img-c", "txt-b"]
 
 
 def _sample_ids(dm: VisualInstructionDataModule) -> list[str]:
-    return [sid for batch in dm.train_dataloader() for sid in batch["sample_id"]]
+    return [sid for batch in dm.train_dataloader() for sid in batch["sample_name"]]
 
 
 def _fitting_trainer(epoch: int, batches: int) -> SimpleNamespace:
