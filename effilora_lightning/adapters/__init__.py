@@ -1,19 +1,23 @@
 """Pure-PyTorch adapters: LoRA, EffiLoRA, HydraLoRA, Lily; injection, save/load, merge, PEFT export.
 
+Each method is one file that registers an ``AdapterMethod`` (method.py); the rest asks the registry.
+
 Nothing here imports lightning or transformers, so any ``nn.Module`` can be adapted.
 """
 
-from .base import ADAPTER_PREFIXES, AdapterConfig, AdapterLinear, is_adapter_param, param_group
+from .base import AdapterConfig, AdapterLinear
+from .method import AdapterMethod, is_adapter_param, method_of, param_group, register_method, registered_methods
+from .lora import LoRAConfig, LoRALinear  # noqa: I001 - registration order is the order methods are listed in
 from .effilora import EffiLoRAConfig, EffiLoRALinear
-from .export import export_peft_lora, load_adapter, merge_adapter, save_adapter, unmerge_adapter
 from .hydralora import HydraLoRAConfig, HydraLoRALinear
-from .inject import AdapterReport, adapter_config_of, adapter_parameters, apply_adapter
 from .lily import LilyConfig, LilyLinear
-from .lora import LoRAConfig, LoRALinear
+from .export import export_peft_lora, load_adapter, merge_adapter, save_adapter, unmerge_adapter
+from .inject import AdapterReport, adapter_config_of, adapter_parameters, apply_adapter
 
 __all__ = [
-    "ADAPTER_PREFIXES", "AdapterConfig", "AdapterLinear", "AdapterReport", "EffiLoRAConfig", "EffiLoRALinear",
+    "AdapterConfig", "AdapterMethod", "AdapterLinear", "AdapterReport", "EffiLoRAConfig", "EffiLoRALinear",
     "HydraLoRAConfig", "HydraLoRALinear", "LilyConfig", "LilyLinear", "LoRAConfig", "LoRALinear",
     "adapter_config_of", "adapter_parameters", "apply_adapter", "export_peft_lora",
-    "is_adapter_param", "load_adapter", "merge_adapter", "param_group", "save_adapter", "unmerge_adapter",
+    "is_adapter_param", "load_adapter", "merge_adapter", "method_of", "param_group", "register_method",
+    "registered_methods", "save_adapter", "unmerge_adapter",
 ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,43 +23,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["AdapterConfig", "AdapterLinear", "ADAPTER_PREFIXES", "is_adapter_param", "param_group", "resolve_dtype",
-           "unwrapped_name"]
-
-# Every adapter parameter name has a dotted component starting with one of these. Checkpoints and
-# optimizer groups select adapter weights by these names, never by requires_grad (a B frozen at save
-# time must still be saved).
-ADAPTER_PREFIXES: tuple[str, ...] = ("lora_", "effilora_", "hydralora_", "lily_")
-
+__all__ = ["AdapterConfig", "AdapterLinear", "layer_index", "resolve_dtype", "unwrapped_name"]
 
 _FSDP1_WRAPPER = "_fsdp_wrapped_module."
+
+
+_INT = re.compile(r"^\d+$")
+
+
+def layer_index(name: str) -> int | None:
+    """The layer index of a module: the first integer component of its dotted name."""
+    for part in name.split("."):
+        if _INT.match(part):
+            return int(part)
+    return None
 
 
 def unwrapped_name(name: str) -> str:
     """A module or parameter name without FSDP1's wrapper levels: the same name as in the unwrapped model."""
     return name.replace(_FSDP1_WRAPPER, "")
-
-
-def is_adapter_param(name: str) -> bool:
-    """True when a parameter/state-dict name belongs to an adapter (by name prefix)."""
-    return any(part.startswith(ADAPTER_PREFIXES) for part in name.split("."))
-
-
-_GROUPS: dict[str, tuple[str, ...]] = {
-    "shared_a": ("effilora_shared_a", "lily_lp"),
-    "a": ("lora_A", "hydralora_A"),
-    "b": ("effilora_B", "lora_B", "hydralora_B", "lily_hp"),
-    "router": ("effilora_router", "hydralora_router", "lily_router"),
-}
-
-
-def param_group(name: str) -> str | None:
-    """Optimizer/report group of an adapter parameter name: shared_a, a, b, router; None if not an adapter."""
-    parts = set(name.split("."))
-    for group, markers in _GROUPS.items():
-        if parts.intersection(markers):
-            return group
-    return None
 
 
 def resolve_dtype(adapter_dtype: str, base_dtype: torch.dtype) -> torch.dtype:

@@ -22,6 +22,7 @@ optimizer step. It reaches the B only through ``EffiLoRALinear.b_params()``.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -30,8 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import AdapterConfig, AdapterLinear, kaiming_, mix_heads, new_param, resolve_dtype
+from .method import AdapterMethod, Built, register_method
 
-__all__ = ["EffiLoRAConfig", "EffiLoRALinear", "EffiLoRASharedA", "SHARED_A_NAME"]
+__all__ = ["EFFILORA", "EffiLoRAConfig", "EffiLoRALinear", "EffiLoRASharedA", "SHARED_A_NAME", "build"]
 
 SHARED_A_NAME = "effilora_shared_a"
 """Attribute on the model root that owns every shared A (state-dict keys ``effilora_shared_a.<group>``)."""
@@ -54,6 +56,11 @@ class EffiLoRAConfig(AdapterConfig):
     """B heads per module; > 1 adds a token-wise softmax router (then no static merge exists)."""
     reuse_projection: bool = True
     """With share_a_by="in_features", compute A x once for modules that read the same tensor."""
+    detach_frozen: bool = False
+    """A layer whose B is frozen this step (EffiLoRACallback, ``freeze_mode="requires_grad"``) adds its low-rank
+    update as a constant: no backward through its adapter path, so the shared A learns from the selected
+    layers only (~0.5x LoRA's adapter FLOPs at keep 0.5, against ~0.7x with the default). Opt-in: BENCHMARKS.md
+    measures what it costs in accuracy."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -73,18 +80,19 @@ class EffiLoRASharedA(nn.ParameterDict):
     def __init__(self) -> None:
         super().__init__()
         self.reuse_projection = False
-        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache: dict[tuple[str, bool], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def project(self, x: torch.Tensor, group: str, dropout: nn.Module) -> torch.Tensor:
         """h = A_group dropout(x): (..., d_in) -> (..., r), shared between siblings when enabled."""
+        key = (group, torch.is_grad_enabled())  # a detached sibling's h must never feed one that trains A
         if self.reuse_projection and not torch.compiler.is_compiling():
-            hit = self._cache.get(group)
+            hit = self._cache.get(key)
             if hit is not None and hit[0] is x:
                 return hit[1]
         a = self[group]
         h = F.linear(dropout(x).to(a.dtype), a)  # (..., r)
         if self.reuse_projection:
-            self._cache[group] = (x, h)
+            self._cache[key] = (x, h)
         return h
 
     def clear_cache(self, *_: object) -> None:
@@ -111,6 +119,7 @@ class EffiLoRALinear(AdapterLinear):
         self.num_heads = cfg.num_heads
         self.rank = cfg.rank
         self.scaling = cfg.alpha / cfg.rank
+        self.detach_frozen = cfg.detach_frozen
         # Unregistered: A has exactly one owner (the root); a registered alias would be saved per layer
         # and would put one parameter in two FSDP2 groups.
         object.__setattr__(self, "_shared", shared)
@@ -122,15 +131,22 @@ class EffiLoRALinear(AdapterLinear):
             kaiming_(self.effilora_router.weight, generator)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        h = self._shared.project(x, self.group, self.dropout)  # (..., r)
-        if self.num_heads == 1:
-            return F.linear(h, self.effilora_B[0]) * self.scaling  # (..., d_out)
-        return mix_heads(x, h, self.effilora_router.weight, self.effilora_B) * self.scaling
+        with self._detached():
+            h = self._shared.project(x, self.group, self.dropout)  # (..., r)
+            if self.num_heads == 1:
+                return F.linear(h, self.effilora_B[0]) * self.scaling  # (..., d_out)
+            return mix_heads(x, h, self.effilora_router.weight, self.effilora_B) * self.scaling
 
     def low_rank(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.num_heads > 1:
             return None  # routed mixture of heads: not one product
-        return self._shared.project(x, self.group, self.dropout), self.effilora_B[0]  # (..., r), (d_out, r)
+        with self._detached():
+            return self._shared.project(x, self.group, self.dropout), self.effilora_B[0]  # (..., r), (d_out, r)
+
+    def _detached(self) -> contextlib.AbstractContextManager:
+        """No autograd for this layer's adapter path while its B is frozen (``detach_frozen``), else nothing."""
+        frozen = self.detach_frozen and not self.effilora_B[0].requires_grad
+        return torch.no_grad() if frozen else contextlib.nullcontext()
 
     def delta_weight(self) -> torch.Tensor:
         if self.num_heads > 1:
@@ -173,3 +189,26 @@ def make_shared(cfg: EffiLoRAConfig, layers: dict[str, nn.Linear], generator: to
             kaiming_(a, generator)
             shared[g] = a  # (r, d_in)
     return shared
+
+
+def build(cfg: EffiLoRAConfig, model: nn.Module, layers: dict[str, nn.Linear], gen: torch.Generator) -> Built:
+    """One shared A per group at the root, one EffiLoRALinear per matched Linear. With ``reuse_projection`` the
+    parents of the wrapped modules clear the A x cache on entry and exit (siblings share A x within one call)."""
+    shared = make_shared(cfg, layers, gen)
+    wrapped: dict[str, AdapterLinear] = {
+        n: EffiLoRALinear(x, cfg, shared, group_name(cfg, n, x), gen) for n, x in layers.items()
+    }
+    if shared.reuse_projection:
+        for parent in {n.rsplit(".", 1)[0] for n in layers if "." in n}:
+            module = model.get_submodule(parent)
+            module.register_forward_pre_hook(shared.clear_cache)
+            module.register_forward_hook(shared.clear_cache)
+    return {SHARED_A_NAME: shared}, wrapped, {"shared_a_groups": sorted(shared.keys())}
+
+
+EFFILORA = register_method(AdapterMethod(
+    name="effilora", config=EffiLoRAConfig, layer=EffiLoRALinear, build=build,
+    groups={"effilora_shared_a": "shared_a", "effilora_B": "b", "effilora_router": "router"},
+    merges=lambda cfg: cfg.num_heads == 1, is_lora=lambda cfg: cfg.num_heads == 1,
+    lora_factors=lambda m: (m.shared_a(), m.effilora_B[0]),
+))

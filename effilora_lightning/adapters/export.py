@@ -12,7 +12,6 @@ names (``_fsdp_wrapped_module.``) never reach a file.
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import re
@@ -29,12 +28,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .base import ADAPTER_PREFIXES, AdapterConfig, AdapterLinear, is_adapter_param, unwrapped_name
-from .effilora import EffiLoRAConfig, EffiLoRALinear
-from .hydralora import HydraLoRAConfig
+from .base import AdapterConfig, AdapterLinear, unwrapped_name
 from .inject import AdapterReport, adapter_config_of, apply_adapter
-from .lily import LilyConfig
-from .lora import LoRAConfig, LoRALinear
+from .method import adapter_prefixes, is_adapter_param, method_named, method_of
 
 __all__ = ["save_adapter", "load_adapter", "merge_adapter", "unmerge_adapter", "export_peft_lora",
            "check_safetensors_file", "methods_in", "read_adapter_config", "read_safetensors"]
@@ -42,9 +38,6 @@ __all__ = ["save_adapter", "load_adapter", "merge_adapter", "unmerge_adapter", "
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 FORMAT = "effilora_lightning.adapter/1"
-_CONFIGS: dict[str, type[AdapterConfig]] = {
-    c.method: c for c in (LoRAConfig, EffiLoRAConfig, HydraLoRAConfig, LilyConfig)
-}
 
 
 def _adapter_root(model: nn.Module) -> tuple[str, nn.Module, AdapterConfig]:
@@ -142,14 +135,11 @@ def read_adapter_config(directory: str | Path) -> tuple[AdapterConfig, dict[str,
         raise ValueError(f"{path} is not an effilora_lightning adapter (format={found!r}, expected {FORMAT!r}).")
     fields = dict(meta.get("config") or {})
     method = fields.pop("method", meta.get("method"))
-    if method not in _CONFIGS:
-        close = difflib.get_close_matches(str(method), list(_CONFIGS), n=2, cutoff=0.8)  # not dora -> lora
-        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-        raise ValueError(f"{path} names the adapter method {method!r}{hint}; known methods: {', '.join(_CONFIGS)}.")
+    config = method_named(method, where=str(path)).config
     try:
-        return _CONFIGS[method](**fields), meta
+        return config(**fields), meta
     except TypeError as err:
-        raise ValueError(f"{path}: its config does not fit {_CONFIGS[method].__name__}: {err}.") from None
+        raise ValueError(f"{path}: its config does not fit {config.__name__}: {err}.") from None
 
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -163,7 +153,7 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 def methods_in(keys: Iterable[str]) -> list[str]:
     """The adapter methods whose parameter prefixes (``lora_``, ``effilora_`` ...) occur in ``keys``, sorted."""
-    return sorted({part.split("_", 1)[0] for key in keys for part in key.split(".") if part.startswith(ADAPTER_PREFIXES)})
+    return sorted({part.split("_", 1)[0] for key in keys for part in key.split(".") if part.startswith(adapter_prefixes())})
 
 
 def check_safetensors_file(path: str | Path) -> None:
@@ -236,9 +226,10 @@ def _linears(model: nn.Module) -> list[AdapterLinear]:
 def merge_adapter(model: nn.Module) -> None:
     """W0 += update for every wrapped module (fp32 math, cast back). Idempotent. Checks all first."""
     layers = _linears(model)
-    for m in layers:
-        if not isinstance(m, LoRALinear) and not (isinstance(m, EffiLoRALinear) and m.num_heads == 1):
-            m.delta_weight()  # raises the explanation for router-based methods
+    cfg = adapter_config_of(model)
+    if layers and cfg is not None and not method_of(cfg).merges(cfg):
+        layers[0].delta_weight()  # raises the method's explanation (e.g. routed updates)
+        raise ValueError(f"{cfg.method} adapters cannot be merged into the base weights.")
     for m in layers:
         m.merge()
 
@@ -250,12 +241,14 @@ def unmerge_adapter(model: nn.Module) -> None:
 
 
 def export_peft_lora(model: nn.Module, directory: str | Path, base_model_name_or_path: str | None = None) -> Path:
-    """Write a standard PEFT LoRA adapter (EffiLoRA with one head: A copied into each layer).
+    """Write a standard PEFT LoRA adapter: any method whose update is exactly LoRA's (``AdapterMethod.is_lora``):
+    LoRA, and EffiLoRA with one head (its shared A copied into each layer).
 
     ``peft.PeftModel.from_pretrained(base, directory)`` then reproduces the adapted model's outputs.
     """
     prefix, root, cfg = _adapter_root(model)
-    if not isinstance(cfg, (LoRAConfig, EffiLoRAConfig)) or getattr(cfg, "num_heads", 1) != 1:
+    method = method_of(cfg)
+    if not method.exports_peft_lora(cfg):
         raise ValueError(
             f"Only LoRA and single-head EffiLoRA are PEFT LoRA adapters; {cfg.method} "
             f"(num_heads={getattr(cfg, 'num_heads', None)}) routes per input and has no LoRA equivalent."
@@ -263,12 +256,9 @@ def export_peft_lora(model: nn.Module, directory: str | Path, base_model_name_or
     tensors: dict[str, torch.Tensor] = {}
     names = []
     for name, m in _named(root.named_modules()):
-        if isinstance(m, LoRALinear):
-            a, b = m.lora_A, m.lora_B
-        elif isinstance(m, EffiLoRALinear):
-            a, b = m.shared_a(), m.effilora_B[0]
-        else:
+        if not isinstance(m, method.layer):
             continue
+        a, b = method.lora_factors(m)
         names.append(name)
         tensors[f"base_model.model.{name}.lora_A.weight"] = full_cpu(a).clone()  # clone: no shared storage in safetensors
         tensors[f"base_model.model.{name}.lora_B.weight"] = full_cpu(b)

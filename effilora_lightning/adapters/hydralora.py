@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import AdapterConfig, AdapterLinear, kaiming_, mix_heads, new_param, resolve_dtype
+from .method import AdapterMethod, register_method
 
-__all__ = ["HydraLoRAConfig", "HydraLoRALinear"]
+__all__ = ["HYDRALORA", "HydraLoRAConfig", "HydraLoRALinear"]
 
 
 @dataclass
@@ -65,3 +66,9 @@ class HydraLoRALinear(AdapterLinear):
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         h = F.linear(self.dropout(x).to(self.hydralora_A.dtype), self.hydralora_A)  # (..., r)
         return mix_heads(x, h, self.hydralora_router.weight, self.hydralora_B) * self.scaling  # (..., d_out)
+
+
+HYDRALORA = register_method(AdapterMethod(
+    name="hydralora", config=HydraLoRAConfig, layer=HydraLoRALinear,
+    groups={"hydralora_A": "a", "hydralora_B": "b", "hydralora_router": "router"},
+))

@@ -9,19 +9,14 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import effilora, lily
-from .base import AdapterConfig, AdapterLinear, is_adapter_param, param_group
-from .effilora import EffiLoRAConfig, EffiLoRALinear
-from .hydralora import HydraLoRAConfig, HydraLoRALinear
-from .lily import LilyConfig
-from .lora import LoRAConfig, LoRALinear
+from .base import AdapterConfig, AdapterLinear, layer_index
+from .method import is_adapter_param, method_of, param_group
 
 __all__ = ["AdapterReport", "adapter_parameters", "apply_adapter", "match_modules", "adapter_config_of", "layer_index"]
 
@@ -30,9 +25,6 @@ VISION_MARKERS = frozenset(
     {"vision_tower", "vision_model", "visual", "vision_encoder", "image_encoder", "mm_projector",
      "multi_modal_projector", "projector"}
 )
-_INT = re.compile(r"^\d+$")
-
-Built = tuple[dict[str, nn.Module], dict[str, AdapterLinear], dict[str, Any]]
 
 
 @dataclass
@@ -57,14 +49,6 @@ class AdapterReport:
         ]
         lines += [f"  {k}: {v}" for k, v in self.extras.items()]
         return "\n".join(lines)
-
-
-def layer_index(name: str) -> int | None:
-    """The layer index of a module: the first integer component of its dotted name."""
-    for part in name.split("."):
-        if _INT.match(part):
-            return int(part)
-    return None
 
 
 def _matches(name: str, targets: list[str] | str) -> bool:
@@ -139,33 +123,6 @@ def _check_not_adapted(model: nn.Module) -> None:
             )
 
 
-def _builder(cfg: AdapterConfig) -> Callable[..., Built]:
-    if isinstance(cfg, EffiLoRAConfig):
-        return _build_effilora
-    if isinstance(cfg, LilyConfig):
-        return lambda c, m, layers, gen: lily.build(c, layers, {n: layer_index(n) for n in layers}, gen)
-    if isinstance(cfg, HydraLoRAConfig):
-        return lambda c, m, layers, gen: ({}, {n: HydraLoRALinear(x, c, gen) for n, x in layers.items()}, {})
-    if isinstance(cfg, LoRAConfig):
-        return lambda c, m, layers, gen: ({}, {n: LoRALinear(x, c, gen) for n, x in layers.items()}, {})
-    raise TypeError(
-        f"apply_adapter needs a LoRAConfig, EffiLoRAConfig, HydraLoRAConfig or LilyConfig, got {type(cfg).__name__}."
-    )
-
-
-def _build_effilora(cfg: EffiLoRAConfig, model: nn.Module, layers: dict[str, nn.Linear], gen: torch.Generator) -> Built:
-    shared = effilora.make_shared(cfg, layers, gen)
-    wrapped: dict[str, AdapterLinear] = {
-        n: EffiLoRALinear(x, cfg, shared, effilora.group_name(cfg, n, x), gen) for n, x in layers.items()
-    }
-    if shared.reuse_projection:  # siblings share A x; the parent's entry and exit bound the cache's life
-        for parent in {n.rsplit(".", 1)[0] for n in layers if "." in n}:
-            module = model.get_submodule(parent)
-            module.register_forward_pre_hook(shared.clear_cache)
-            module.register_forward_hook(shared.clear_cache)
-    return {effilora.SHARED_A_NAME: shared}, wrapped, {"shared_a_groups": sorted(shared.keys())}
-
-
 def _install(model: nn.Module, name: str, wrapper: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -180,20 +137,18 @@ def apply_adapter(model: nn.Module, config: AdapterConfig) -> AdapterReport:
         ValueError: no module matched (close names listed), or rank too large for a module.
         RuntimeError: the model already has an adapter.
     """
-    build = _builder(config)
+    method = method_of(config)
     _check_not_adapted(model)
     layers = match_modules(model, config)
     _check_rank(config, layers)
     for p in model.parameters():
         p.requires_grad_(False)
     gen = torch.Generator().manual_seed(config.seed)
-    roots, wrapped, extras = build(config, model, layers, gen)
+    roots, wrapped, extras = method.wrap(config, model, layers, gen)
     for attr, module in roots.items():
         model.add_module(attr, module)
     for name, wrapper in wrapped.items():
         _install(model, name, wrapper)
-    if isinstance(config, LilyConfig) and config.masked_routing:
-        model.register_forward_pre_hook(roots[lily.LILY_SHARED_NAME].capture_mask, with_kwargs=True)
     object.__setattr__(model, "_effilora_adapter_config", config)
     return build_report(model, config, list(wrapped), extras)
 
@@ -209,11 +164,12 @@ def adapter_config_of(model: nn.Module) -> AdapterConfig | None:
 
 def build_report(model: nn.Module, cfg: AdapterConfig, wrapped: list[str], extras: dict[str, Any]) -> AdapterReport:
     """Count adapter parameters per group and base parameters (adapter = by name, not requires_grad)."""
-    groups = {"shared_a": 0, "a": 0, "b": 0, "router": 0}
+    groups = dict.fromkeys(("shared_a", "a", "b", "router"), 0)  # the usual order first; a method may add groups
     base = base_trainable = 0
     for name, p in model.named_parameters():
         if is_adapter_param(name):
-            groups[param_group(name) or "b"] += p.numel()
+            group = param_group(name) or "b"
+            groups[group] = groups.get(group, 0) + p.numel()
         else:
             base += p.numel()
             base_trainable += p.numel() if p.requires_grad else 0

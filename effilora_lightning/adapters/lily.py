@@ -20,15 +20,16 @@ No merge: the update depends on the batch through the router.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterConfig, AdapterLinear, kaiming_, new_param, resolve_dtype
+from .base import AdapterConfig, AdapterLinear, kaiming_, layer_index, new_param, resolve_dtype
+from .method import AdapterMethod, Built, register_method
 
-__all__ = ["LilyConfig", "LilyLinear", "LilyShared", "LILY_SHARED_NAME"]
+__all__ = ["LILY", "LILY_SHARED_NAME", "LilyConfig", "LilyLinear", "LilyShared", "build"]
 
 LILY_SHARED_NAME = "lily_shared"
 
@@ -110,28 +111,36 @@ class LilyLinear(AdapterLinear):
         return probs.reshape(-1, probs.shape[-1]).mean(dim=0)
 
 
-def build(
-    cfg: LilyConfig, layers: dict[str, nn.Linear], layer_index: dict[str, int | None], gen: torch.Generator | None
-) -> tuple[dict[str, nn.Module], dict[str, AdapterLinear], dict[str, Any]]:
-    """Wrap ``layers`` (name -> Linear). Returns (root modules, wrappers, report extras)."""
+def build(cfg: LilyConfig, model: nn.Module, layers: dict[str, nn.Linear], gen: torch.Generator | None) -> Built:
+    """Wrap ``layers`` (name -> Linear): one LilyShared at the root owns every HP and LP; with masked routing a
+    forward pre-hook on ``model`` hands it the attention mask. Returns (root modules, wrappers, report extras)."""
     shared = LilyShared()
+    depth_of = {name: layer_index(name) for name in layers}
     by_type: dict[str, list[str]] = {}
     for name in layers:
         by_type.setdefault(name.rsplit(".", 1)[-1], []).append(name)
     wrapped: dict[str, AdapterLinear] = {}
     num_lp: dict[str, int] = {}
     for mtype, names in by_type.items():
-        depth = sorted({layer_index[n] or 0 for n in names})
+        depth = sorted({depth_of[n] or 0 for n in names})
         stride = max(1, len(depth) // cfg.num_a)  # the reference's stride; extra LPs when L % num_a != 0
         first = layers[names[0]].weight
         dtype = resolve_dtype(cfg.adapter_dtype, first.dtype)
         shared.lily_hp[mtype] = nn.init.zeros_(new_param((cfg.num_b, cfg.rank, layers[names[0]].out_features), first, dtype))
         for name in names:
-            k = depth.index(layer_index[name] or 0) // stride
+            k = depth.index(depth_of[name] or 0) // stride
             key = f"{mtype}_{k}"
             if key not in shared.lily_lp:
                 shared.lily_lp[key] = new_param((cfg.rank, layers[name].in_features), first, dtype)
                 kaiming_(shared.lily_lp[key], gen)
             wrapped[name] = LilyLinear(layers[name], cfg, shared, mtype, key, gen)
         num_lp[mtype] = len({w.lp for n, w in wrapped.items() if n in names})
+    if cfg.masked_routing:
+        model.register_forward_pre_hook(shared.capture_mask, with_kwargs=True)
     return {LILY_SHARED_NAME: shared}, wrapped, {"lily_num_lp": num_lp}
+
+
+LILY = register_method(AdapterMethod(
+    name="lily", config=LilyConfig, layer=LilyLinear, groups={"lily_lp": "shared_a", "lily_hp": "b", "lily_router": "router"},
+    build=build,
+))

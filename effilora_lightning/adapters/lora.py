@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import AdapterConfig, AdapterLinear, kaiming_, new_param, resolve_dtype
+from .method import AdapterMethod, register_method
 
-__all__ = ["LoRAConfig", "LoRALinear"]
+__all__ = ["LORA", "LoRAConfig", "LoRALinear"]
 
 
 @dataclass
@@ -62,3 +63,9 @@ class LoRALinear(AdapterLinear):
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling  # (d_out, d_in)
+
+
+LORA = register_method(AdapterMethod(
+    name="lora", config=LoRAConfig, layer=LoRALinear, groups={"lora_A": "a", "lora_B": "b"},
+    merges=lambda cfg: True, lora_factors=lambda m: (m.lora_A, m.lora_B), is_lora=lambda cfg: True,
+))

@@ -132,6 +132,69 @@ def test_reused_projection_gives_identical_outputs_and_grads():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
 
 
+def _q_adapted(detach: bool, frozen: int = 0) -> torch.nn.Module:
+    model = tiny_llama(layers=3)
+    apply_adapter(model, EffiLoRAConfig(rank=4, target_modules=["q_proj"], detach_frozen=detach))
+    _randomise_adapters(model)
+    model.model.layers[frozen].self_attn.q_proj.effilora_B[0].requires_grad_(False)  # not selected this step
+    return model
+
+
+def test_detach_frozen_keeps_the_output_and_trains_a_from_the_selected_layers_only():
+    from effilora_lightning.adapters import EffiLoRALinear
+
+    x = torch.randint(0, 128, (2, 9))
+    per_layer_model = _q_adapted(detach=False)
+    stand_in = _PerModuleA(per_layer_model.effilora_shared_a["q_proj"])
+    for m in per_layer_model.modules():
+        if isinstance(m, EffiLoRALinear):
+            object.__setattr__(m, "_shared", stand_in)
+    ref = per_layer_model(x, labels=x)
+    ref.loss.backward()
+    model = _q_adapted(detach=True)
+    out = model(x, labels=x)
+    out.loss.backward()
+    torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=0)
+    per_layer = [c.grad for c in stand_in.copies]
+    assert per_layer[0].abs().sum() > 0  # without detaching, layer 0 would have contributed
+    torch.testing.assert_close(model.effilora_shared_a["q_proj"].grad, per_layer[1] + per_layer[2], rtol=1e-5, atol=1e-7)
+    b = model.model.layers[1].self_attn.q_proj.effilora_B[0]
+    torch.testing.assert_close(b.grad, per_layer_model.model.layers[1].self_attn.q_proj.effilora_B[0].grad)
+
+
+def test_detach_frozen_saves_the_frozen_layers_adapter_backward_flops():
+    """The top layer's q_proj frozen (d_in = d_out = 32, r = 4, N = 18 tokens): the backward no longer computes
+    dh = dy B (2 N r d_out), dx += dh A (2 N r d_in) and dA += dh^T x (2 N r d_in). (Frozen layers BELOW every
+    selected one save more: with nothing to train there, autograd stops above them.)"""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randint(0, 128, (2, 9))
+    flops = []
+    for detach in (False, True):
+        model = _q_adapted(detach, frozen=2)
+        with FlopCounterMode(display=False) as counter:
+            model(x, labels=x).loss.backward()
+        flops.append(counter.get_total_flops())
+    assert flops[0] - flops[1] == 2 * 18 * 4 * (32 + 2 * 32)
+
+
+def test_detach_frozen_never_hands_a_detached_projection_to_a_training_sibling():
+    """module granularity: q frozen (detached) and k selected read the same A x cache; k must still train A."""
+    grads = []
+    for reuse in (True, False):
+        model = tiny_llama()
+        apply_adapter(model, EffiLoRAConfig(rank=4, target_modules=["q_proj", "k_proj"], share_a_by="in_features",
+                                            reuse_projection=reuse, detach_frozen=True))
+        _randomise_adapters(model)
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.effilora_B[0].requires_grad_(False)
+        x = torch.randint(0, 128, (2, 9))
+        model(x, labels=x).loss.backward()
+        grads.append(model.effilora_shared_a["in32"].grad)
+    assert grads[0] is not None and grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
 def test_bf16_base_with_fp32_adapters_and_with_base_dtype():
     for adapter_dtype, expected in (("float32", torch.float32), ("base", torch.bfloat16)):
         model = tiny_llama().to(torch.bfloat16)
