@@ -1,4 +1,5 @@
-"""Conversation templates for visual instruction tuning, and LLaVA `conversations` -> `input_ids`, `labels`.
+"""LLaVA `conversations` -> `input_ids`, `labels` (the templates, checks and rendering it uses live in
+`chat_templates`, `conversation_checks` and `conversation_render`; their names are importable from here too).
 
 A sample is rendered as text with its trainable character ranges marked, cut at each image, and each piece
 is tokenized WHOLE, as the LLaVA reference does (``tokenizer_image_token`` tokenizes the text between images,
@@ -43,12 +44,22 @@ Rules (the reference's, except where marked "ours"):
 from __future__ import annotations
 
 import bisect
-import functools
-import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple
+from typing import Any
+
+from effilora_lightning.data.batch import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from effilora_lightning.data.chat_templates import (
+    LLAMA3,
+    TEMPLATES,
+    VICUNA_V1,
+    ConversationTemplate,
+    check_template,
+    get_template,
+    special_id,
+)
+from effilora_lightning.data.conversation_checks import MismatchCounter, reference_turns, validate_conversation
+from effilora_lightning.data.conversation_render import IMAGE_TOKEN, Segment, render
 
 __all__ = [
     "IGNORE_INDEX",
@@ -69,231 +80,6 @@ __all__ = [
     "reference_turns",
     "validate_conversation",
 ]
-
-log = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
-IMAGE_TOKEN = "<image>"
-IMAGE_TOKEN_INDEX = -200
-"""Placeholder id of one image in `input_ids`; never a real token id (they are >= 0)."""
-
-_HUMAN, _GPT = "human", "gpt"
-
-
-@dataclass(frozen=True)
-class ConversationTemplate:
-    """How a conversation is laid out as text. `{system}` and `{message}` are the only placeholders."""
-
-    name: str
-    system: str
-    """System prompt; "" leaves the system block out."""
-    system_format: str
-    """The system block, before the first user turn."""
-    user_format: str
-    """One user turn, up to and including the assistant header (the generation prompt ends here)."""
-    assistant_format: str
-    """One assistant reply, before its end-of-turn token."""
-    end_of_turn: str | None = None
-    """Token closing an assistant reply, trained on; None means the tokenizer's eos."""
-    special_tokens: tuple[str, ...] = ()
-    """Strings in the formats that must map to one special token id each."""
-    trim_messages: bool = False
-    """Strip leading/trailing whitespace of every message (LLaMA-3's chat format does)."""
-
-    def end_token(self, tokenizer: Any) -> str:
-        """The end-of-turn token string for this tokenizer (also the stop token for generation)."""
-        token = self.end_of_turn if self.end_of_turn is not None else tokenizer.eos_token
-        if token is None:
-            raise ValueError(f"template {self.name!r} ends turns with the eos token, but the tokenizer has none")
-        return token
-
-
-VICUNA_V1 = ConversationTemplate(
-    name="vicuna_v1",
-    system=(  # LLaVA's conv_vicuna_v1 (`--version v1`, `--conv-mode vicuna_v1`); conv_llava_v1 says "human"
-        "A chat between a curious user and an artificial intelligence assistant. "
-        "The assistant gives helpful, detailed, and polite answers to the user's questions."
-    ),
-    system_format="{system} ",
-    user_format="USER: {message} ASSISTANT:",
-    assistant_format=" {message}",
-)
-
-LLAMA3 = ConversationTemplate(
-    name="llama3",
-    system=(
-        "You are a helpful language and vision assistant. You are able to understand the visual content that "
-        "the user provides, and assist the user with a variety of tasks using natural language."
-    ),
-    system_format="<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>",
-    user_format=(
-        "<|start_header_id|>user<|end_header_id|>\n\n{message}<|eot_id|>"
-        "<|start_header_id|>assistant<|end_header_id|>\n\n"
-    ),
-    assistant_format="{message}",
-    end_of_turn="<|eot_id|>",
-    special_tokens=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
-    trim_messages=True,
-)
-
-TEMPLATES: dict[str, ConversationTemplate] = {t.name: t for t in (VICUNA_V1, LLAMA3)}
-
-
-def get_template(name: str) -> ConversationTemplate:
-    """The template registered under `name`, or a ValueError listing the choices."""
-    if name not in TEMPLATES:
-        raise ValueError(f"unknown conversation template {name!r}; choose one of {', '.join(TEMPLATES)}")
-    return TEMPLATES[name]
-
-
-def check_template(template: ConversationTemplate, tokenizer: Any) -> None:
-    """Fail early when the tokenizer cannot express the template's special tokens as single ids."""
-    for token in (*template.special_tokens, template.end_token(tokenizer)):
-        _special_id(tokenizer, token, template)
-
-
-def _special_id(tokenizer: Any, token: str, template: ConversationTemplate) -> int:
-    """Id of a special token string, refusing tokens the tokenizer does not know."""
-    token_id = tokenizer.convert_tokens_to_ids(token)
-    if token_id is None or (token_id == tokenizer.unk_token_id and token != tokenizer.unk_token):
-        raise ValueError(
-            f"template {template.name!r} needs the special token {token!r}, which the tokenizer does not have; "
-            f"use the template that matches the tokenizer (llama3 for LLaMA-3, vicuna_v1 otherwise)"
-        )
-    return token_id
-
-
-# ----------------------------------------------------------------------------------------------- validation
-
-
-def reference_turns(conversations: Any) -> tuple[Any, bool]:
-    """The turns LLaVA trains on: a conversation whose first turn is from gpt loses that turn.
-
-    Returns the turns and whether one was dropped; anything that is not a list of turns comes back as it is,
-    for `validate_conversation` to name.
-    """
-    first = conversations[0] if isinstance(conversations, list) and conversations else None
-    if isinstance(first, dict) and first.get("from") == _GPT:
-        return conversations[1:], True
-    return conversations, False
-
-
-def validate_conversation(sample_id: str, conversations: Any, num_images: int) -> None:
-    """Raise ValueError (naming the sample) unless turns alternate human/gpt, start with human, end with gpt,
-    and the human turns hold exactly one `<image>` per image (gpt turns hold none)."""
-    if not isinstance(conversations, list) or not conversations:
-        raise ValueError(f"sample {sample_id!r}: 'conversations' must be a non-empty list of turns")
-    for i, turn in enumerate(conversations):
-        expected = _HUMAN if i % 2 == 0 else _GPT
-        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
-            raise ValueError(f"sample {sample_id!r}: turn {i} must be {{'from': ..., 'value': str}}, got {turn!r}")
-        if turn.get("from") != expected:
-            raise ValueError(
-                f"sample {sample_id!r}: turn {i} is from {turn.get('from')!r}, expected {expected!r} "
-                f"(turns must alternate human/gpt, starting with human)"
-            )
-    if len(conversations) % 2:
-        raise ValueError(f"sample {sample_id!r}: the conversation ends on a human turn; it must end with a gpt reply")
-    _validate_image_tokens(sample_id, conversations, num_images)
-
-
-def _validate_image_tokens(sample_id: str, conversations: list[dict[str, str]], num_images: int) -> None:
-    """One `<image>` per image, in human turns only."""
-    in_gpt = sum(t["value"].count(IMAGE_TOKEN) for t in conversations[1::2])
-    if in_gpt:
-        raise ValueError(f"sample {sample_id!r}: {IMAGE_TOKEN} appears in a gpt turn; images belong to human turns")
-    in_human = sum(t["value"].count(IMAGE_TOKEN) for t in conversations[0::2])
-    if in_human > num_images:
-        raise ValueError(
-            f"sample {sample_id!r}: {in_human} {IMAGE_TOKEN} tokens but {num_images} image(s); "
-            f"remove the extra tokens or add the images"
-        )
-    if in_human < num_images:
-        raise ValueError(
-            f"sample {sample_id!r}: {num_images} image(s) but {in_human} {IMAGE_TOKEN} tokens; "
-            f"put one {IMAGE_TOKEN} in a human turn per image"
-        )
-
-
-# ------------------------------------------------------------------------------------------------ rendering
-
-
-class _Segment(NamedTuple):
-    """A piece of the rendered sample: text to tokenize, a special token, or an image placeholder (a tuple:
-    setup makes some ten of these per record, hundreds of thousands in all)."""
-
-    kind: Literal["text", "special", "image"]
-    text: str
-    trainable: bool
-    turn: int  # index of the conversation turn it belongs to (-1: bos/system)
-
-
-def _move_images_to_start(message: str) -> str:
-    """LLaVA's rule: every `<image>` of a turn goes to its start, each followed by a newline, and the turn is
-    stripped (a turn that is only `<image>` renders without the newline)."""
-    count = message.count(IMAGE_TOKEN)
-    if not count:
-        return message
-    return ((IMAGE_TOKEN + "\n") * count + message.replace(IMAGE_TOKEN, "").strip()).strip()
-
-
-@functools.lru_cache(maxsize=64)
-def _format_pieces(fmt: str, specials: tuple[str, ...]) -> tuple[str, ...]:
-    """A format string cut at its special tokens (cached: there are a handful of formats)."""
-    if not specials:
-        return (fmt,)
-    return tuple(p for p in re.split("(" + "|".join(map(re.escape, specials)) + ")", fmt) if p)
-
-
-def _split(fmt: str, template: ConversationTemplate, trainable: bool, turn: int, **values: str) -> list[_Segment]:
-    """Cut a format string at its special tokens, then fill placeholders (values never become specials)."""
-    segments = []
-    for piece in _format_pieces(fmt, template.special_tokens):
-        if piece in template.special_tokens:
-            segments.append(_Segment("special", piece, trainable, turn))
-            continue
-        for key, value in values.items():
-            piece = piece.replace("{" + key + "}", value)
-        for j, part in enumerate(piece.split(IMAGE_TOKEN) if turn >= 0 and not trainable else [piece]):
-            if j:
-                segments.append(_Segment("image", IMAGE_TOKEN, False, turn))
-            if part:
-                segments.append(_Segment("text", part, trainable, turn))
-    return segments
-
-
-def _render(conversations: list[dict[str, str]], template: ConversationTemplate, tokenizer: Any) -> list[_Segment]:
-    """Segments of the whole conversation (bos not included): system block, then user turns and trainable
-    replies, each followed by its end-of-turn token."""
-    def message(text: str) -> str:
-        return text.strip() if template.trim_messages else text
-
-    segments = []
-    if template.system:
-        segments += _split(template.system_format, template, False, -1, system=message(template.system))
-    for i, turn in enumerate(conversations):
-        if i % 2 == 0:
-            text = message(_move_images_to_start(turn["value"]))
-            segments += _split(template.user_format, template, False, i, message=text)
-        else:
-            segments += _split(template.assistant_format, template, True, i, message=message(turn["value"]))
-            segments.append(_Segment("special", template.end_token(tokenizer), True, i))
-    return _coalesce(segments)
-
-
-def _coalesce(segments: list[_Segment]) -> list[_Segment]:
-    """Merge neighbouring text of the same turn and trainability, so it tokenizes as one natural string."""
-    merged: list[_Segment] = []
-    for seg in segments:
-        prev = merged[-1] if merged else None
-        if prev and seg.kind == prev.kind == "text" and (seg.trainable, seg.turn) == (prev.trainable, prev.turn):
-            merged[-1] = _Segment("text", prev.text + seg.text, seg.trainable, seg.turn)
-        else:
-            merged.append(seg)
-    return merged
-
-
-# ----------------------------------------------------------------------------------------------- tokenizing
 
 
 @dataclass
@@ -316,7 +102,7 @@ class _Piece:
     specials: list[tuple[int, int, str]] = field(default_factory=list)  # (start, end, token) of each special
 
 
-def _pieces(segments: Sequence[_Segment]) -> list[_Piece]:
+def _pieces(segments: Sequence[Segment]) -> list[_Piece]:
     """Cut a rendered sample at its images; the n-th piece is the text after the n-th image."""
     pieces = [_Piece()]
     for seg in segments:
@@ -359,7 +145,7 @@ def _ids_and_offsets(tokenizer: Any, texts: list[str]) -> list[tuple[list[int], 
     return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
 
 
-def _encode_whole(rendered: Sequence[Sequence[_Segment]], tokenizer: Any, template: ConversationTemplate
+def _encode_whole(rendered: Sequence[Sequence[Segment]], tokenizer: Any, template: ConversationTemplate
                   ) -> list[tuple[list[int], list[int], str | None] | None]:
     """Ids, labels and mismatch of each sample with every piece tokenized whole (ONE batched tokenizer call:
     per-call overhead dominates otherwise, and setup tokenizes every record). None for a sample where a
@@ -368,7 +154,7 @@ def _encode_whole(rendered: Sequence[Sequence[_Segment]], tokenizer: Any, templa
     texts = [piece.text for pieces in samples for piece in pieces]
     rows = iter(_ids_and_offsets(tokenizer, texts))
     added = set(tokenizer.added_tokens_decoder)  # ids the tokenizer matches in raw text
-    special_ids = {token: _special_id(tokenizer, token, template)
+    special_ids = {token: special_id(tokenizer, token, template)
                    for token in {s[2] for pieces in samples for piece in pieces for s in piece.specials}}
     out: list[tuple[list[int], list[int], str | None] | None] = []
     for pieces in samples:
@@ -386,13 +172,13 @@ def _encode_whole(rendered: Sequence[Sequence[_Segment]], tokenizer: Any, templa
     return out
 
 
-def _tokenize_segments(rendered: Sequence[Sequence[_Segment]], tokenizer: Any, template: ConversationTemplate
+def _tokenize_segments(rendered: Sequence[Sequence[Segment]], tokenizer: Any, template: ConversationTemplate
                        ) -> list[list[list[int]]]:
     """Ids of every segment of every sample, text with `split_special_tokens=True` (one batched call)."""
     texts = [seg.text for segments in rendered for seg in segments if seg.kind == "text"]
     encoded = iter(tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"] if texts else [])
     specials = {seg.text for segments in rendered for seg in segments if seg.kind == "special"}
-    special_ids = {token: _special_id(tokenizer, token, template) for token in specials}
+    special_ids = {token: special_id(tokenizer, token, template) for token in specials}
     pieces = []
     for segments in rendered:
         pieces.append([
@@ -403,7 +189,7 @@ def _tokenize_segments(rendered: Sequence[Sequence[_Segment]], tokenizer: Any, t
     return pieces
 
 
-def _runs(segments: Sequence[_Segment], pieces: Sequence[list[int]]) -> tuple[list[str], list[list[int]]]:
+def _runs(segments: Sequence[Segment], pieces: Sequence[list[int]]) -> tuple[list[str], list[list[int]]]:
     """Rendered text and ids of the stretches between image placeholders."""
     runs_text, runs_ids = [""], [[]]
     for seg, ids in zip(segments, pieces, strict=True):
@@ -424,7 +210,7 @@ def _first_difference(got: str, want: str) -> str:
     return f"at character {at} the ids decode to {got!r}, the template renders {want!r}"
 
 
-def _check_round_trips(rendered: Sequence[Sequence[_Segment]], pieces: Sequence[Sequence[list[int]]],
+def _check_round_trips(rendered: Sequence[Sequence[Segment]], pieces: Sequence[Sequence[list[int]]],
                        tokenizer: Any) -> list[str | None]:
     """Per sample: None when the ids between image placeholders decode to exactly the rendered text."""
     texts, ids, owner = [], [], []
@@ -441,7 +227,7 @@ def _check_round_trips(rendered: Sequence[Sequence[_Segment]], pieces: Sequence[
     return reasons
 
 
-def _encode_segmentwise(rendered: Sequence[Sequence[_Segment]], tokenizer: Any, template: ConversationTemplate,
+def _encode_segmentwise(rendered: Sequence[Sequence[Segment]], tokenizer: Any, template: ConversationTemplate,
                         check: bool) -> list[tuple[list[int], list[int], str | None]]:
     """Ids, labels and mismatch of each sample with every segment tokenized apart (see the module docstring)."""
     pieces = _tokenize_segments(rendered, tokenizer, template)
@@ -456,7 +242,7 @@ def _encode_segmentwise(rendered: Sequence[Sequence[_Segment]], tokenizer: Any, 
     return out
 
 
-def _encode_rendered(rendered: Sequence[Sequence[_Segment]], tokenizer: Any, template: ConversationTemplate,
+def _encode_rendered(rendered: Sequence[Sequence[Segment]], tokenizer: Any, template: ConversationTemplate,
                      check: bool) -> list[tuple[list[int], list[int], str | None]]:
     """bos + ids, labels and mismatch of each rendered sample: whole pieces where the tokenizer gives character
     offsets and no message text turns into a special token, segment by segment otherwise."""
@@ -469,7 +255,7 @@ def _encode_rendered(rendered: Sequence[Sequence[_Segment]], tokenizer: Any, tem
         encoded[n] = e
     if tokenizer.bos_token is None:
         return encoded
-    bos = _special_id(tokenizer, tokenizer.bos_token, template)
+    bos = special_id(tokenizer, tokenizer.bos_token, template)
     return [([bos, *ids], [IGNORE_INDEX, *labels], mismatch) for ids, labels, mismatch in encoded]
 
 
@@ -501,7 +287,7 @@ def encode_conversations(
     num_images = list(num_images) if num_images is not None else [0] * len(conversations)
     sample_ids = list(sample_ids) if sample_ids is not None else [str(i) for i in range(len(conversations))]
     turns = _conversation_turns(conversations, num_images, sample_ids)
-    rendered = [_render(conv, template, tokenizer) for conv in turns]
+    rendered = [render(conv, template, tokenizer) for conv in turns]
     return [EncodedConversation(ids, labels, n, mismatch)
             for (ids, labels, mismatch), n in zip(_encode_rendered(rendered, tokenizer, template, check), num_images,
                                                   strict=True)]
@@ -535,7 +321,7 @@ def encode_prompts(
 ) -> list[tuple[list[int], str]]:
     """`encode_prompt` for many samples with one tokenizer call."""
     turns = _conversation_turns(conversations, num_images, sample_ids)
-    prompts = [[s for s in _render(conv, template, tokenizer) if s.turn < len(conv) - 1] for conv in turns]
+    prompts = [[s for s in render(conv, template, tokenizer) if s.turn < len(conv) - 1] for conv in turns]
     encoded = _encode_rendered(prompts, tokenizer, template, check=False)
     return [(ids, conv[-1]["value"]) for (ids, _, _), conv in zip(encoded, turns, strict=True)]
 
@@ -552,43 +338,3 @@ def encode_prompt(
     last reply as the reference answer. The prompt is tokenized on its own, as the reference's evaluation
     does; its ids are the prefix of `encode_conversation`'s ids for the tokenizers we know."""
     return encode_prompts([conversations], template, tokenizer, num_images=[num_images], sample_ids=[sample_id])[0]
-
-
-# ---------------------------------------------------------------------------------------- mismatch counting
-
-
-@dataclass
-class MismatchCounter:
-    """Counts samples whose ids do not spell their rendered text; raises past `max_ratio` of those seen."""
-
-    split: str = "train"
-    seen: int = 0
-    mismatched: int = 0
-    examples: list[tuple[str, str]] = field(default_factory=list)
-    max_examples: int = 5
-
-    def add(self, sample_id: str, mismatch: str | None) -> None:
-        """Record one checked sample; log the first few mismatches with their reason."""
-        self.seen += 1
-        if mismatch is None:
-            return
-        self.mismatched += 1
-        if len(self.examples) < self.max_examples:
-            self.examples.append((sample_id, mismatch))
-            log.warning("%s sample %r: tokenization mismatch, sample dropped: %s", self.split, sample_id, mismatch)
-
-    @property
-    def ratio(self) -> float:
-        """Share of checked samples that mismatched (0.0 before any)."""
-        return self.mismatched / self.seen if self.seen else 0.0
-
-    def raise_if_above(self, max_ratio: float) -> None:
-        """RuntimeError when the mismatch share exceeds `max_ratio`, naming examples and what to do."""
-        if self.ratio <= max_ratio:
-            return
-        raise RuntimeError(
-            f"{self.split}: {self.mismatched} of {self.seen} samples ({self.ratio:.2%}) do not tokenize to their "
-            f"template text, above max_mismatch_ratio={max_ratio}. Examples: {self.examples}. The template and "
-            f"the tokenizer do not fit together: use template=llama3 with a LLaMA-3 tokenizer, or raise "
-            f"max_mismatch_ratio to drop these samples and go on."
-        )
