@@ -1,14 +1,15 @@
 """LightningDataModule for commonsense reasoning in the LLM-Adapters layout (commonsense_170k + 8 test sets).
 
-Batches (all tensors are LongTensor):
+Batches follow the contract of ``batch`` (all tensors are LongTensor):
 
 * training / validation loss, right-padded::
 
     {"input_ids": (B, T), "attention_mask": (B, T), "labels": (B, T)}   # -100 on padding (and prompt if masked)
 
-* generation (validation subset and test), LEFT-padded prompts ending in "### Response:\\n"::
+* generation (validation subset and test), LEFT-padded prompts ending in "### Response:\\n", generation only,
+  so the prompt is under ``input_ids``::
 
-    {"input_ids": (B, T), "attention_mask": (B, T), "task": list[str], "answer": list[str], "sample_id": (B,)}
+    {"input_ids": (B, P), "attention_mask": (B, P), "task": list[str], "answer": list[str], "sample_id": (B,)}
 
   ``sample_id`` is ``TASKS.index(task) * SAMPLE_ID_STRIDE + index of the record in its test.json``: unique
   across tasks and identical in every run, so a distributed evaluation can drop the duplicates that the
@@ -36,31 +37,32 @@ ids at the boundary, e.g. ``['\n', 16 spaces, 'the']`` vs ``['\n', 15 spaces, ' 
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Subset
 from transformers import PreTrainedTokenizerBase
 
-from effilora_lightning.data.batch import IGNORE_INDEX, is_generation_batch, pad, pad_mask
-from effilora_lightning.data.records import RecordError, check_data_file, read_records
-from effilora_lightning.data.sampling import (
-    ModalityLengthGroupedSampler,
-    ResumableSampler,
-    checked_position,
-    require_training_batches,
-    resume_sampler,
-    training_position,
+from effilora_lightning.data.batch import is_generation_batch
+from effilora_lightning.data.commonsense_examples import (
+    Encoding,
+    LossRows,
+    PromptRows,
+    collate_generate,
+    collate_train,
+    eval_prompt,
+    load_records,
+    token_ids,
+    train_example,
 )
-from effilora_lightning.data.templates import ANSWER_PATTERNS, TASKS, build_eval_prompt, build_train_prompt
+from effilora_lightning.data.commonsense_prompts import TASKS, build_eval_prompt, build_train_prompt
+from effilora_lightning.data.records import RecordError, check_data_file, read_records
+from effilora_lightning.data.sampling import TrainingOrder
+from effilora_lightning.data.split import seeded_split
 from effilora_lightning.data.token_cache import (
     EntryBuilder,
     TokenRows,
@@ -71,7 +73,7 @@ from effilora_lightning.data.token_cache import (
     load_or_build_on_node,
     tokenizer_digest,
 )
-from effilora_lightning.data.tokenizer import encode_texts, load_tokenizer
+from effilora_lightning.data.tokenizer import load_tokenizer
 
 __all__ = ["SAMPLE_ID_STRIDE", "CommonsenseDataModule", "RecordError", "is_generation_batch", "read_records"]
 
@@ -79,156 +81,6 @@ _CHUNK = 8192  # records tokenized per tokenizer call in setup
 
 SAMPLE_ID_STRIDE = 10_000_000
 """sample_id = task index * SAMPLE_ID_STRIDE + record index (test sets are far smaller than the stride)."""
-
-
-# ---------------------------------------------------------------------------------------------- reading
-
-
-def record_problem(record: Any, required: tuple[str, ...], task: str | None = None) -> str | None:
-    """Describe what is wrong with one record (None when it is usable).
-
-    Every field in ``required`` must be a non-empty string; ``input`` must be absent or empty (only the
-    no-input Alpaca branch exists); a test record's ``answer`` must be one of the task's labels.
-    """
-    if not isinstance(record, dict):
-        return f"is a {type(record).__name__}, expected a JSON object"
-    for field in required:
-        if field not in record:
-            return f"field '{field}' is missing"
-        if not isinstance(record[field], str) or not record[field].strip():
-            return f"field '{field}' must be a non-empty string, got {record[field]!r}"
-    if record.get("input", ""):
-        return "field 'input' is not empty; only the no-input Alpaca prompt is supported"
-    if task is not None and not ANSWER_PATTERNS[task].fullmatch(record["answer"]):
-        return f"field 'answer' is {record['answer']!r}, not a label of task {task} ({ANSWER_PATTERNS[task].pattern})"
-    return None
-
-
-def load_records(
-    path: Path, required: tuple[str, ...], on_bad_record: str, task: str | None = None
-) -> tuple[list[tuple[int, dict[str, str]]], int]:
-    """Read and validate a file; return the usable (index, record) pairs and how many were skipped."""
-    records, skipped = read_records(path, on_bad_record)
-    usable = []
-    for index, record in records:
-        problem = record_problem(record, required, task)
-        if problem is None:
-            usable.append((index, record))
-        elif on_bad_record == "error":
-            raise RecordError(f"{path}: record {index}: {problem}. Fix the record or pass on_bad_record='skip'.")
-        else:
-            skipped += 1
-    if not usable:
-        raise RecordError(f"{path}: no usable records ({len(records)} read, {skipped} skipped)")
-    return usable, skipped
-
-
-# ---------------------------------------------------------------------------------------------- examples
-
-
-@dataclass(frozen=True)
-class _Encoding:
-    """Token ids shared by every example: BOS/EOS/pad and the length limits."""
-
-    bos: int | None
-    eos: int | None
-    pad: int
-    cutoff_len: int
-    max_eval_prompt_len: int | None = None
-
-
-def _ids(tokenizer: PreTrainedTokenizerBase, texts: list[str], bos: int | None) -> list[list[int]]:
-    """Tokenize without special tokens (so BOS is never doubled), dropping a BOS the text itself spelled out.
-    Each distinct text is tokenized once (the outputs are a handful of "the correct answer is ..." strings)."""
-    unique = list(dict.fromkeys(texts))
-    ids_of = dict(zip(unique, encode_texts(tokenizer, unique)))
-    out = [ids_of[t] for t in texts]
-    return [ids[1:] if bos is not None and ids[:1] == [bos] else ids for ids in out]
-
-
-def train_example(text: list[int], prompt_len: int, enc: _Encoding, train_on_inputs: bool,
-                  add_eos: bool) -> tuple[dict[str, list[int]], bool]:
-    """Build <bos> text <eos> with labels; return it and whether it was cut at cutoff_len.
-
-    ``text`` is the prompt + output ids without BOS, ``prompt_len`` how many of them are prompt. Labels copy
-    the ids (the reference trains on the prompt too); with ``train_on_inputs=False`` BOS and the first
-    ``prompt_len`` positions are -100. EOS is kept only when the whole sequence fits.
-    """
-    head = [enc.bos] if enc.bos is not None else []
-    ids = head + text + ([enc.eos] if add_eos and enc.eos is not None else [])
-    truncated = len(ids) > enc.cutoff_len
-    ids = ids[: enc.cutoff_len]
-    masked = min(len(head) + prompt_len, len(ids))
-    labels = list(ids) if train_on_inputs else [-100] * masked + ids[masked:]
-    return {"input_ids": ids, "labels": labels}, truncated
-
-
-def generation_prompt(prompt: list[int], enc: _Encoding, task: str, index: int, path: Path) -> list[int]:
-    """<bos> prompt, whole (the reference never cuts an eval prompt).
-
-    Raises:
-        RecordError: the prompt is longer than ``max_eval_prompt_len``; the message names task and record.
-    """
-    ids = ([enc.bos] if enc.bos is not None else []) + prompt
-    limit = enc.max_eval_prompt_len
-    if limit is not None and len(ids) > limit:
-        raise RecordError(
-            f"{path}: record {index} (eval task {task}) is a {len(ids)}-token prompt, longer than "
-            f"max_eval_prompt_len={limit}. Eval prompts are never cut (the reference feeds them whole): raise "
-            f"max_eval_prompt_len, or leave it null to allow anything the model's context holds."
-        )
-    return ids
-
-
-def collate_train(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """A loss batch (``batch`` module): right-padded with the pad id, -100 in labels, 0 in attention_mask."""
-    ids = [e["input_ids"] for e in examples]
-    return {"input_ids": pad(ids, pad_id, "right"),  # (B, T)
-            "attention_mask": pad_mask(ids, "right"),  # (B, T)
-            "labels": pad([e["labels"] for e in examples], IGNORE_INDEX, "right")}  # (B, T)
-
-
-def collate_generate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
-    """A generation-only batch (``batch`` module): prompts LEFT-padded, so generation continues every row from
-    its last column, with their task, answer and integer sample id."""
-    ids = [e["input_ids"] for e in examples]
-    return {
-        "input_ids": pad(ids, pad_id, "left"),  # (B, P)
-        "attention_mask": pad_mask(ids, "left"),  # (B, P)
-        "task": [e["task"] for e in examples],
-        "answer": [e["answer"] for e in examples],
-        "sample_id": torch.tensor([e["sample_id"] for e in examples], dtype=torch.long),  # (B,)
-    }
-
-
-class _LossRows(Dataset):
-    """Teacher-forced examples over token rows: ``{"input_ids", "labels"}`` as int64 arrays."""
-
-    def __init__(self, rows: TokenRows) -> None:
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        return {"input_ids": np.asarray(self.rows.ids_of(index), np.int64), "labels": self.rows.labels_of(index)}
-
-
-class _PromptRows(Dataset):
-    """Generation examples: a prompt row with its task, answer and sample id."""
-
-    def __init__(self, rows: TokenRows, tasks: list[str], answers: list[str], sample_ids: list[int]) -> None:
-        self.rows, self.tasks, self.answers, self.sample_ids = rows, tasks, answers, sample_ids
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return {"input_ids": np.asarray(self.rows.ids_of(index), np.int64), "task": self.tasks[index],
-                "answer": self.answers[index], "sample_id": self.sample_ids[index]}
-
-
-# ---------------------------------------------------------------------------------------------- module
 
 
 class CommonsenseDataModule(LightningDataModule):
@@ -312,10 +164,10 @@ class CommonsenseDataModule(LightningDataModule):
         """(length in tokens with BOS, task, record index) of the longest generation prompt, after setup."""
         self.built_cache: dict[str, bool] = {}
         """Per part ("train", "test"): whether this process tokenized it (False: read from the cache)."""
-        self._train: _LossRows | None = None
-        self._val: _LossRows | None = None
-        self._test: _PromptRows | None = None
-        self._resume: dict[str, int] | None = None  # from a checkpoint: epoch and batches already consumed
+        self._train: LossRows | None = None
+        self._val: LossRows | None = None
+        self._test: PromptRows | None = None
+        self._order = TrainingOrder(type(self).__name__)
 
     # ------------------------------------------------------------------ setup
 
@@ -327,14 +179,14 @@ class CommonsenseDataModule(LightningDataModule):
             self.tokenizer = load_tokenizer(self.hparams.tokenizer_path, self.hparams.pad_token)
         if stage in (None, "fit", "validate") and self._train is None:
             rows, meta = self._cached("train", self._build_train_val, data=file_digest(check_data_file(self.data_path)))
-            self._train, self._val = _LossRows(rows["train"]), _LossRows(rows["val"])
+            self._train, self._val = LossRows(rows["train"]), LossRows(rows["val"])
             self.num_truncated_train, self.num_fully_masked = meta["truncated"], meta["fully_masked"]
             self._note_skipped(self.data_path, meta["skipped"])
             self._warn_counts("train", self.num_truncated_train, "training sequences were cut at cutoff_len")
         if self._test is None:
             files = {task: file_digest(check_data_file(self._test_file(task))) for task in self.eval_tasks}
             rows, meta = self._cached("test", self._build_test, files=files)
-            self._test = _PromptRows(rows["prompts"], meta["tasks"], meta["answers"], meta["sample_ids"])
+            self._test = PromptRows(rows["prompts"], meta["tasks"], meta["answers"], meta["sample_ids"])
             self.longest_eval_prompt = tuple(meta["longest"]) if meta["longest"] else None
             for task, skipped in meta["skipped"].items():
                 self._note_skipped(self._test_file(task), skipped)
@@ -361,9 +213,9 @@ class CommonsenseDataModule(LightningDataModule):
                                     f"(dataset_dir={self.dataset_dir} must hold <task>/test.json)")
         return path
 
-    def _encoding(self) -> _Encoding:
+    def _encoding(self) -> Encoding:
         tok, hp = self.tokenizer, self.hparams
-        return _Encoding(tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, hp.cutoff_len, hp.max_eval_prompt_len)
+        return Encoding(tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, hp.cutoff_len, hp.max_eval_prompt_len)
 
     def _build_train_val(self, entry: EntryBuilder) -> dict[str, Any]:
         """Validate the training file, split off the seeded validation records, tokenize both into ``entry``'s
@@ -373,17 +225,15 @@ class CommonsenseDataModule(LightningDataModule):
         if val_size >= len(records):
             raise ValueError(f"val_set_size={val_size} leaves no training records: {self.data_path} has "
                              f"{len(records)} usable records")
-        order = list(range(len(records)))
-        random.Random(self.hparams.seed).shuffle(order)
-        val = [records[i][1] for i in sorted(order[:val_size])]
+        split = seeded_split(len(records), val_size, self.hparams.seed)
         train = entry.rows("train")
-        truncated, fully_masked = self._tokenize_train([records[i][1] for i in sorted(order[val_size:])], train)
+        truncated, fully_masked = self._tokenize_train([records[i][1] for i in split.train], train)
         if not train.rows:
             raise RecordError(
-                f"{self.data_path}: no training sequence is left: the prompt of each of its {len(order) - val_size} "
+                f"{self.data_path}: no training sequence is left: the prompt of each of its {len(split.train)} "
                 f"training records fills cutoff_len={self.hparams.cutoff_len}, and train_on_inputs=False leaves "
                 "them no label. Raise cutoff_len or set train_on_inputs=True.")
-        self._tokenize_train(val, entry.rows("val"))
+        self._tokenize_train([records[i][1] for i in split.held_out], entry.rows("val"))
         return {"truncated": truncated, "fully_masked": fully_masked, "skipped": skipped}
 
     def _tokenize_train(self, records: list[dict[str, str]], writer: TokenRowsWriter) -> tuple[int, int]:
@@ -395,12 +245,12 @@ class CommonsenseDataModule(LightningDataModule):
         for start in range(0, len(records), _CHUNK):
             chunk = records[start: start + _CHUNK]
             prompts = [build_train_prompt(r["instruction"], "", reference_whitespace=ws) for r in chunk]
-            prompt_ids = _ids(self.tokenizer, prompts, enc.bos)
+            prompt_ids = token_ids(self.tokenizer, prompts, enc.bos)
             if ws:  # the reference's ids: the whole string at once
                 texts = [build_train_prompt(r["instruction"], r["output"], reference_whitespace=True) for r in chunk]
-                text_ids = _ids(self.tokenizer, texts, enc.bos)
+                text_ids = token_ids(self.tokenizer, texts, enc.bos)
             else:
-                output_ids = _ids(self.tokenizer, [r["output"] for r in chunk], enc.bos)
+                output_ids = token_ids(self.tokenizer, [r["output"] for r in chunk], enc.bos)
                 text_ids = [p + o for p, o in zip(prompt_ids, output_ids)]
             for text, prompt in zip(text_ids, prompt_ids):
                 example, truncated = train_example(text, len(prompt), enc, self.hparams.train_on_inputs,
@@ -424,8 +274,8 @@ class CommonsenseDataModule(LightningDataModule):
                 meta["skipped"][task] = skipped
             records = records[: self.hparams.max_test_samples_per_task]
             prompts = [build_eval_prompt(r["instruction"], self.hparams.reference_whitespace) for _, r in records]
-            for (index, record), ids in zip(records, _ids(self.tokenizer, prompts, enc.bos)):
-                ids = generation_prompt(ids, enc, task, index, path)
+            for (index, record), ids in zip(records, token_ids(self.tokenizer, prompts, enc.bos)):
+                ids = eval_prompt(ids, enc, task, index, path)
                 meta["longest"] = max(meta["longest"] or (0, "", 0), (len(ids), task, index))
                 writer.add(ids, [False] * len(ids))
                 meta["tasks"].append(task)
@@ -450,30 +300,21 @@ class CommonsenseDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Shuffled right-padded loss batches; the order depends only on (seed, epoch) and resumes mid-epoch."""
         self._require(self._train, "fit")
-        trainer = getattr(self, "trainer", None)
-        require_training_batches(trainer)
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         hp = self.hparams
-        sampler: ResumableSampler
-        if hp.group_by_length:
-            lengths = self._train.rows.lengths.tolist()
-            sampler = ModalityLengthGroupedSampler(lengths, [False] * len(lengths), hp.batch_size, world, rank,
-                                                   hp.seed, batches_per_window=hp.length_group_batches)
-        else:
-            sampler = ResumableSampler(self._train, num_replicas=world, rank=rank, shuffle=True, seed=hp.seed)
-        if self._resume is not None:  # once: a reloaded loader starts whole
-            resume_sampler(sampler, self._resume, self.hparams.batch_size)
-            self._resume = None
+        lengths = self._train.rows.lengths.tolist() if hp.group_by_length else None
+        sampler = self._order.sampler(getattr(self, "trainer", None), len(self._train), hp.batch_size, hp.seed,
+                                      lengths, batches_per_window=hp.length_group_batches)
         return DataLoader(self._train, batch_size=self.hparams.batch_size, sampler=sampler,
                           collate_fn=partial(collate_train, pad_id=self.tokenizer.pad_token_id),
                           num_workers=self.hparams.num_workers)
 
     def state_dict(self) -> dict[str, int]:
         """Where training stands in the epoch, so that a resumed run continues the same data order."""
-        return training_position(getattr(self, "trainer", None), self.hparams.batch_size)
+        return self._order.state_dict(getattr(self, "trainer", None), self.hparams.batch_size)
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self._resume = checked_position(state_dict, type(self).__name__)
+        """Remember the checkpoint's position; the next ``train_dataloader`` skips what it had consumed."""
+        self._order.load_state_dict(state_dict)
 
     def val_dataloader(self) -> list[DataLoader]:
         """[loss loader over the held-out split, generation loader over a capped test subset], each if enabled."""

@@ -6,6 +6,8 @@ it, and every rank reads its own shard) whose order depends only on (seed, epoch
 how many batches of the epoch were consumed and the sampler skips them once, on the first pass after resume.
 
 Subclasses with another order (``ModalityLengthGroupedSampler``) override ``rank_indices`` and keep the skip.
+``TrainingOrder`` is the one path both DataModules take: it builds the sampler, saves the position in the
+DataModule's ``state_dict`` and applies a loaded one once.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch.utils.data import Dataset, DistributedSampler
 __all__ = [
     "ModalityLengthGroupedSampler",
     "ResumableSampler",
+    "TrainingOrder",
     "checked_position",
     "consumed_batches",
     "require_training_batches",
@@ -191,3 +194,52 @@ def require_training_batches(trainer: Any) -> None:
     if zero:
         raise ValueError(f"{', '.join(zero)}: this fit would train on nothing. Give it at least one step, or run "
                          "`effilora test` / `effilora validate` to evaluate without training.")
+
+
+class TrainingOrder:
+    """A DataModule's training order and its mid-epoch resume: the sampler, the position to save, the skip.
+
+    The batch size and seed are passed at each call, not kept: they are the DataModule's hyperparameters, which
+    a tuner may change after construction. The saved position counts per-device batches of ``batch_size``.
+
+    Args:
+        owner: the DataModule's class name, for the error on a foreign checkpoint state.
+
+    Example (in a LightningDataModule)::
+
+        self.order = TrainingOrder(type(self).__name__)                     # __init__
+        sampler = self.order.sampler(self.trainer, len(data), bs, seed)     # train_dataloader
+        return self.order.state_dict(self.trainer, bs)                      # state_dict
+        self.order.load_state_dict(state)                                   # load_state_dict
+    """
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+        self._pending: dict[str, int] | None = None  # from a checkpoint: epoch and batches already consumed
+
+    def sampler(self, trainer: Any, size: int, batch_size: int, seed: int, lengths: Sequence[int] | None = None,
+                has_image: Sequence[bool] | None = None, batches_per_window: int = 1) -> ResumableSampler:
+        """This rank's sampler over ``size`` samples: length-grouped when ``lengths`` are given (``has_image``
+        defaults to all False), else a seeded shuffle. A loaded position is applied to it, once: a reloaded
+        loader starts whole. Refuses a fit that would train nothing (``require_training_batches``)."""
+        require_training_batches(trainer)
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler: ResumableSampler
+        if lengths is not None:
+            flags = [False] * len(lengths) if has_image is None else has_image
+            sampler = ModalityLengthGroupedSampler(lengths, flags, batch_size, world, rank, seed,
+                                                   batches_per_window=batches_per_window)
+        else:
+            sampler = ResumableSampler(range(size), num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        if self._pending is not None:
+            resume_sampler(sampler, self._pending, batch_size)
+            self._pending = None
+        return sampler
+
+    def state_dict(self, trainer: Any, batch_size: int) -> dict[str, int]:
+        """Where training stands in its epoch (``training_position``); empty outside of fitting."""
+        return training_position(trainer, batch_size)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Remember a checkpoint's position; the next ``sampler`` skips what it had consumed."""
+        self._pending = checked_position(state, self.owner)

@@ -1,7 +1,7 @@
 """LightningDataModule for LLaVA-1.5 style visual instruction tuning (stage 1 and stage 2 share the schema).
 
 Records are `{"id", "image" (str, a list of str, or absent), "conversations": [...]}` under `data_path`
-(a JSON list, or JSON Lines when the file ends in .jsonl), images relative to `image_folder`.
+(a JSON list or JSON Lines, told apart by content: `records`), images relative to `image_folder`.
 
 Setup checks every record of every split the run will use (a fit builds the test split too, so a run never
 trains to its end and then fails in the test after fit): the conversation (see
@@ -12,8 +12,8 @@ large to decode at setup), and that its ids spell the template text. A bad recor
 sample id and path, or with `on_bad_record="skip"` it is dropped and counted in `stats[split]`; an image that
 fails to load later all the same is then replaced by the next sample, with a warning, instead of ending the
 run. Tokenization mismatches are always dropped and counted, and setup fails when their share
-exceeds `max_mismatch_ratio`. Setup tokenizes every sample once (exact lengths for length grouping); items
-are tokenized again in `__getitem__` (deterministic; storing ids for 665k samples would cost gigabytes).
+exceeds `max_mismatch_ratio`. Setup tokenizes every sample once (exact lengths for length grouping) into the
+token cache (`visual_build`); items read their rows from it.
 
 Preprocessing is given explicitly (`image_size`, `image_mean`, `image_std`, OpenAI CLIP defaults) rather than
 read from the vision tower, so the DataModule builds without the model; the VisionLanguageModule should
@@ -26,7 +26,8 @@ samples must fit whole.
 
 Setup at scale: records are parsed as the file is read (`records.RecordStream`), checked and tokenized a batch
 at a time into the token cache (`token_cache`), which every later run and every other rank of the node
-memory-maps; images are checked in parallel threads, each file once. Batches: see `visual_dataset`.
+memory-maps; images are checked in parallel threads, each file once. Batches: see `visual_dataset` (the
+contract of both DataModules: `batch`).
 """
 
 from __future__ import annotations
@@ -34,41 +35,21 @@ from __future__ import annotations
 import functools
 import math
 import os
-import random
-import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import asdict, replace
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Sampler
 
-from .conversation import (
-    IGNORE_INDEX,
-    MismatchCounter,
-    check_template,
-    encode_conversations,
-    encode_prompts,
-    get_template,
-    reference_turns,
-    validate_conversation,
-)
-from .images import BadRecordError, check_images, image_paths, preprocess_image, raise_for, to_rgb
-from .records import RecordError, RecordStream, check_data_file
-from .sampling import (
-    ModalityLengthGroupedSampler,
-    ResumableSampler,
-    checked_position,
-    require_training_batches,
-    resume_sampler,
-    training_position,
-)
+from .chat_templates import check_template, get_template
+from .conversation_checks import MismatchCounter
+from .images import BadRecordError, preprocess_image, to_rgb
+from .records import check_data_file
+from .sampling import ModalityLengthGroupedSampler, TrainingOrder
 from .token_cache import (
-    EntryBuilder,
     TokenRows,
-    TokenRowsWriter,
     cache_key,
     default_cache_dir,
     file_digest,
@@ -76,6 +57,7 @@ from .token_cache import (
     tokenizer_digest,
 )
 from .tokenizer import load_tokenizer
+from .visual_build import SplitBuilder
 from .visual_dataset import VisualInstructionCollator, VisualInstructionDataset
 
 __all__ = [
@@ -92,10 +74,6 @@ __all__ = [
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-_CHUNK = 1024  # records tokenized per tokenizer call in setup
-
-
-# --------------------------------------------------------------------------------------------- datamodule
 
 
 class VisualInstructionDataModule(pl.LightningDataModule):
@@ -166,7 +144,7 @@ class VisualInstructionDataModule(pl.LightningDataModule):
         self.mismatches: dict[str, MismatchCounter] = {}
         self.built_cache: dict[str, bool] = {}
         """Per split: whether this process checked and tokenized it (False: memory-mapped from the cache)."""
-        self._resume: dict[str, int] | None = None  # from a checkpoint: epoch and batches already consumed
+        self._order = TrainingOrder(type(self).__name__)
 
     def setup(self, stage: str | None = None) -> None:
         """Load the tokenizer and (once) every split the stage needs: from the token cache when an entry for
@@ -202,7 +180,8 @@ class VisualInstructionDataModule(pl.LightningDataModule):
     def _load_split(self, split: str, path: str, part: str) -> None:
         hp, generation = self.hparams, split != "train"
         key_inputs = {"data": file_digest(check_data_file(path)), "part": part, "generation": generation}
-        rows, meta = self._cached(split, functools.partial(self._build, split, path, part, generation), key_inputs)
+        builder = SplitBuilder(hp, self.template, self.tokenizer)
+        rows, meta = self._cached(split, functools.partial(builder.build, split, path, part, generation), key_inputs)
         self.datasets[split] = VisualInstructionDataset(
             rows["tokens"], meta["sample_ids"], meta["names"], meta["images"], hp.image_size, hp.image_mean, hp.image_std,
             hp.image_mode, prompts=rows.get("prompts"), answers=meta["answers"] if generation else None,
@@ -231,134 +210,25 @@ class VisualInstructionDataModule(pl.LightningDataModule):
         self.built_cache[split] = built
         return rows, meta
 
-    def _held_out(self, path: str) -> set[int]:
-        """Record indices of the seeded validation split of ``path`` (one pass to count the records)."""
-        order = list(range(sum(1 for _ in RecordStream(path, self.hparams.on_bad_record))))
-        random.Random(self.hparams.seed).shuffle(order)
-        return set(order[: self.hparams.val_set_size])
-
-    def _build(self, split: str, path: str, part: str, generation: bool, entry: EntryBuilder) -> dict[str, Any]:
-        """Check and tokenize the split's records batch by batch into ``entry``; returns its meta (errors or
-        counts, see the module docstring)."""
-        stream, held = RecordStream(path, self.hparams.on_bad_record), None
-        if part != "all":
-            held = self._held_out(path)
-        built = _SplitBuild(split, Counter(total=0), MismatchCounter(split=split), entry.rows("tokens"),
-                            entry.rows("prompts") if generation else None)
-        progress, batch = _Progress(split, path), []
-        for index, record in stream:
-            if held is not None and (index in held) != (part == "held_out"):
-                continue
-            batch.append((index, record))
-            if len(batch) == _CHUNK:
-                self._build_batch(batch, path, built)
-                batch = []
-                progress.update(built.stats["total"], stream.fraction)
-        self._build_batch(batch, path, built)
-        return self._finish(built, path, stream.skipped)
-
-    def _build_batch(self, batch: list[tuple[int, Any]], path: str, built: _SplitBuild) -> None:
-        """One batch of records: images checked in parallel, conversations checked, all tokenized at once."""
-        if not batch:
-            return
-        hp = self.hparams
-        built.stats["total"] += len(batch)
-        folder = Path(hp.image_folder)
-        wanted = []
-        for _, record in batch:
-            try:
-                wanted += image_paths(record, "", folder, hp.allow_images_outside_folder)
-            except (ValueError, AttributeError):
-                continue  # named by _check_record below
-        check_images(wanted, hp.image_check == "decode", built.images_checked)
-        checked = [(i, *c) for i, r in batch if (c := self._check_record(r, i, path, built)) is not None]
-        encoded = encode_conversations([c[3] for c in checked], self.template, self.tokenizer,
-                                       num_images=[len(c[2]) for c in checked], sample_ids=[c[1] for c in checked])
-        prompts = encode_prompts([c[3] for c in checked], self.template, self.tokenizer,
-                                 num_images=[len(c[2]) for c in checked], sample_ids=[c[1] for c in checked]) \
-            if built.prompts is not None else [None] * len(checked)
-        for (index, name, images, _), enc, prompt in zip(checked, encoded, prompts, strict=True):
-            built.mismatch.add(name, enc.mismatch)
-            if enc.mismatch is not None:
-                continue
-            length = _fitted_length(enc.input_ids, enc.labels, hp.max_length, whole=built.prompts is not None)
-            if length is None:
-                built.stats["too_long"] += 1
-                continue
-            built.tokens.add(enc.input_ids[:length], [lab != IGNORE_INDEX for lab in enc.labels[:length]])
-            if built.prompts is not None:
-                built.prompts.add(prompt[0], [False] * len(prompt[0]))
-                built.answers.append(prompt[1])
-            built.sample_ids.append(index)
-            built.names.append(name)
-            built.images.append([str(p) for p in images])
-
-    def _finish(self, built: _SplitBuild, path: str, json_skipped: int) -> dict[str, Any]:
-        """The split's checks that need all of it, and its meta."""
-        built.mismatch.raise_if_above(self.hparams.max_mismatch_ratio)
-        if not built.sample_ids and built.split == "train":
-            raise RecordError(f"{path}: no training sample is left after the checks ({dict(built.stats)}, "
-                              f"{built.mismatch.mismatched} tokenization mismatches). Fix the records, raise "
-                              "max_length, or check image_folder.")
-        if built.prompts is not None:
-            _require_unique_ids(built.names, path)
-        built.stats["kept"], built.stats["mismatch"] = len(built.sample_ids), built.mismatch.mismatched
-        return {"sample_ids": built.sample_ids, "names": built.names, "images": built.images, "answers": built.answers,
-                "stats": dict(built.stats), "json_skipped": json_skipped,
-                "mismatch": {"seen": built.mismatch.seen, "mismatched": built.mismatch.mismatched,
-                             "examples": built.mismatch.examples}}
-
-    def _check_record(self, record: Any, index: int, path: str, built: _SplitBuild
-                      ) -> tuple[str, tuple[Path, ...], list[dict[str, str]]] | None:
-        """Conversation structure and image files of one record: (sample id, images, turns), None when
-        skipped (counted), or an error naming the sample id (and the image path)."""
-        hp = self.hparams
-        sample_id = str(record.get("id", f"{Path(path).name}#{index}")) if isinstance(record, dict) \
-            else f"{Path(path).name}#{index}"
-        try:
-            if not isinstance(record, dict):
-                raise BadRecordError("bad_record", f"sample {sample_id!r}: record {index} is a "
-                                     f"{type(record).__name__}, expected an object with 'conversations'")
-            images = image_paths(record, sample_id, Path(hp.image_folder), hp.allow_images_outside_folder)
-            conversations, dropped = reference_turns(record.get("conversations"))
-            validate_conversation(sample_id, conversations, len(images))
-            for image in images:
-                if (error := built.images_checked.get(image)) is not None:
-                    raise_for(sample_id, error)
-        except ValueError as err:
-            if hp.on_bad_record == "error":
-                raise err if isinstance(err, BadRecordError) else ValueError(f"{path}: {err}") from err
-            built.stats[getattr(err, "kind", "bad_conversation")] += 1
-            return None
-        built.stats["leading_gpt_dropped"] += dropped  # LLaVA's preprocess drops that turn and trains on the rest
-        return sample_id, images, conversations
-
     def train_dataloader(self) -> DataLoader:
         """Training batches whose order depends only on (seed, epoch) and resumes mid-epoch from a checkpoint.
 
         Both samplers are DistributedSamplers that shard per rank, so Lightning uses them as they are.
         """
         data, hp = self.datasets["train"], self.hparams
-        require_training_batches(self.trainer)
-        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
-        sampler: ResumableSampler
-        if hp.group_by_modality_length:
-            sampler = ModalityLengthGroupedSampler(data.lengths, data.has_image, hp.batch_size, world, rank, hp.seed)
-        else:
-            sampler = ResumableSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=hp.seed)
-        if self._resume is not None:  # once: a reloaded loader starts whole
-            resume_sampler(sampler, self._resume, hp.batch_size)
-            self._resume = None
+        grouped = hp.group_by_modality_length
+        sampler = self._order.sampler(self.trainer, len(data), hp.batch_size, hp.seed,
+                                      data.lengths if grouped else None, data.has_image if grouped else None)
         return self._loader(data, hp.batch_size, sampler)
 
     def state_dict(self) -> dict[str, int]:
         """Where training stands in its epoch, so that a run resumed from this checkpoint continues the same
         data order; empty outside of fitting."""
-        return training_position(self.trainer, self.hparams.batch_size)
+        return self._order.state_dict(self.trainer, self.hparams.batch_size)
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         """Remember the checkpoint's position; the next `train_dataloader` skips what it had consumed."""
-        self._resume = checked_position(state_dict, type(self).__name__)
+        self._order.load_state_dict(state_dict)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._split("val"), self.hparams.eval_batch_size, None)
@@ -376,26 +246,6 @@ class VisualInstructionDataModule(pl.LightningDataModule):
         collate = VisualInstructionCollator(self.tokenizer.pad_token_id, hp.image_size)
         return DataLoader(data, batch_size=batch_size, sampler=sampler, shuffle=False, collate_fn=collate,
                           num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0)
-
-
-def _fitted_length(input_ids: list[int], labels: list[int], max_length: int, whole: bool) -> int | None:
-    """Length after right truncation, or None when it would cut an image or every supervised token (or
-    anything at all when `whole`)."""
-    if len(input_ids) <= max_length:
-        return len(input_ids)
-    cut_ids, cut_labels = input_ids[max_length:], labels[:max_length]
-    if whole or any(i < 0 for i in cut_ids) or all(lab == IGNORE_INDEX for lab in cut_labels):
-        return None
-    return max_length
-
-
-def _require_unique_ids(names: list[str], path: str) -> None:
-    """Evaluation samples are reported by their record id, so those ids must be unique (the integer sample ids
-    the evaluation counts by are record indices, unique by construction)."""
-    counts = Counter(names)
-    duplicates = [sid for sid, n in counts.items() if n > 1]
-    if duplicates:
-        raise ValueError(f"{path}: evaluation sample ids must be unique; repeated: {duplicates[:5]}")
 
 
 def _check_args(hp: Any) -> None:
@@ -420,34 +270,3 @@ def _check_args(hp: Any) -> None:
         raise ValueError("VisualInstructionDataModule: " + "; ".join(problems))
 
 
-@dataclass
-class _SplitBuild:
-    """What a split's build accumulates, batch by batch."""
-
-    split: str
-    stats: Counter[str]
-    mismatch: MismatchCounter
-    tokens: TokenRowsWriter
-    prompts: TokenRowsWriter | None
-    sample_ids: list[int] = field(default_factory=list)  # record index in the file
-    names: list[str] = field(default_factory=list)  # the record's "id"
-    images: list[list[str]] = field(default_factory=list)
-    answers: list[str] = field(default_factory=list)
-    images_checked: dict[Path, BadRecordError | None] = field(default_factory=dict)
-
-
-class _Progress:
-    """Setup of a large split prints a line every ``every`` seconds: records so far, records/s and an ETA."""
-
-    def __init__(self, split: str, path: str, every: float = 10.0) -> None:
-        self.split, self.path, self.every = split, path, every
-        self.start = self.last = time.monotonic()
-
-    def update(self, records: int, fraction: float) -> None:
-        now = time.monotonic()
-        if now - self.last < self.every:
-            return
-        self.last, elapsed = now, now - self.start
-        eta = elapsed * (1 - fraction) / fraction if fraction > 0 else float("nan")
-        rank_zero_info(f"visual instruction {self.split} ({self.path}): {records} records checked and tokenized, "
-                       f"{records / elapsed:.0f} records/s, {fraction:.0%} of the file, about {eta:.0f} s to go")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import json
 import re
 import subprocess
 import sys
@@ -18,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from effilora_lightning.data.templates import TASKS, extract_answer
+from effilora_lightning.data.commonsense_prompts import TASKS, extract_answer
+from effilora_lightning.data.records import read_records
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "data" / "datasets" / "commonsense"
@@ -50,7 +50,10 @@ LABELS = {
 
 
 def load(path: Path) -> list[dict[str, str]]:
-    return json.loads(path.read_text(encoding="utf-8"))
+    """The file's records, read as the DataModules read them (``records.read_records``)."""
+    records, skipped = read_records(path)
+    assert skipped == 0
+    return [record for _, record in records]
 
 
 def task_of(instruction: str) -> str:

@@ -10,7 +10,7 @@ import torch
 
 from effilora_lightning.data import CommonsenseDataModule
 from effilora_lightning.data.commonsense import SAMPLE_ID_STRIDE, RecordError, is_generation_batch
-from effilora_lightning.data.templates import TASKS, build_eval_prompt, build_train_prompt
+from effilora_lightning.data.commonsense_prompts import TASKS, build_eval_prompt, build_train_prompt
 from effilora_lightning.data.tokenizer import load_tokenizer
 
 TINY_LLAMA = Path(__file__).resolve().parents[2] / "data" / "checkpoints" / "tiny-llama"

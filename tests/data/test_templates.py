@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from effilora_lightning.data.templates import (
+from effilora_lightning.data.commonsense_prompts import (
     ANSWER_PATTERNS,
     TASKS,
     build_eval_prompt,

@@ -182,7 +182,7 @@ def test_a_failed_build_leaves_nothing_behind(tmp_path):
 def _rank(rank: int, world: int, port: int, root: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    import effilora_lightning.data.commonsense as commonsense_module
+    import effilora_lightning.data.commonsense_examples as commonsense_module
 
     calls = []
     real = commonsense_module.encode_texts

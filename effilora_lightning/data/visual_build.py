@@ -1,0 +1,191 @@
+"""Setup of one visual instruction split: its records checked and tokenized, batch by batch, into a token-cache
+entry (``token_cache``), which every later run and every other rank of the node memory-maps.
+
+What is checked, and what is an error or a counted skip, is in ``visual_instruction``'s module docstring. A
+sample keeps its record's index in the file as its integer ``sample_id`` and the record's "id" as its name.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.utilities import rank_zero_info
+
+from effilora_lightning.data.batch import IGNORE_INDEX
+from effilora_lightning.data.chat_templates import ConversationTemplate
+from effilora_lightning.data.conversation import encode_conversations, encode_prompts
+from effilora_lightning.data.conversation_checks import MismatchCounter, reference_turns, validate_conversation
+from effilora_lightning.data.images import BadRecordError, check_images, image_paths, raise_for
+from effilora_lightning.data.records import RecordError, RecordStream
+from effilora_lightning.data.split import seeded_split
+from effilora_lightning.data.token_cache import EntryBuilder, TokenRowsWriter
+
+__all__ = ["SplitBuilder"]
+
+_CHUNK = 1024  # records tokenized per tokenizer call in setup
+
+
+class SplitBuilder:
+    """Checks and tokenizes the records of a split for a DataModule's settings (``hparams``), template and
+    tokenizer; ``build`` is what the token cache calls when it has no entry for them."""
+
+    def __init__(self, hparams: Any, template: ConversationTemplate, tokenizer: Any) -> None:
+        self.hparams, self.template, self.tokenizer = hparams, template, tokenizer
+
+    def held_out(self, path: str) -> set[int]:
+        """Record indices of the seeded validation split of ``path`` (one pass to count the records)."""
+        count = sum(1 for _ in RecordStream(path, self.hparams.on_bad_record))
+        return set(seeded_split(count, self.hparams.val_set_size, self.hparams.seed).held_out)
+
+    def build(self, split: str, path: str, part: str, generation: bool, entry: EntryBuilder) -> dict[str, Any]:
+        """Check and tokenize the split's records batch by batch into ``entry``; returns its meta (errors or
+        counts, see the module docstring)."""
+        stream, held = RecordStream(path, self.hparams.on_bad_record), None
+        if part != "all":
+            held = self.held_out(path)
+        built = _SplitBuild(split, Counter(total=0), MismatchCounter(split=split), entry.rows("tokens"),
+                            entry.rows("prompts") if generation else None)
+        progress, batch = _Progress(split, path), []
+        for index, record in stream:
+            if held is not None and (index in held) != (part == "held_out"):
+                continue
+            batch.append((index, record))
+            if len(batch) == _CHUNK:
+                self._build_batch(batch, path, built)
+                batch = []
+                progress.update(built.stats["total"], stream.fraction)
+        self._build_batch(batch, path, built)
+        return self._finish(built, path, stream.skipped)
+
+    def _build_batch(self, batch: list[tuple[int, Any]], path: str, built: _SplitBuild) -> None:
+        """One batch of records: images checked in parallel, conversations checked, all tokenized at once."""
+        if not batch:
+            return
+        hp = self.hparams
+        built.stats["total"] += len(batch)
+        folder = Path(hp.image_folder)
+        wanted = []
+        for _, record in batch:
+            try:
+                wanted += image_paths(record, "", folder, hp.allow_images_outside_folder)
+            except (ValueError, AttributeError):
+                continue  # named by _check_record below
+        check_images(wanted, hp.image_check == "decode", built.images_checked)
+        checked = [(i, *c) for i, r in batch if (c := self._check_record(r, i, path, built)) is not None]
+        encoded = encode_conversations([c[3] for c in checked], self.template, self.tokenizer,
+                                       num_images=[len(c[2]) for c in checked], sample_ids=[c[1] for c in checked])
+        prompts = encode_prompts([c[3] for c in checked], self.template, self.tokenizer,
+                                 num_images=[len(c[2]) for c in checked], sample_ids=[c[1] for c in checked]) \
+            if built.prompts is not None else [None] * len(checked)
+        for (index, name, images, _), enc, prompt in zip(checked, encoded, prompts, strict=True):
+            built.mismatch.add(name, enc.mismatch)
+            if enc.mismatch is not None:
+                continue
+            length = _fitted_length(enc.input_ids, enc.labels, hp.max_length, whole=built.prompts is not None)
+            if length is None:
+                built.stats["too_long"] += 1
+                continue
+            built.tokens.add(enc.input_ids[:length], [lab != IGNORE_INDEX for lab in enc.labels[:length]])
+            if built.prompts is not None:
+                built.prompts.add(prompt[0], [False] * len(prompt[0]))
+                built.answers.append(prompt[1])
+            built.sample_ids.append(index)
+            built.names.append(name)
+            built.images.append([str(p) for p in images])
+
+    def _finish(self, built: _SplitBuild, path: str, json_skipped: int) -> dict[str, Any]:
+        """The split's checks that need all of it, and its meta."""
+        built.mismatch.raise_if_above(self.hparams.max_mismatch_ratio)
+        if not built.sample_ids and built.split == "train":
+            raise RecordError(f"{path}: no training sample is left after the checks ({dict(built.stats)}, "
+                              f"{built.mismatch.mismatched} tokenization mismatches). Fix the records, raise "
+                              "max_length, or check image_folder.")
+        if built.prompts is not None:
+            _require_unique_ids(built.names, path)
+        built.stats["kept"], built.stats["mismatch"] = len(built.sample_ids), built.mismatch.mismatched
+        return {"sample_ids": built.sample_ids, "names": built.names, "images": built.images, "answers": built.answers,
+                "stats": dict(built.stats), "json_skipped": json_skipped,
+                "mismatch": {"seen": built.mismatch.seen, "mismatched": built.mismatch.mismatched,
+                             "examples": built.mismatch.examples}}
+
+    def _check_record(self, record: Any, index: int, path: str, built: _SplitBuild
+                      ) -> tuple[str, tuple[Path, ...], list[dict[str, str]]] | None:
+        """Conversation structure and image files of one record: (sample id, images, turns), None when
+        skipped (counted), or an error naming the sample id (and the image path)."""
+        hp = self.hparams
+        sample_id = str(record.get("id", f"{Path(path).name}#{index}")) if isinstance(record, dict) \
+            else f"{Path(path).name}#{index}"
+        try:
+            if not isinstance(record, dict):
+                raise BadRecordError("bad_record", f"sample {sample_id!r}: record {index} is a "
+                                     f"{type(record).__name__}, expected an object with 'conversations'")
+            images = image_paths(record, sample_id, Path(hp.image_folder), hp.allow_images_outside_folder)
+            conversations, dropped = reference_turns(record.get("conversations"))
+            validate_conversation(sample_id, conversations, len(images))
+            for image in images:
+                if (error := built.images_checked.get(image)) is not None:
+                    raise_for(sample_id, error)
+        except ValueError as err:
+            if hp.on_bad_record == "error":
+                raise err if isinstance(err, BadRecordError) else ValueError(f"{path}: {err}") from err
+            built.stats[getattr(err, "kind", "bad_conversation")] += 1
+            return None
+        built.stats["leading_gpt_dropped"] += dropped  # LLaVA's preprocess drops that turn and trains on the rest
+        return sample_id, images, conversations
+
+
+def _fitted_length(input_ids: list[int], labels: list[int], max_length: int, whole: bool) -> int | None:
+    """Length after right truncation, or None when it would cut an image or every supervised token (or
+    anything at all when `whole`)."""
+    if len(input_ids) <= max_length:
+        return len(input_ids)
+    cut_ids, cut_labels = input_ids[max_length:], labels[:max_length]
+    if whole or any(i < 0 for i in cut_ids) or all(lab == IGNORE_INDEX for lab in cut_labels):
+        return None
+    return max_length
+
+
+def _require_unique_ids(names: list[str], path: str) -> None:
+    """Evaluation samples are reported by their record id, so those ids must be unique (the integer sample ids
+    the evaluation counts by are record indices, unique by construction)."""
+    counts = Counter(names)
+    duplicates = [sid for sid, n in counts.items() if n > 1]
+    if duplicates:
+        raise ValueError(f"{path}: evaluation sample ids must be unique; repeated: {duplicates[:5]}")
+
+
+@dataclass
+class _SplitBuild:
+    """What a split's build accumulates, batch by batch."""
+
+    split: str
+    stats: Counter[str]
+    mismatch: MismatchCounter
+    tokens: TokenRowsWriter
+    prompts: TokenRowsWriter | None
+    sample_ids: list[int] = field(default_factory=list)  # record index in the file
+    names: list[str] = field(default_factory=list)  # the record's "id"
+    images: list[list[str]] = field(default_factory=list)
+    answers: list[str] = field(default_factory=list)
+    images_checked: dict[Path, BadRecordError | None] = field(default_factory=dict)
+
+
+class _Progress:
+    """Setup of a large split prints a line every ``every`` seconds: records so far, records/s and an ETA."""
+
+    def __init__(self, split: str, path: str, every: float = 10.0) -> None:
+        self.split, self.path, self.every = split, path, every
+        self.start = self.last = time.monotonic()
+
+    def update(self, records: int, fraction: float) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every:
+            return
+        self.last, elapsed = now, now - self.start
+        eta = elapsed * (1 - fraction) / fraction if fraction > 0 else float("nan")
+        rank_zero_info(f"visual instruction {self.split} ({self.path}): {records} records checked and tokenized, "
+                       f"{records / elapsed:.0f} records/s, {fraction:.0%} of the file, about {eta:.0f} s to go")
