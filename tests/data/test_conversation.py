@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from byte_tokenizer import SPECIALS, save_byte_tokenizer
 
 from effilora_lightning.data.conversation import (
     IGNORE_INDEX,
@@ -28,31 +28,12 @@ from effilora_lightning.data.conversation import (
 from effilora_lightning.data.tokenizer import load_tokenizer
 
 BOS, EOS, SH, EH, EOT = 256, 257, 258, 259, 260
-SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-            "<|reserved_special_token_0|>"]
 TINY_LLAMA = Path(__file__).resolve().parents[2] / "data" / "checkpoints" / "tiny-llama"
 
 
 def byte_tokenizer(directory: Path, specials: list[str] = SPECIALS, lowercase: bool = False):
-    """A LLaMA-3-like tokenizer (bos added by its post-processor, no pad) where token id == byte value."""
-    from transformers import PreTrainedTokenizerFast
-
-    printable = set(range(33, 127)) | set(range(161, 173)) | set(range(174, 256))
-    chars, shifted = {}, 0
-    for b in range(256):  # GPT-2's byte -> unicode map, rebuilt
-        chars[b] = chr(b) if b in printable else chr(256 + shifted)
-        shifted += b not in printable
-    tok = Tokenizer(models.BPE(vocab={c: b for b, c in chars.items()}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    if lowercase:
-        tok.normalizer = normalizers.Lowercase()  # breaks the round trip: "USER" comes back as "user"
-    tok.add_special_tokens(specials)
-    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
-                                                       special_tokens=[("<|begin_of_text|>", BOS)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token=specials[1])
-    fast.save_pretrained(str(directory))
-    return load_tokenizer(directory)
+    """The byte tokenizer (``byte_tokenizer.save_byte_tokenizer``), loaded as the DataModules load theirs."""
+    return load_tokenizer(save_byte_tokenizer(directory, specials, lowercase))
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from byte_tokenizer import save_byte_tokenizer
 from test_commonsense import TINY_LLAMA, rec
-from test_visual_instruction import save_byte_tokenizer, turn
+from test_visual_instruction import turn
 
 from effilora_lightning.data import CommonsenseDataModule, VisualInstructionDataModule
 from effilora_lightning.data.split import seeded_split

@@ -8,9 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from byte_tokenizer import save_byte_tokenizer
 from lightning.pytorch.trainer.states import TrainerFn
 from PIL import Image
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from torch.utils.data import DistributedSampler
 
 from effilora_lightning.data.batch import is_generation_batch
@@ -27,29 +27,6 @@ from effilora_lightning.data.visual_instruction import (
 ROOT = Path(__file__).resolve().parents[2]
 SIZE = 16
 RED = (255, 0, 0)
-
-
-def save_byte_tokenizer(directory: Path, lowercase: bool = False) -> Path:
-    """A LLaMA-3-like byte tokenizer (token id == byte value, specials from 256, no pad) saved to `directory`."""
-    from transformers import PreTrainedTokenizerFast
-
-    printable = set(range(33, 127)) | set(range(161, 173)) | set(range(174, 256))
-    chars, shifted = {}, 0
-    for b in range(256):
-        chars[b] = chr(b) if b in printable else chr(256 + shifted)
-        shifted += b not in printable
-    tok = Tokenizer(models.BPE(vocab={c: b for b, c in chars.items()}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    if lowercase:
-        tok.normalizer = normalizers.Lowercase()
-    tok.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                            "<|eot_id|>", "<|reserved_special_token_0|>"])
-    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
-                                                       special_tokens=[("<|begin_of_text|>", 256)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
-    fast.save_pretrained(str(directory))
-    return directory
 
 
 def turn(question: str, answer: str) -> list[dict[str, str]]:
