@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed.names import unwrapped_name
+from ..distributed.private import has_forward_hooks, is_view
+
 __all__ = ["AdapterConfig", "AdapterLinear", "layer_index", "resolve_dtype", "unwrapped_name"]
-
-_FSDP1_WRAPPER = "_fsdp_wrapped_module."
-
 
 _INT = re.compile(r"^\d+$")
 
@@ -37,11 +37,6 @@ def layer_index(name: str) -> int | None:
         if _INT.match(part):
             return int(part)
     return None
-
-
-def unwrapped_name(name: str) -> str:
-    """A module or parameter name without FSDP1's wrapper levels: the same name as in the unwrapped model."""
-    return name.replace(_FSDP1_WRAPPER, "")
 
 
 def resolve_dtype(adapter_dtype: str, base_dtype: torch.dtype) -> torch.dtype:
@@ -185,8 +180,8 @@ class AdapterLinear(nn.Module):
         and their (..., d_out) temporaries (measured in BENCHMARKS.md)."""
         return (
             type(self.base_layer) is nn.Linear
-            and not (self.base_layer._forward_hooks or self.base_layer._forward_pre_hooks)
-            and out._base is None
+            and not has_forward_hooks(self.base_layer)
+            and not is_view(out)
             and out.dtype == b.dtype
             and out.dim() in (2, 3)
         )

@@ -6,8 +6,8 @@ Files are written once (rank 0), into a temporary directory renamed into place: 
 never leaves a half adapter behind. Sharded (DTensor) parameters are gathered first; every rank
 must call ``save_adapter`` / ``export_peft_lora`` then, since the gather is a collective. FSDP1 keeps flat
 slices of its parameters outside forward: call these inside ``FullyShardedDataParallel.summon_full_params``
-of the root wrapper (``models.sharding.gathered_for_export`` does it for a Lightning run); FSDP1's wrapper
-names (``_fsdp_wrapped_module.``) never reach a file.
+of the root wrapper (``distributed.fsdp1.gathered_for_export`` does it for a Lightning run); wrapper levels
+(``_fsdp_wrapped_module.``) never reach a file: names pass through ``unwrap`` (``distributed.names``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import re
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .base import AdapterConfig, AdapterLinear, unwrapped_name
+from ..distributed.names import full_cpu, unwrapped_name
+from .base import AdapterConfig, AdapterLinear
 from .inject import AdapterReport, adapter_config_of, apply_adapter
 from .method import adapter_prefixes, is_adapter_param, method_named, method_of
 
@@ -49,16 +50,13 @@ def _adapter_root(model: nn.Module) -> tuple[str, nn.Module, AdapterConfig]:
     raise ValueError(f"{type(model).__name__} has no adapter: call apply_adapter(model, config) first.")
 
 
-def full_cpu(t: torch.Tensor) -> torch.Tensor:
-    """A plain CPU tensor; gathers a sharded DTensor (collective: every rank must get here)."""
-    full = getattr(t, "full_tensor", None)
-    t = full() if callable(full) else t
-    return t.detach().to("cpu").contiguous()
+Unwrap = Callable[[str], str]
+Gather = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _named(items: Any) -> Any:
-    """``named_parameters()`` / ``named_modules()`` with FSDP1's wrapper level removed from each name."""
-    return ((unwrapped_name(name), obj) for name, obj in items)
+def _named(items: Any, unwrap: Unwrap) -> Any:
+    """``named_parameters()`` / ``named_modules()`` with each name as the unwrapped model has it."""
+    return ((unwrap(name), obj) for name, obj in items)
 
 
 def _is_rank0() -> bool:
@@ -94,21 +92,28 @@ def _write_dir_atomically(directory: Path, files: dict[str, Any]) -> None:
         shutil.rmtree(old)
 
 
-def adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], AdapterConfig, dict[str, Any]]:
-    """Adapter tensors (by name, frozen ones included), the config, and the wrapped-module map."""
+def adapter_state(model: nn.Module, unwrap: Unwrap = unwrapped_name, gather: Gather = full_cpu
+                  ) -> tuple[dict[str, torch.Tensor], AdapterConfig, dict[str, Any]]:
+    """Adapter tensors (by name, frozen ones included), the config, and the wrapped-module map.
+
+    ``unwrap`` maps a name to the unwrapped model's (default: strips FSDP1 / checkpoint-wrapper levels);
+    ``gather`` makes a full CPU tensor of a parameter (default: gathers a DTensor, a collective).
+    """
     prefix, root, cfg = _adapter_root(model)
-    tensors = {n: full_cpu(p) for n, p in _named(root.named_parameters()) if is_adapter_param(n)}
+    tensors = {n: gather(p) for n, p in _named(root.named_parameters(), unwrap) if is_adapter_param(n)}
     target_map = {
         n: {"in_features": m.in_features, "out_features": m.out_features, "class": type(m).__name__}
-        for n, m in _named(root.named_modules())
+        for n, m in _named(root.named_modules(), unwrap)
         if isinstance(m, AdapterLinear)
     }
     return tensors, cfg, target_map
 
 
-def save_adapter(model: nn.Module, directory: str | Path) -> Path:
-    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` (method, config, target map, versions)."""
-    tensors, cfg, target_map = adapter_state(model)
+def save_adapter(model: nn.Module, directory: str | Path, unwrap: Unwrap = unwrapped_name,
+                 gather: Gather = full_cpu) -> Path:
+    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` (method, config, target map, versions).
+    ``unwrap`` / ``gather``: as in ``adapter_state``."""
+    tensors, cfg, target_map = adapter_state(model, unwrap, gather)
     directory = Path(directory)
     if _is_rank0():
         meta = {"format": FORMAT, "method": cfg.method, "config": cfg.to_dict(), "target_map": target_map,
@@ -240,7 +245,8 @@ def unmerge_adapter(model: nn.Module) -> None:
         m.unmerge()
 
 
-def export_peft_lora(model: nn.Module, directory: str | Path, base_model_name_or_path: str | None = None) -> Path:
+def export_peft_lora(model: nn.Module, directory: str | Path, base_model_name_or_path: str | None = None,
+                     unwrap: Unwrap = unwrapped_name, gather: Gather = full_cpu) -> Path:
     """Write a standard PEFT LoRA adapter: any method whose update is exactly LoRA's (``AdapterMethod.is_lora``):
     LoRA, and EffiLoRA with one head (its shared A copied into each layer).
 
@@ -255,13 +261,13 @@ def export_peft_lora(model: nn.Module, directory: str | Path, base_model_name_or
         )
     tensors: dict[str, torch.Tensor] = {}
     names = []
-    for name, m in _named(root.named_modules()):
+    for name, m in _named(root.named_modules(), unwrap):
         if not isinstance(m, method.layer):
             continue
         a, b = method.lora_factors(m)
         names.append(name)
-        tensors[f"base_model.model.{name}.lora_A.weight"] = full_cpu(a).clone()  # clone: no shared storage in safetensors
-        tensors[f"base_model.model.{name}.lora_B.weight"] = full_cpu(b)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = gather(a).clone()  # clone: no shared storage in safetensors
+        tensors[f"base_model.model.{name}.lora_B.weight"] = gather(b)
     peft_cfg = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.rank, "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
