@@ -37,7 +37,6 @@ ids at the boundary, e.g. ``['\n', 16 spaces, 'the']`` vs ``['\n', 15 spaces, ' 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -63,21 +62,14 @@ from effilora_lightning.data.commonsense_prompts import TASKS, build_eval_prompt
 from effilora_lightning.data.records import RecordError, check_data_file, read_records
 from effilora_lightning.data.sampling import TrainingOrder
 from effilora_lightning.data.split import seeded_split
-from effilora_lightning.data.token_cache import (
-    EntryBuilder,
-    TokenRows,
-    TokenRowsWriter,
-    cache_key,
-    default_cache_dir,
-    file_digest,
-    load_or_build_on_node,
-    tokenizer_digest,
-)
+from effilora_lightning.data.token_cache import EntryBuilder, TokenRowsWriter, file_digest, load_or_build_for
 from effilora_lightning.data.tokenizer import load_tokenizer
 
 __all__ = ["SAMPLE_ID_STRIDE", "CommonsenseDataModule", "RecordError", "is_generation_batch", "read_records"]
 
 _CHUNK = 8192  # records tokenized per tokenizer call in setup
+_NOT_IN_KEY = ("batch_size", "eval_batch_size", "num_workers", "group_by_length", "length_group_batches", "data_path",
+               "dataset_dir")  # settings that change no token (the files are keyed by their digests)
 
 SAMPLE_ID_STRIDE = 10_000_000
 """sample_id = task index * SAMPLE_ID_STRIDE + record index (test sets are far smaller than the stride)."""
@@ -178,33 +170,19 @@ class CommonsenseDataModule(LightningDataModule):
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.hparams.tokenizer_path, self.hparams.pad_token)
         if stage in (None, "fit", "validate") and self._train is None:
-            rows, meta = self._cached("train", self._build_train_val, data=file_digest(check_data_file(self.data_path)))
+            data = file_digest(check_data_file(self.data_path))
+            rows, meta = load_or_build_for(self, "train", self._build_train_val, _NOT_IN_KEY, inputs={"data": data})
             self._train, self._val = LossRows(rows["train"]), LossRows(rows["val"])
             self.num_truncated_train, self.num_fully_masked = meta["truncated"], meta["fully_masked"]
             self._note_skipped(self.data_path, meta["skipped"])
             self._warn_counts("train", self.num_truncated_train, "training sequences were cut at cutoff_len")
         if self._test is None:
             files = {task: file_digest(check_data_file(self._test_file(task))) for task in self.eval_tasks}
-            rows, meta = self._cached("test", self._build_test, files=files)
+            rows, meta = load_or_build_for(self, "test", self._build_test, _NOT_IN_KEY, inputs={"files": files})
             self._test = PromptRows(rows["prompts"], meta["tasks"], meta["answers"], meta["sample_ids"])
             self.longest_eval_prompt = tuple(meta["longest"]) if meta["longest"] else None
             for task, skipped in meta["skipped"].items():
                 self._note_skipped(self._test_file(task), skipped)
-
-    def _cached(self, part: str, build: Callable[[EntryBuilder], dict[str, Any]], **inputs: Any
-                ) -> tuple[dict[str, TokenRows], dict[str, Any]]:
-        """``build()`` through the token cache, keyed by the inputs, the settings and the tokenizer."""
-        hp, trainer = self.hparams, getattr(self, "trainer", None)
-        settings = {k: v for k, v in hp.items() if k not in ("batch_size", "eval_batch_size", "num_workers",
-                                                               "group_by_length", "length_group_batches",
-                                                               "cache_dir", "use_cache", "data_path",
-                                                               "dataset_dir", "tokenizer_path")}
-        key = cache_key(owner=f"{type(self).__name__}.{part}", inputs=inputs, settings=settings,
-                        tokenizer=tokenizer_digest(hp.tokenizer_path), pad=self.tokenizer.pad_token)
-        cache_dir = (hp.cache_dir or default_cache_dir()) if hp.use_cache else None
-        rows, meta, built = load_or_build_on_node(trainer, cache_dir, key, build, part)
-        self.built_cache[part] = built
-        return rows, meta
 
     def _test_file(self, task: str) -> Path:
         path = self.dataset_dir / task / "test.json"

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["CACHE_VERSION", "EntryBuilder", "TokenRows", "TokenRowsWriter", "cache_key", "default_cache_dir",
-           "file_digest", "load_or_build", "load_or_build_on_node", "tokenizer_digest"]
+           "file_digest", "load_or_build", "load_or_build_for", "load_or_build_on_node", "tokenizer_digest"]
 
 CACHE_VERSION = 2  # 2: visual sample_ids are record indices, the string ids are "names"
 """Bumped whenever what the DataModules write into an entry changes meaning."""
@@ -257,3 +257,22 @@ def load_or_build_on_node(
     distributed = trainer is not None and trainer.world_size > 1
     return load_or_build(cache_dir, key, build, is_builder=trainer is None or trainer.local_rank == 0,
                          barrier=(lambda: trainer.strategy.barrier(f"token_cache_{name}")) if distributed else None)
+
+
+def load_or_build_for(datamodule: Any, part: str, build: Callable[[EntryBuilder], dict[str, Any]],
+                      not_in_key: Iterable[str], **key_parts: Any) -> tuple[dict[str, TokenRows], dict[str, Any]]:
+    """One part of a DataModule through the cache, the one way both DataModules key and load their entries.
+
+    The key hashes the DataModule's class and ``part``, ``key_parts`` (file digests, ...), every hyperparameter
+    but ``not_in_key`` (those that cannot change the tokens: batch sizes, paths already in ``key_parts``, ...),
+    the tokenizer's files and its pad token. ``datamodule`` needs ``hparams`` (with ``tokenizer_path``,
+    ``cache_dir``, ``use_cache``), a loaded ``tokenizer`` and a ``built_cache`` dict, where whether this process
+    built the part is recorded."""
+    hp = datamodule.hparams
+    ignored = {*not_in_key, "cache_dir", "use_cache", "tokenizer_path"}
+    key = cache_key(owner=f"{type(datamodule).__name__}.{part}", settings={k: v for k, v in hp.items() if k not in ignored},
+                    tokenizer=tokenizer_digest(hp.tokenizer_path), pad=datamodule.tokenizer.pad_token, **key_parts)
+    cache_dir = (hp.cache_dir or default_cache_dir()) if hp.use_cache else None
+    rows, meta, built = load_or_build_on_node(getattr(datamodule, "trainer", None), cache_dir, key, build, part)
+    datamodule.built_cache[part] = built
+    return rows, meta

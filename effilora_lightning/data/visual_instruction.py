@@ -48,14 +48,7 @@ from .conversation_checks import MismatchCounter
 from .images import BadRecordError, preprocess_image, to_rgb
 from .records import check_data_file
 from .sampling import ModalityLengthGroupedSampler, TrainingOrder
-from .token_cache import (
-    TokenRows,
-    cache_key,
-    default_cache_dir,
-    file_digest,
-    load_or_build_on_node,
-    tokenizer_digest,
-)
+from .token_cache import file_digest, load_or_build_for
 from .tokenizer import load_tokenizer
 from .visual_build import SplitBuilder
 from .visual_dataset import VisualInstructionCollator, VisualInstructionDataset
@@ -74,6 +67,8 @@ __all__ = [
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_NOT_IN_KEY = ("batch_size", "eval_batch_size", "num_workers", "group_by_modality_length", "data_path",
+               "val_data_path", "test_data_path")  # settings that change no token (files are keyed by digest)
 
 
 class VisualInstructionDataModule(pl.LightningDataModule):
@@ -181,7 +176,9 @@ class VisualInstructionDataModule(pl.LightningDataModule):
         hp, generation = self.hparams, split != "train"
         key_inputs = {"data": file_digest(check_data_file(path)), "part": part, "generation": generation}
         builder = SplitBuilder(hp, self.template, self.tokenizer)
-        rows, meta = self._cached(split, functools.partial(builder.build, split, path, part, generation), key_inputs)
+        rows, meta = load_or_build_for(self, split, functools.partial(builder.build, split, path, part, generation),
+                                       _NOT_IN_KEY, inputs=key_inputs, image_folder=os.path.abspath(hp.image_folder),
+                                       template=asdict(self.template))
         self.datasets[split] = VisualInstructionDataset(
             rows["tokens"], meta["sample_ids"], meta["names"], meta["images"], hp.image_size, hp.image_mean, hp.image_std,
             hp.image_mode, prompts=rows.get("prompts"), answers=meta["answers"] if generation else None,
@@ -194,21 +191,6 @@ class VisualInstructionDataModule(pl.LightningDataModule):
             rank_zero_warn(f"{path}: skipped {meta['json_skipped']} lines that are not valid JSON "
                            "(on_bad_record='skip')")
         rank_zero_info(f"visual instruction {split} ({path}): {dict(self.stats[split])}")
-
-    def _cached(self, split: str, build: Any, inputs: dict[str, Any]) -> tuple[dict[str, TokenRows], dict[str, Any]]:
-        """``build`` through the token cache, keyed by the split's file, every setting that changes its tokens
-        or checks, and the tokenizer."""
-        hp, trainer = self.hparams, self.trainer
-        ignored = ("batch_size", "eval_batch_size", "num_workers", "group_by_modality_length", "cache_dir",
-                   "use_cache", "data_path", "val_data_path", "test_data_path", "tokenizer_path")
-        settings = {k: v for k, v in hp.items() if k not in ignored}
-        key = cache_key(owner=f"{type(self).__name__}.{split}", inputs=inputs, settings=settings,
-                        image_folder=os.path.abspath(hp.image_folder), template=asdict(self.template),
-                        tokenizer=tokenizer_digest(hp.tokenizer_path), pad=self.tokenizer.pad_token)
-        cache_dir = (hp.cache_dir or default_cache_dir()) if hp.use_cache else None
-        rows, meta, built = load_or_build_on_node(trainer, cache_dir, key, build, split)
-        self.built_cache[split] = built
-        return rows, meta
 
     def train_dataloader(self) -> DataLoader:
         """Training batches whose order depends only on (seed, epoch) and resumes mid-epoch from a checkpoint.
