@@ -1,6 +1,10 @@
 """Build data/checkpoints/tiny-llama/: a tiny LLaMA-3-style checkpoint in Hugging Face format, pretrained on synthetic text.
 
     python data/scripts/make_tiny_llama.py [--out data/checkpoints/tiny-llama] [--steps 1000]
+    python data/scripts/make_tiny_llama.py --layers 12 --hidden 48 --intermediate 128 \
+        --out data/checkpoints/tiny-llama-deep          # the deeper base of benchmarks/quality2.py
+
+Only the shape differs between the two: the same corpus, tokenizer, seeds, pretraining steps and schedule.
 
 It loads through the same code path as a real LLaMA-3 checkpoint::
 
@@ -317,9 +321,12 @@ def tokenizer_texts(corpus: list[str]) -> list[str]:
 # ---------------------------------------------------------------------------------------------- model
 
 
-def model_config(tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+def model_config(tokenizer: PreTrainedTokenizerFast, layers: int = LAYERS, hidden: int = HIDDEN,
+                 intermediate: int = INTERMEDIATE) -> LlamaConfig:
+    if hidden % HEADS:
+        raise ValueError(f"--hidden {hidden} must be a multiple of the {HEADS} attention heads.")
     return LlamaConfig(
-        vocab_size=VOCAB_SIZE, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
+        vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=2048, rope_theta=500000.0,
         rms_norm_eps=1e-5, tie_word_embeddings=False, hidden_act="silu", initializer_range=0.02,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=None,
@@ -364,6 +371,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-llama")
     parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--layers", type=int, default=LAYERS, help=f"decoder layers (default {LAYERS})")
+    parser.add_argument("--hidden", type=int, default=HIDDEN, help=f"hidden size (default {HIDDEN})")
+    parser.add_argument("--intermediate", type=int, default=INTERMEDIATE, help=f"SwiGLU width (default {INTERMEDIATE})")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(SEED)
@@ -371,7 +381,7 @@ def main() -> None:
 
     corpus = build_corpus()
     tokenizer = train_tokenizer(tokenizer_texts(corpus))
-    model = LlamaForCausalLM(model_config(tokenizer)).float()
+    model = LlamaForCausalLM(model_config(tokenizer, args.layers, args.hidden, args.intermediate)).float()
     data = pack(corpus, tokenizer)
     print(f"{sum(p.numel() for p in model.parameters()):,} parameters, {data.numel():,} pretraining tokens")
     pretrain(model, data, args.steps)
