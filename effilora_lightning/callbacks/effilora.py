@@ -1,7 +1,9 @@
-"""EffiLoRACallback: each optimizer step, re-rank B importance, train only the top units, log the cost.
+"""EffiLoRACallback: each optimizer step, re-rank B importance and train only the selected units.
 
 The B are our EffiLoRA's (``apply_adapter(model, EffiLoRAConfig(...))``) or PEFT LoRA's ``lora_B`` of the active
-adapter (``peft.get_peft_model(model, LoraConfig(...))``): ``selectable_units`` finds either.
+adapter (``peft.get_peft_model(model, LoraConfig(...))``): ``selectable_units`` finds either. The arithmetic is the
+pure-PyTorch ``Reducer`` (selection/reducer.py) with a ``SelectionConfig``; this file drives it from Lightning's
+hooks. Throughput, memory and MFU are ``EfficiencyMonitor``'s (monitor.py), for any adapter method.
 
 One optimizer step (see DESIGN.md, "Data flow in one training step"):
 
@@ -9,7 +11,7 @@ One optimizer step (see DESIGN.md, "Data flow in one training step"):
     forward / backward       frozen B pass activation gradients but get no weight gradient
     on_before_optimizer_step grads complete and reduced: per-unit scores -> all-reduce -> EMA;
                              grad_drop mode drops unselected grads here; decide S_{s+1}
-    on_train_batch_end       log active units/params, churn, scores, tokens/s, memory, MFU
+    on_train_batch_end       log active units/params, churn, scores
     on_train_end             every B trainable again: the model leaves as it came
 
 State (EMA, seen units, next selection, step, selection history) is checkpointed and re-applied in
@@ -19,39 +21,40 @@ seeded by (seed, step), so no RNG state needs saving and every rank agrees.
 
 from __future__ import annotations
 
-import functools
-import math
-import resource
-import sys
-import time
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_deprecation, rank_zero_info, rank_zero_only
 from torch import nn
 from typing_extensions import override
 
+from ..distributed.selection_sync import refuse_compile_and_plain_ddp, score_reducer, shards_flat_parameters
 from ..selection import SelectableUnits, describe_adapters, has_selectable_units, selectable_units, trained_beside_units
-from ..selection.reducer import FROZEN_SCORE, IMPORTANCE, SELECTION, ImportanceTracker, Reducer
+from ..selection.config import SelectionConfig, SelectionValueError
+from ..selection.reducer import ImportanceTracker, Reducer
 from .heatmap import write_selection_heatmap
-from .peak_flops import dense_peak_flops
+from .monitor import check_peak_flops, training_flops_per_token
 
 __all__ = ["EffiLoRACallback"]
 
 
 class EffiLoRACallback(Callback):
-    """Selective B updates for EffiLoRA (the paper's Reducer), plus memory and throughput logging.
+    """Selective B updates for EffiLoRA: drives the paper's Reducer (``Reducer``) from a Lightning run.
 
     Works with any LightningModule whose model went through ``apply_adapter(model, EffiLoRAConfig(...))`` or
     ``peft.get_peft_model(model, LoraConfig(...))`` (in ``__init__`` or ``configure_model``), with every adapter
     parameter in the optimizer from step 0 (``adapter_parameters(self)``). With PEFT, the units are the active
     adapter's ``lora_B``; lora_A, DoRA's magnitude vectors and ``modules_to_save`` train every step (the log line
-    at the start of training lists what trains beside the units).
+    at the start of training lists what trains beside the units). Add ``EfficiencyMonitor()`` for tokens/s,
+    memory and MFU.
+
+    The selection settings come as keywords (below, what YAML presets use) or as one typed config:
+    ``EffiLoRACallback.from_config(SelectionConfig(...))``; either way ``callback.config`` holds them.
 
     Args:
         keep_ratio: share of units trained each step, in (0, 1]; K = ceil(keep_ratio * units).
@@ -71,10 +74,8 @@ class EffiLoRACallback(Callback):
         seed: seeds the per-step draw; with the step it fixes the selection on every rank.
         log_every_n_steps: logging period in optimizer steps (default: the Trainer's).
         heatmap: write ``effilora_selection.png`` (units x steps) into the log directory at the end of fit.
-        peak_flops: peak FLOP/s of ONE device, for ``perf/mfu``. Default: Lightning's table for the CUDA
-            device at the compute dtype (the module's ``compute_dtype`` if it has one, e.g. FSDP2's bf16
-            all-gather under 32-true, else the precision plugin's: bf16-mixed computes in bf16, not in the
-            parameters' fp32). MFU is not logged when the peak is unknown (CPU, unlisted GPUs).
+        peak_flops: moved to ``EfficiencyMonitor(peak_flops=...)``; still accepted (old YAML), validated, kept as
+            ``self.peak_flops``, and otherwise unused here (a deprecation warning says so).
 
     Raises:
         ValueError: at construction for an argument out of range or an unknown name; in ``setup`` /
@@ -85,7 +86,8 @@ class EffiLoRACallback(Callback):
 
     Example::
 
-        trainer = L.Trainer(callbacks=[EffiLoRACallback(keep_ratio=0.5)])
+        trainer = L.Trainer(callbacks=[EffiLoRACallback(keep_ratio=0.5), EfficiencyMonitor()])
+        trainer = L.Trainer(callbacks=[EffiLoRACallback.from_config(SelectionConfig(keep_ratio=0.5))])
     """
 
     def __init__(
@@ -106,23 +108,34 @@ class EffiLoRACallback(Callback):
         peak_flops: float | None = None,
     ) -> None:
         super().__init__()
-        _check_args(keep_ratio, importance, selection, temperature, ema_beta, warmup_steps, every_n_steps,
-                    granularity, freeze_mode, frozen_score)
-        self.keep_ratio, self.importance, self.selection = keep_ratio, importance, selection
-        self.temperature, self.ema_beta, self.warmup_steps = temperature, ema_beta, warmup_steps
-        self.every_n_steps, self.granularity, self.freeze_mode = every_n_steps, granularity, freeze_mode
-        self.frozen_score, self.seed, self.log_every_n_steps, self.heatmap = frozen_score, seed, log_every_n_steps, heatmap
+        settings = {"keep_ratio": keep_ratio, "importance": importance, "selection": selection,
+                    "temperature": temperature, "ema_beta": ema_beta, "warmup_steps": warmup_steps,
+                    "every_n_steps": every_n_steps, "granularity": granularity, "freeze_mode": freeze_mode,
+                    "frozen_score": frozen_score, "seed": seed}
+        try:
+            self.config = SelectionConfig(**settings)
+        except SelectionValueError as err:
+            raise err.named("EffiLoRACallback") from None  # the keywords were the callback's
+        self.log_every_n_steps, self.heatmap = log_every_n_steps, heatmap
+        self.peak_flops = check_peak_flops(peak_flops)
+        if peak_flops is not None:
+            rank_zero_deprecation("EffiLoRACallback(peak_flops=...) moved to EfficiencyMonitor(peak_flops=...): "
+                                  "throughput, memory and MFU are the monitor's now.")
         self.reducer: Reducer | None = None  # built in on_train_start, once parameters are final
         self._restored: dict[str, Any] | None = None
         self._applied_step = -1  # global_step whose selection is in force (once-per-step guard)
         self._scored_step = -1
         self._all_reduce: Callable[[torch.Tensor], None] | None = None  # bound in on_train_start
-        self._flat_shards = False
-        if peak_flops is not None and not peak_flops > 0:
-            raise ValueError(f"peak_flops must be a positive FLOP/s figure or None, got {peak_flops}")
-        self.peak_flops = peak_flops
-        self._meter = _Meter()
         self.description = ""  # the start-of-training log line: units, K, what trains beside the units
+
+    @classmethod
+    def from_config(cls, config: SelectionConfig, log_every_n_steps: int | None = None, heatmap: bool = True,
+                    peak_flops: float | None = None) -> EffiLoRACallback:
+        """The callback for a typed ``config``; the other arguments are the logging ones of ``__init__``."""
+        if not isinstance(config, SelectionConfig):
+            raise TypeError(f"EffiLoRACallback.from_config needs a SelectionConfig, got {type(config).__name__}.")
+        return cls(**dataclasses.asdict(config), log_every_n_steps=log_every_n_steps, heatmap=heatmap,
+                   peak_flops=peak_flops)
 
     # Read-only views of the reducer's state (tests and users look at these).
     @property
@@ -152,48 +165,28 @@ class EffiLoRACallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not has_selectable_units(pl_module):
             raise ValueError(_no_units_message(pl_module))
-        if self.freeze_mode == "requires_grad":
-            _refuse_compile_and_plain_ddp(trainer, pl_module)
-        self._meter.peak_flops = self.peak_flops or _device_peak_flops(trainer, pl_module)
+        if self.config.freeze_mode == "requires_grad":
+            refuse_compile_and_plain_ddp(trainer, pl_module)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Parameters are final now (sharding replaced them), and a checkpoint, if any, is restored.
-        units = selectable_units(pl_module, self.granularity)
+        units = selectable_units(pl_module, self.config.granularity)
         _check_in_optimizer(trainer, units)
-        self.reducer = Reducer(
-            units, self.keep_ratio, self.importance, self.selection, self.temperature, self.ema_beta,
-            self._resolve_warmup(trainer), self.every_n_steps, self.freeze_mode, self.frozen_score, self.seed,
-        )
-        sharded = _shards_adapters(trainer, units)
-        self._all_reduce = functools.partial(_all_reduce, sharded=sharded)
-        self._flat_shards = sharded and not hasattr(units.params[0], "to_local")  # FSDP1: local numel() only
+        self.reducer = Reducer(units, self.config, steps_per_epoch=_optimizer_steps_per_epoch(trainer))
+        self._all_reduce = score_reducer(trainer.strategy, units)
         if self._restored:
             self.reducer.load_state_dict(self._restored)
             self._restored = None
         else:
-            self.reducer.selected = self.reducer.decide(trainer.global_step)
+            self.reducer.start(trainer.global_step)
         self._applied_step = -1
-        beside = trained_beside_units(pl_module, units)
-        self.description = (
-            f"EffiLoRACallback: {units.num_units} units ({self.granularity}) of {units.source}, keeping "
-            f"{self.reducer.k} per step after {self.reducer.warmup_steps} warm-up steps, importance={self.importance}, "
-            f"selection={self.selection}. Trained every step, never selected: "
-            + (", ".join(f"{kind} {n:,}" for kind, n in beside.items()) or "nothing") + "."
-        )
+        self.description = _describe(self.reducer, trained_beside_units(pl_module, units))
         rank_zero_info(self.description)
-
-    def _resolve_warmup(self, trainer: pl.Trainer) -> int:
-        if isinstance(self.warmup_steps, int):
-            return self.warmup_steps
-        batches = trainer.num_training_batches
-        steps = batches / trainer.accumulate_grad_batches if math.isfinite(batches) else 0
-        return int(self.warmup_steps * steps)
 
     # ---------------------------------------------------------------- the step
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._meter.count_batch(batch)
         if trainer.global_step == self._applied_step:
             return  # not the first micro-batch of this optimizer step
         self._applied_step = trainer.global_step
@@ -212,11 +205,9 @@ class EffiLoRACallback(Callback):
                            batch_idx: int) -> None:
         if trainer.global_step == self._applied_step:
             return  # no optimizer step happened in this batch (accumulating)
-        self._meter.steps += 1
         every = self.log_every_n_steps or trainer.log_every_n_steps
         if trainer.global_step % every == 0:
-            metrics = self._meter.flush(pl_module, self._flops_per_token(pl_module))
-            metrics.update(self._selection_metrics())
+            metrics = self._selection_metrics()
             for logger in trainer.loggers:  # straight to the loggers: our period, not the Trainer's
                 logger.log_metrics(metrics, step=trainer.global_step)
 
@@ -234,24 +225,16 @@ class EffiLoRACallback(Callback):
             "effilora/score_min": float(ema.min()),
         }
 
-    def _flops_per_token(self, pl_module: nn.Module) -> float:
-        """Training FLOPs per token: 2N forward + 2N activation backward + 2 x trained params (weight grads)."""
-        local = [sum(p.numel() for p in pl_module.parameters() if p.requires_grad)]
-        if self._meter.params_total is None:
-            local.append(sum(p.numel() for p in pl_module.parameters()))
-        if self._flat_shards:  # FSDP1: each rank counts its flat slices; together they are every element once
-            counts = torch.tensor(local, dtype=torch.float64, device=pl_module.device)
-            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-            local = counts.tolist()
-        if self._meter.params_total is None:
-            self._meter.params_total = int(local[1])
-        return 4.0 * self._meter.params_total + 2.0 * local[0]
+    def _flops_per_token(self, pl_module: pl.LightningModule) -> float:
+        """EfficiencyMonitor's figure (``training_flops_per_token``), kept here only for tests/distributed/worker.py
+        until it reads the monitor's; a collective under sharded FSDP1."""
+        return training_flops_per_token(pl_module, shards_flat_parameters(pl_module.trainer.strategy))[0]
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Leave the model as it came: every B trainable again (PEFT's print_trainable_parameters, a later fit whose
         # optimizer filters by requires_grad). Checkpoints and exports select adapters by name either way.
-        if self.reducer is not None and self.freeze_mode == "requires_grad":
+        if self.reducer is not None and self.config.freeze_mode == "requires_grad":
             self.units.set_trainable(torch.ones(self.units.num_units, dtype=torch.bool))
 
     @override
@@ -275,33 +258,28 @@ class EffiLoRACallback(Callback):
         self._restored = dict(state_dict) if state_dict else None  # applied in on_train_start
 
 
+def _optimizer_steps_per_epoch(trainer: pl.Trainer) -> float:
+    """Optimizer steps in one epoch, for a warm-up given as a share (inf for an endless epoch: no warm-up)."""
+    return trainer.num_training_batches / trainer.accumulate_grad_batches
+
+
+def _describe(reducer: Reducer, beside: dict[str, int]) -> str:
+    """The start-of-training line: units, K, warm-up, rule, and what trains every step beside the units."""
+    cfg, units = reducer.config, reducer.units
+    return (
+        f"EffiLoRACallback: {units.num_units} units ({cfg.granularity}) of {units.source}, keeping "
+        f"{reducer.k} per step after {reducer.warmup_steps} warm-up steps, importance={cfg.importance}, "
+        f"selection={cfg.selection}. Trained every step, never selected: "
+        + (", ".join(f"{kind} {n:,}" for kind, n in beside.items()) or "nothing") + "."
+    )
+
+
 def _no_units_message(pl_module: nn.Module) -> str:
     return (
         f"EffiLoRACallback found no EffiLoRA modules and no PEFT LoRA layers in {type(pl_module).__name__} (the "
         "adapted model must be an attribute of the LightningModule, adapted in its __init__ or configure_model). "
         + describe_adapters(pl_module)
     )
-
-
-def _all_reduce(scores: torch.Tensor, sharded: bool) -> None:
-    """Shards hold parts of each B (SUM completes the score); replicas hold copies (AVG keeps it)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(scores, op=dist.ReduceOp.SUM)
-        if not sharded:
-            scores.div_(dist.get_world_size())
-
-
-def _shards_adapters(trainer: pl.Trainer, units: SelectableUnits) -> bool:
-    """Whether each rank holds a different part of the B: FSDP2 (DTensor parameters) or FSDP1 with any sharding
-    but NO_SHARD (its use_orig_params views are flat slices). Under hybrid sharding the SUM counts each shard
-    once per replica group: a uniform factor, which neither top-k nor the z-scored sampling sees."""
-    if hasattr(units.params[0], "to_local"):
-        return True
-    from lightning.pytorch.strategies import FSDPStrategy
-    from torch.distributed.fsdp import ShardingStrategy
-
-    strategy = trainer.strategy
-    return isinstance(strategy, FSDPStrategy) and strategy.sharding_strategy != ShardingStrategy.NO_SHARD
 
 
 def _check_in_optimizer(trainer: pl.Trainer, units: SelectableUnits) -> None:
@@ -316,111 +294,3 @@ def _check_in_optimizer(trainer: pl.Trainer, units: SelectableUnits) -> None:
             "`torch.optim.AdamW(adapter_parameters(self), ...)` (from effilora_lightning import adapter_parameters). "
             "The callback toggles requires_grad every step and never adds param groups."
         )
-
-
-def _refuse_compile_and_plain_ddp(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-    compiled = getattr(pl_module, "_compiler_ctx", None) or getattr(pl_module, "_compiled_call_impl", None)
-    if compiled:
-        raise RuntimeError(
-            "EffiLoRACallback(freeze_mode='requires_grad') cannot run under torch.compile: compiled graphs do not "
-            "guard on requires_grad, so toggled B would silently stop training. Use freeze_mode='grad_drop'."
-        )
-    from lightning.pytorch.strategies import DDPStrategy
-
-    strategy = trainer.strategy
-    if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters", False):
-        raise RuntimeError(
-            "EffiLoRACallback(freeze_mode='requires_grad') under DDP needs find_unused_parameters: use "
-            "strategy='ddp_find_unused_parameters_true', or freeze_mode='grad_drop'."
-        )
-
-
-class _Meter:
-    """Throughput and memory between two log points; token counts stay on the device until then."""
-
-    def __init__(self) -> None:
-        self.tokens: torch.Tensor | None = None
-        self.samples = 0
-        self.steps = 0
-        self.t0 = time.perf_counter()
-        self.params_total: int | None = None
-        self.peak_flops: float | None = None  # per device; None: MFU not logged
-
-    def count_batch(self, batch: Any) -> None:
-        ids, mask = _ids_and_mask(batch)
-        if ids is None:
-            return
-        n = mask.sum() if mask is not None else torch.tensor(ids.numel(), device=ids.device)
-        self.tokens = n if self.tokens is None else self.tokens + n  # on device: no sync
-        self.samples += ids.shape[0]
-
-    def flush(self, pl_module: pl.LightningModule, flops_per_token: float) -> dict[str, float]:
-        device = pl_module.device
-        local = torch.tensor([float(self.tokens) if self.tokens is not None else 0.0, float(self.samples)],
-                             device=device, dtype=torch.float64)
-        mem = torch.tensor([_peak_memory_mb(device)], device=device, dtype=torch.float64)
-        world = 1
-        if dist.is_available() and dist.is_initialized():
-            world = dist.get_world_size()
-            dist.all_reduce(local, op=dist.ReduceOp.SUM)
-            dist.all_reduce(mem, op=dist.ReduceOp.MAX)
-        elapsed = max(time.perf_counter() - self.t0, 1e-9)
-        tokens, samples = local.tolist()
-        out = {
-            "perf/tokens_per_sec": tokens / elapsed,
-            "perf/samples_per_sec": samples / elapsed,
-            "perf/step_time_sec": elapsed / max(self.steps, 1),
-            "perf/peak_memory_mb": float(mem.item()),
-        }
-        if self.peak_flops:
-            out["perf/mfu"] = flops_per_token * tokens / elapsed / (self.peak_flops * world)
-        self.tokens, self.samples, self.steps, self.t0 = None, 0, 0, time.perf_counter()
-        return out
-
-
-def _device_peak_flops(trainer: pl.Trainer, pl_module: pl.LightningModule) -> float | None:
-    """Peak FLOP/s of one CUDA device at the dtype the matmuls run in; None elsewhere or when unlisted."""
-    device = trainer.strategy.root_device
-    if device.type != "cuda":
-        return None
-    from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
-
-    dtype = getattr(pl_module, "compute_dtype", None) or _plugin_to_compute_dtype(trainer.precision_plugin)
-    return dense_peak_flops(torch.cuda.get_device_name(device), dtype, device)
-
-
-def _ids_and_mask(batch: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    if isinstance(batch, dict):
-        return batch.get("input_ids"), batch.get("attention_mask")
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0], None
-    return None, None
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    """CUDA peak allocated on GPU, else the process's peak resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
-
-
-def _check_args(keep_ratio: float, importance: str, selection: str, temperature: float, ema_beta: float,
-                warmup_steps: int | float, every_n_steps: int, granularity: str, freeze_mode: str,
-                frozen_score: str) -> None:
-    if not 0.0 < keep_ratio <= 1.0:
-        raise ValueError(f"EffiLoRACallback(keep_ratio={keep_ratio}): must be in (0, 1].")
-    for name, value, allowed in (("importance", importance, IMPORTANCE), ("selection", selection, SELECTION),
-                                 ("granularity", granularity, ("layer", "module")),
-                                 ("freeze_mode", freeze_mode, ("requires_grad", "grad_drop")),
-                                 ("frozen_score", frozen_score, FROZEN_SCORE)):
-        if value not in allowed:
-            raise ValueError(f"EffiLoRACallback({name}={value!r}): must be one of {allowed}.")
-    if not temperature > 0:
-        raise ValueError(f"EffiLoRACallback(temperature={temperature}): must be > 0.")
-    if not 0.0 <= ema_beta < 1.0:
-        raise ValueError(f"EffiLoRACallback(ema_beta={ema_beta}): must be in [0, 1).")
-    if warmup_steps < 0 or (isinstance(warmup_steps, float) and warmup_steps >= 1.0):
-        raise ValueError(f"EffiLoRACallback(warmup_steps={warmup_steps}): an int >= 0, or a float share in [0, 1).")
-    if every_n_steps < 1:
-        raise ValueError(f"EffiLoRACallback(every_n_steps={every_n_steps}): must be >= 1.")

@@ -271,7 +271,13 @@ class CausalLMModule(pl.LightningModule):
         return load_causal_lm(hp.model_path, hp.model_config, hp.dtype, hp.init_seed, meta=meta)
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        return [self.reducer] if self.reducer is not None else []
+        """EfficiencyMonitor (perf/*) for every adapter method, beside EffiLoRACallback for EffiLoRA; the monitor
+        takes ``log_every_n_steps`` and ``peak_flops`` from the ``reducer`` block."""
+        from ..callbacks import EfficiencyMonitor
+
+        reducer = self.hparams.get("reducer") or {}
+        monitor = EfficiencyMonitor(reducer.get("log_every_n_steps"), reducer.get("peak_flops"))
+        return [self.reducer, monitor] if self.reducer is not None else [monitor]
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -549,9 +555,18 @@ class CausalLMModule(pl.LightningModule):
 
 
 def _build_reducer(reducer: dict[str, Any]) -> EffiLoRACallback:
-    """EffiLoRACallback(**reducer); its range errors are prefixed with where the value came from."""
+    """EffiLoRACallback.from_config(SelectionConfig(...), **the rest) from the ``reducer`` block; ``peak_flops`` is
+    checked here and goes to the EfficiencyMonitor (configure_callbacks). Range errors say where the value came from."""
+    from ..callbacks.monitor import check_peak_flops
+    from ..selection.config import SETTINGS, SelectionConfig, SelectionValueError
+
     try:
-        return EffiLoRACallback(**reducer)
+        check_peak_flops(reducer.get("peak_flops"))
+        config = SelectionConfig(**{k: v for k, v in reducer.items() if k in SETTINGS})
+        logging = {k: v for k, v in reducer.items() if k not in SETTINGS and k != "peak_flops"}
+        return EffiLoRACallback.from_config(config, **logging)
+    except SelectionValueError as err:
+        raise ValueError(f"reducer: {err.named('EffiLoRACallback')}") from None
     except ValueError as err:
         raise ValueError(f"reducer: {err}") from None
 

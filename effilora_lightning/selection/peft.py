@@ -19,6 +19,7 @@ Pure PyTorch: nothing here imports lightning, transformers or peft.
 from __future__ import annotations
 
 from collections import Counter
+
 import torch
 from torch import nn
 

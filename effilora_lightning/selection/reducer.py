@@ -7,8 +7,9 @@ One optimizer step, as EffiLoRACallback drives it:
     ImportanceTracker.update(scores, observed)   EMA on CPU; a frozen unit's score stays or decays
     ImportanceTracker.select(k, step)            sample / top-k / random, seeded by (seed, step)
 
-``Reducer`` strings these together for one model, for any training loop; ``selectable_units(model)`` gives it
-the units of our EffiLoRA or of a PEFT LoRA model alike.
+``Reducer`` strings these together for one model, for any training loop, with the settings of a
+``SelectionConfig`` (config.py); ``selectable_units(model)`` gives it the units of our EffiLoRA or of a PEFT LoRA
+model alike.
 
 No per-parameter kernel loop: scores come from a few ``torch._foreach_*`` calls and one index_add.
 """
@@ -17,10 +18,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
+from .config import FROZEN_SCORE, IMPORTANCE, SELECTION, Importance, Selection, SelectionConfig
 from .peft import selectable_units
 from .units import SelectableUnits
 
@@ -28,13 +30,6 @@ __all__ = [
     "IMPORTANCE", "SELECTION", "FROZEN_SCORE", "ImportanceTracker", "Reducer", "local_unit_scores", "num_kept",
     "selectable_units", "step_generator",
 ]
-
-IMPORTANCE = ("taylor", "grad_norm", "weight_norm", "random")
-SELECTION = ("sample", "topk", "random")
-FROZEN_SCORE = ("keep", "decay")
-
-Importance = Literal["taylor", "grad_norm", "weight_norm", "random"]
-Selection = Literal["sample", "topk", "random"]
 
 
 def num_kept(keep_ratio: float, num_units: int) -> int:
@@ -149,12 +144,12 @@ class ImportanceTracker:
 
 
 class Reducer:
-    """EffiLoRA's Reducer without Lightning: which units of B train at each optimizer step.
+    """The selection EffiLoRA's paper calls the Reducer, without Lightning: which units of B train at each step.
 
     Drive it from any training loop (EffiLoRACallback does exactly this); ``model`` went through
     ``apply_adapter(model, EffiLoRAConfig(...))`` or ``peft.get_peft_model(model, LoraConfig(...))``::
 
-        reducer = Reducer(selectable_units(model), keep_ratio=0.5)
+        reducer = Reducer(selectable_units(model), SelectionConfig(keep_ratio=0.5))
         for step, batch in enumerate(loader):
             reducer.begin_step()                  # before the forward: freeze the unselected B
             loss(model, batch).backward()
@@ -163,66 +158,69 @@ class Reducer:
 
     ``all_reduce(t)`` completes, in place, a vector of per-unit sums across ranks (None in one process): SUM
     where ranks hold shards of B, the mean where they hold replicas.
+
+    Args:
+        units: the B to select among (``selectable_units(model, config.granularity)``), built after any sharding.
+        config: the settings (default ``SelectionConfig()``).
+        steps_per_epoch: optimizer steps in an epoch, for a warm-up given as a share (None: no such warm-up).
+        **settings: shorthand for ``config=SelectionConfig(**settings)`` (``Reducer(units, keep_ratio=0.25)``).
+
+    The Reducer owns its state: the selection in force, the EMA, the history. Set it through ``start`` (a fresh
+    run, or one resumed without saved state) or ``load_state_dict``; read it through the attributes.
     """
 
-    def __init__(
-        self,
-        units: SelectableUnits,
-        keep_ratio: float = 0.5,
-        importance: Importance = "taylor",
-        selection: Selection = "sample",
-        temperature: float = 1.0,
-        ema_beta: float = 0.85,
-        warmup_steps: int = 0,
-        every_n_steps: int = 1,
-        freeze_mode: str = "requires_grad",
-        frozen_score: str = "keep",
-        seed: int = 0,
-    ) -> None:
-        self.units, self.keep_ratio, self.importance, self.selection = units, keep_ratio, importance, selection
-        self.temperature, self.warmup_steps, self.every_n_steps = temperature, warmup_steps, every_n_steps
-        self.freeze_mode, self.seed = freeze_mode, seed
-        self.tracker = ImportanceTracker(units.num_units, ema_beta, frozen_score)
-        self.k = num_kept(keep_ratio, units.num_units)
-        self.selected: torch.Tensor | None = None  # (U,) bool in force for the current step
+    def __init__(self, units: SelectableUnits, config: SelectionConfig | None = None, *,
+                 steps_per_epoch: float | None = None, **settings: Any) -> None:
+        if config is not None and not isinstance(config, SelectionConfig):
+            raise TypeError(f"Reducer(units, config): config must be a SelectionConfig (settings are keyword-only), "
+                            f"got {type(config).__name__}.")
+        if config is not None and settings:
+            raise TypeError(f"Reducer takes a SelectionConfig or settings as keywords, not both (got {sorted(settings)}).")
+        self.config = config if config is not None else SelectionConfig.from_mapping(settings, where="Reducer")
+        self.units = units
+        self.warmup_steps = self.config.warmup_for(steps_per_epoch)
+        self.k = num_kept(self.config.keep_ratio, units.num_units)
+        self.tracker = ImportanceTracker(units.num_units, self.config.ema_beta, self.config.frozen_score)
+        self.selected: torch.Tensor = torch.ones(units.num_units, dtype=torch.bool)  # (U,) bool in force this step
         self.history: list[torch.Tensor] = []  # the selection of every finished step
-        self.selected = self.decide(0)
+        self.start(0)
+
+    def start(self, step: int) -> None:
+        """Begin at optimizer step ``step`` without saved state: the selection in force becomes that step's."""
+        self.selected = self.decide(step)
 
     def begin_step(self) -> None:
         """Apply the selection in force (requires_grad mode); call once per optimizer step, before forward."""
-        if self.freeze_mode == "requires_grad":
+        if self.config.freeze_mode == "requires_grad":
             self.units.set_trainable(self.selected)
 
     def end_step(self, step: int, all_reduce: Callable[[torch.Tensor], None] | None = None) -> None:
         """Gradients of ``step`` are complete: drop unselected ones (grad_drop), score, EMA, choose step + 1."""
         units = self.units
-        if self.freeze_mode == "grad_drop":
+        if self.config.freeze_mode == "grad_drop":
             keep = self.selected.tolist()
             for p, u in zip(units.params, units.unit_of_param.tolist()):
                 if not keep[u]:
                     p.grad = None
-        scores, observed = local_unit_scores(units.params, units.unit_of_param, units.num_units, self.importance)
+        scores, observed = local_unit_scores(units.params, units.unit_of_param, units.num_units,
+                                             self.config.importance)
         if all_reduce is not None:
-            # scores and observed flags travel together: one collective, one device-to-host transfer. A rank
-            # whose shard of a unit's B is empty sees no gradient for it; the OR over ranks is the truth.
-            n = units.num_units
-            packed = torch.cat([scores, torch.tensor(observed, dtype=scores.dtype).to(scores.device)])
-            all_reduce(packed)
-            packed = packed.cpu()
-            scores, observed = packed[:n], (packed[n:] > 0).tolist()
+            scores, observed = _reduced(scores, observed, all_reduce)
         self.tracker.update(scores.cpu(), observed)  # the one device-to-host transfer (a no-op after packing)
         self.history.append(self.selected.clone())
         self.selected = self.decide(step + 1)
 
     def decide(self, step: int) -> torch.Tensor:
-        """The selection for optimizer step ``step``: all units during warm-up, else K by the rule."""
-        n = self.units.num_units
+        """The selection for optimizer step ``step``: all units during warm-up, else K by the rule.
+
+        Pure in the state: it returns the selection and changes nothing (``start`` and ``end_step`` keep it)."""
+        n, cfg = self.units.num_units, self.config
         if step < self.warmup_steps:
             return torch.ones(n, dtype=torch.bool)
-        held = self.selected is not None and int(self.selected.sum()) < n
-        if held and (step - self.warmup_steps) % self.every_n_steps:
+        held = int(self.selected.sum()) < n  # a selection of K is in force (not the warm-up's all)
+        if held and (step - self.warmup_steps) % cfg.every_n_steps:
             return self.selected
-        return self.tracker.select(self.k, self.selection, self.temperature, self.seed, step)
+        return self.tracker.select(self.k, cfg.selection, cfg.temperature, cfg.seed, step)
 
     def state_dict(self) -> dict[str, Any]:
         history = torch.stack(self.history) if self.history else torch.zeros(0, self.units.num_units, dtype=torch.bool)
@@ -238,3 +236,15 @@ class Reducer:
         self.tracker.load_state_dict(state["tracker"])
         self.selected = state["selected"].to(torch.bool).clone()
         self.history = list(state["history"].to(torch.bool).unbind(0))
+
+
+def _reduced(scores: torch.Tensor, observed: list[bool],
+             all_reduce: Callable[[torch.Tensor], None]) -> tuple[torch.Tensor, list[bool]]:
+    """Scores and observed flags completed across ranks in one collective and one device-to-host transfer.
+
+    A rank whose shard of a unit's B is empty sees no gradient for it; the OR over ranks is the truth."""
+    n = scores.numel()
+    packed = torch.cat([scores, torch.tensor(observed, dtype=scores.dtype).to(scores.device)])
+    all_reduce(packed)
+    packed = packed.cpu()
+    return packed[:n], (packed[n:] > 0).tolist()

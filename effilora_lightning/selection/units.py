@@ -10,17 +10,15 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
 
 from ..adapters.base import unwrapped_name
 from ..adapters.effilora import EffiLoRALinear
+from .config import Granularity
 
 __all__ = ["Granularity", "SelectableUnits", "effilora_units", "unit_name"]
-
-Granularity = Literal["layer", "module"]
 
 _LAYER_INDEX = re.compile(r"^\d+$")
 

@@ -13,7 +13,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 
 from effilora_lightning import EffiLoRACallback, EffiLoRAConfig, LoRAConfig, apply_adapter
-from effilora_lightning.callbacks.effilora import _Meter, _refuse_compile_and_plain_ddp
+from effilora_lightning.callbacks import EfficiencyMonitor
+from effilora_lightning.distributed.selection_sync import refuse_compile_and_plain_ddp
 
 
 def _trainer(callbacks, tmp_path, max_steps=6, **kw):
@@ -137,7 +138,7 @@ def test_resume_continues_the_same_selections_and_losses(tmp_path):
 def test_logs_throughput_memory_and_selection_and_draws_heatmap(tmp_path):
     logger = pl.loggers.CSVLogger(tmp_path, name="run")
     cb = EffiLoRACallback(warmup_steps=0, log_every_n_steps=2)
-    trainer = _trainer([cb], tmp_path, max_steps=4, logger=logger)
+    trainer = _trainer([cb, EfficiencyMonitor(log_every_n_steps=2)], tmp_path, max_steps=4, logger=logger)
     trainer.fit(plain_module(EffiLoRAConfig(rank=4)), token_loader(n=16))
     import csv
 
@@ -153,14 +154,6 @@ def test_logs_throughput_memory_and_selection_and_draws_heatmap(tmp_path):
 
     img = Image.open(f"{logger.log_dir}/effilora_selection.png")
     assert img.width >= 4 and img.height >= 4
-
-
-def test_meter_counts_non_padding_tokens_only():
-    meter = _Meter()
-    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
-    meter.count_batch({"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": mask})
-    meter.count_batch({"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": mask})
-    assert int(meter.tokens) == 10 and meter.samples == 4
 
 
 @pytest.mark.parametrize(
@@ -213,56 +206,11 @@ def test_requires_grad_mode_refuses_compile_and_plain_ddp():
     module = plain_module(EffiLoRAConfig(rank=4))
     module.configure_model()
     plain = SimpleNamespace(strategy=object())
-    _refuse_compile_and_plain_ddp(plain, module)  # fine as is
+    refuse_compile_and_plain_ddp(plain, module)  # fine as is
     module.compile()  # sets the compiled call without compiling anything yet
     with pytest.raises(RuntimeError, match="cannot run under torch.compile.*grad_drop"):
-        _refuse_compile_and_plain_ddp(plain, module)
+        refuse_compile_and_plain_ddp(plain, module)
     with pytest.raises(RuntimeError, match="ddp_find_unused_parameters_true"):
-        _refuse_compile_and_plain_ddp(SimpleNamespace(strategy=DDPStrategy()), plain_module(EffiLoRAConfig(rank=4)))
-    _refuse_compile_and_plain_ddp(SimpleNamespace(strategy=DDPStrategy(find_unused_parameters=True)),
+        refuse_compile_and_plain_ddp(SimpleNamespace(strategy=DDPStrategy()), plain_module(EffiLoRAConfig(rank=4)))
+    refuse_compile_and_plain_ddp(SimpleNamespace(strategy=DDPStrategy(find_unused_parameters=True)),
                                   plain_module(EffiLoRAConfig(rank=4)))
-
-
-def test_mfu_uses_the_given_peak_and_equals_flops_times_tokens_per_second():
-    meter = _Meter()
-    meter.peak_flops = 1e9
-    meter.count_batch({"input_ids": torch.ones(2, 8, dtype=torch.long)})
-    module = SimpleNamespace(device=torch.device("cpu"))
-    out = meter.flush(module, flops_per_token=1000.0)
-    assert out["perf/mfu"] == pytest.approx(1000.0 * out["perf/tokens_per_sec"] / 1e9, rel=1e-12)
-    meter.peak_flops = None  # unknown peak (CPU): no MFU rather than a made-up one
-    meter.count_batch({"input_ids": torch.ones(2, 8, dtype=torch.long)})
-    assert "perf/mfu" not in meter.flush(module, flops_per_token=1000.0)
-    with pytest.raises(ValueError, match="peak_flops"):
-        EffiLoRACallback(peak_flops=0)
-
-
-@pytest.mark.parametrize(("precision", "compute_dtype", "expected"), [
-    ("bf16-mixed", None, torch.bfloat16),       # parameters stay fp32; the matmuls run in bf16
-    ("32-true", None, torch.float32),
-    ("32-true", torch.bfloat16, torch.bfloat16),  # FSDP2 all-gathering in bf16 (CausalLMModule.compute_dtype)
-])
-def test_mfu_peak_is_looked_up_at_the_compute_dtype(monkeypatch, precision, compute_dtype, expected):
-    from lightning.pytorch.plugins import MixedPrecision, Precision
-
-    from effilora_lightning.callbacks import effilora as module
-
-    seen = []
-    monkeypatch.setattr(module, "dense_peak_flops", lambda name, dtype, device: seen.append(dtype) or 1e15)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
-    plugin = MixedPrecision("bf16-mixed", "cuda") if precision == "bf16-mixed" else Precision()
-    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)), precision_plugin=plugin)
-    assert module._device_peak_flops(trainer, SimpleNamespace(compute_dtype=compute_dtype)) == 1e15
-    assert seen == [expected]
-    cpu = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")), precision_plugin=plugin)
-    assert module._device_peak_flops(cpu, SimpleNamespace()) is None
-
-
-def test_dense_peak_flops_knows_the_h200_by_the_name_it_reports():
-    """Lightning's table misses "NVIDIA H200" and lists the 2:4-sparse rate; ours is the datasheet's dense one."""
-    from effilora_lightning.callbacks.peak_flops import dense_peak_flops
-
-    assert dense_peak_flops("NVIDIA H200", torch.bfloat16) == 989.4e12
-    assert dense_peak_flops("NVIDIA H200 NVL", torch.bfloat16) == 835e12
-    assert dense_peak_flops("NVIDIA H100 80GB HBM3", torch.float32) == 66.9e12
-    assert dense_peak_flops("Some Future GPU", torch.bfloat16) is None  # and Lightning's table when given the device

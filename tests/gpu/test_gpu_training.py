@@ -1,5 +1,6 @@
-"""On CUDA, through Lightning's Trainer: EffiLoRACallback's selection and real freezing, perf/* and perf/mfu, and
-CausalLMModule fitting, validating and generating with a bf16 base (the 8B recipe's dtype and precision)."""
+"""On CUDA, through Lightning's Trainer: EffiLoRACallback's selection and real freezing, EfficiencyMonitor's perf/*
+and perf/mfu, and CausalLMModule fitting, validating and generating with a bf16 base (the 8B recipe's dtype and
+precision)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from helpers import plain_module, token_loader
 from lightning.pytorch.callbacks import Callback
 
 from effilora_lightning import CausalLMModule, CommonsenseDataModule, EffiLoRACallback, EffiLoRAConfig
+from effilora_lightning.callbacks import EfficiencyMonitor
 
 pytestmark = GPU_MARKS
 
@@ -61,11 +63,12 @@ def fitted(tmp_path_factory):
     """A user's LightningModule (tests/helpers.plain_module: 4 layers, EffiLoRA r=4 on every Linear) trained
     STEPS steps with keep_ratio 0.5 under bf16-mixed on one GPU, every step logged."""
     peak = dense_bf16_peak() if ACCELERATOR == "gpu" else 1e12
-    cb = EffiLoRACallback(keep_ratio=0.5, warmup_steps=0, log_every_n_steps=1, heatmap=False, peak_flops=peak)
+    cb = EffiLoRACallback(keep_ratio=0.5, warmup_steps=0, log_every_n_steps=1, heatmap=False)
+    monitor = EfficiencyMonitor(log_every_n_steps=1, peak_flops=peak)
     probe, logger = StepProbe(cb), MemoryLogger()
     module = plain_module(EffiLoRAConfig(rank=4), layers=4, weight_decay=0.1)
     trainer = pl.Trainer(accelerator=ACCELERATOR, devices=1, precision="bf16-mixed", max_steps=STEPS,
-                         callbacks=[cb, probe], logger=logger, enable_checkpointing=False, enable_progress_bar=False,
+                         callbacks=[cb, monitor, probe], logger=logger, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=tmp_path_factory.mktemp("fit"))
     trainer.fit(module, token_loader(batch_size=4, n=32))
     return cb, probe, logger, peak
@@ -98,7 +101,7 @@ def test_perf_metrics_and_mfu_are_logged_every_step_and_mfu_is_in_0_1(fitted):
 
 
 def test_default_peak_flops_is_found_for_this_gpu_and_is_the_dense_rate():
-    """What EffiLoRACallback divides by when no peak_flops is given (Lightning's table alone misses the H200)."""
+    """What EfficiencyMonitor divides by when no peak_flops is given (Lightning's table alone misses the H200)."""
     from effilora_lightning.callbacks.peak_flops import dense_peak_flops
 
     flops = dense_peak_flops(torch.cuda.get_device_name(0), torch.bfloat16, torch.device("cuda", 0))
