@@ -68,8 +68,10 @@ def test_a_resume_silences_only_lightnings_not_resumable_warning():
 
     from effilora_lightning.data.sampling import checked_position
 
-    checked_position({"epoch": 0, "batches": 3}, "CommonsenseDataModule")
     with warnings.catch_warnings(record=True) as caught:
+        warnings.resetwarnings()  # no filter another test left behind (the benchmark smoke tests ignore all)
+        warnings.simplefilter("always")
+        checked_position({"epoch": 0, "batches": 3}, "CommonsenseDataModule")
         warnings.warn("You're resuming from a checkpoint that ended before the epoch ended and your dataloader is"
                       " not resumable. This can cause unreliable results.", PossibleUserWarning, stacklevel=1)
         warnings.warn("something else", PossibleUserWarning, stacklevel=1)
