@@ -1,10 +1,10 @@
-"""How much of a training step EffiLoRACallback costs: time inside its hooks over the whole step.
+"""How much of a training step EffiLoRACallback and EfficiencyMonitor cost: time inside their hooks over the step.
 
     .venv/bin/python benchmarks/callback_overhead.py [--steps 60] [--model data/checkpoints/tiny-llama]
 
 Trains the demo's model shape (data/checkpoints/tiny-llama if present, else the same shape from a config) with the
-demo's EffiLoRA adapter and batch (16 x 128 tokens) on CPU, wraps each hook of the callback in a timer,
-and prints hook time / step time. Steps, not wall time of the whole run, so start-up does not count.
+demo's EffiLoRA adapter and batch (16 x 128 tokens) on CPU, wraps each hook of the two callbacks the module adds
+(the selection and the perf/* monitor) in a timer, and prints hook time / step time. Steps, not wall time of the whole run, so start-up does not count.
 """
 
 from __future__ import annotations
@@ -40,13 +40,28 @@ class StepTimer(Callback):
 def _timed(cb: Callback, totals: dict[str, list[float]]) -> None:
     for name in HOOKS:
         original = getattr(cb, name)
+        key = f"{type(cb).__name__}.{name}"
+        totals[key] = []
 
-        def wrapper(*args, _f=original, _n=name, **kw):
+        def wrapper(*args, _f=original, _n=key, **kw):
             t = time.perf_counter()
             _f(*args, **kw)
             totals[_n].append(time.perf_counter() - t)
 
         setattr(cb, name, wrapper)
+
+
+def _time_added_callbacks(module: CausalLMModule, totals: dict[str, list[float]]) -> None:
+    """Wrap the hooks of every callback the module adds (configure_callbacks runs when fit starts)."""
+    configure = module.configure_callbacks
+
+    def configure_timed() -> list[Callback]:
+        callbacks = configure()
+        for cb in callbacks:
+            _timed(cb, totals)
+        return callbacks
+
+    module.configure_callbacks = configure_timed
 
 
 def main() -> None:
@@ -61,8 +76,8 @@ def main() -> None:
     module = CausalLMModule(adapter=EffiLoRAConfig(rank=8, alpha=16, target_modules=["q_proj", "k_proj", "v_proj",
                             "up_proj", "down_proj"]), reducer={"keep_ratio": 0.5, "warmup_steps": 0,
                             "log_every_n_steps": 10, "heatmap": False}, **model_kw)
-    totals: dict[str, list[float]] = {h: [] for h in HOOKS}
-    _timed(module.reducer, totals)
+    totals: dict[str, list[float]] = {}
+    _time_added_callbacks(module, totals)
     timer = StepTimer()
     ids = torch.randint(3, 800, (16 * args.steps, 128))
     data = [{"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x} for x in ids]

@@ -16,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from effilora_lightning import EffiLoRACallback, EffiLoRAConfig, adapter_parameters, apply_adapter
 from effilora_lightning.adapters import save_adapter
+from effilora_lightning.callbacks import EfficiencyMonitor
 
 
 class MyLitLM(L.LightningModule):
@@ -49,7 +50,8 @@ def main(max_steps: int = 20) -> None:
     data = DataLoader(TensorDataset(torch.randint(0, 256, (64, 32))), batch_size=8)
     callback = EffiLoRACallback(keep_ratio=0.5, importance="taylor", selection="sample", warmup_steps=2,
                                 log_every_n_steps=5)
-    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", callbacks=[callback], log_every_n_steps=5,
+    monitor = EfficiencyMonitor(log_every_n_steps=5)  # perf/*: tokens/s, memory (and MFU on a known GPU)
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", callbacks=[callback, monitor], log_every_n_steps=5,
                         default_root_dir="logs/callback_example", enable_checkpointing=False)
     module = MyLitLM()
     trainer.fit(module, data)

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from effilora_lightning import EffiLoRACallback, adapter_parameters
+from effilora_lightning.callbacks import EfficiencyMonitor
 
 
 class MyPeftLM(L.LightningModule):
@@ -43,7 +44,8 @@ def main(max_steps: int = 20) -> None:
     torch.manual_seed(0)
     data = DataLoader(TensorDataset(torch.randint(0, 256, (64, 32))), batch_size=8)
     callback = EffiLoRACallback(keep_ratio=0.5, warmup_steps=2, log_every_n_steps=5)
-    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", callbacks=[callback], log_every_n_steps=5,
+    monitor = EfficiencyMonitor(log_every_n_steps=5)  # perf/*: tokens/s, memory (and MFU on a known GPU)
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", callbacks=[callback, monitor], log_every_n_steps=5,
                         default_root_dir="logs/peft_lora_example", enable_checkpointing=False)
     module = MyPeftLM()
     trainer.fit(module, data)
