@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import plain_module, token_loader
 
-from effilora_lightning import EffiLoRACallback, LoRAConfig
+from effilora_lightning import EffiLoRACallback, EffiLoRAConfig, LoRAConfig
 from effilora_lightning.callbacks import EfficiencyMonitor
 from effilora_lightning.callbacks.monitor import _Meter, training_flops_per_token
 
@@ -27,6 +27,16 @@ def test_lora_run_logs_perf_at_the_monitors_period(tmp_path):
     assert [int(r["step"]) for r in rows] == [3, 6]  # optimizer steps, not micro-batches
     assert all(float(r[k]) > 0 for r in rows for k in PERF)
     assert "perf/mfu" not in rows[0] or not rows[0]["perf/mfu"]  # CPU: no peak, no MFU
+
+
+def test_the_selection_callback_alone_logs_selection_only(tmp_path):
+    logger = pl.loggers.CSVLogger(tmp_path, name="run")
+    trainer = pl.Trainer(max_steps=2, callbacks=[EffiLoRACallback(warmup_steps=0, log_every_n_steps=1, heatmap=False)],
+                         logger=logger, accelerator="cpu", devices=1, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(plain_module(EffiLoRAConfig(rank=4)), token_loader(n=8))
+    logged = {k for r in csv.DictReader(open(f"{logger.log_dir}/metrics.csv")) for k, v in r.items() if v}
+    assert "effilora/active_units" in logged and not any(k.startswith("perf/") for k in logged)
 
 
 def test_meter_counts_non_padding_tokens_only():
