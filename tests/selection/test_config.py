@@ -94,3 +94,17 @@ def test_callback_takes_a_config():
     assert EffiLoRACallback(keep_ratio=0.25, importance="grad_norm").config == config  # the keywords build the same
     with pytest.raises(TypeError, match="needs a SelectionConfig"):
         EffiLoRACallback.from_config({"keep_ratio": 0.25})
+
+
+def test_the_callbacks_selection_keywords_are_the_configs_fields():
+    """EffiLoRACallback spells the settings out (YAML and LightningCLI read its signature): same names, order,
+    defaults and types as SelectionConfig, so the two cannot drift apart."""
+    import inspect
+    import typing
+
+    params = list(inspect.signature(EffiLoRACallback).parameters.values())[: len(dataclasses.fields(SelectionConfig))]
+    hints = typing.get_type_hints(EffiLoRACallback.__init__)
+    config_hints = typing.get_type_hints(SelectionConfig)
+    for param, field in zip(params, dataclasses.fields(SelectionConfig)):
+        assert (param.name, param.default) == (field.name, field.default)
+        assert hints[param.name] == config_hints[field.name], field.name
