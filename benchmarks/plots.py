@@ -87,6 +87,32 @@ def plot_accuracy(payload: dict[str, Any], out: Path) -> None:
     plt.close(fig)
 
 
+def plot_frontier(result: dict[str, Any], out: Path) -> None:
+    """quality2.py's frontier: average accuracy (mean, 95 % t-interval over paired seeds) against counted adapter
+    FLOPs per training step (left, relative to LoRA's) and against parameters updated per step (right)."""
+    cost = result["cost"]["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(12.5, 5.0), sharey=True)
+    for r in result["rows"]:
+        acc = r["accuracy"]
+        y, (lo, hi) = acc["mean"], acc["ci95"]
+        xs = (cost[r["method"]]["adapter_flops_vs_lora"], r["updated_per_step"])
+        for ax, x in zip(axes, xs):
+            ax.errorbar(x, y, yerr=[[y - lo], [hi - y]], fmt="o", capsize=3, label=r["method"])
+            ax.annotate(r["method"].replace("effilora_", ""), (x, y), fontsize=6, xytext=(4, 3),
+                        textcoords="offset points")
+    n = len(result["rows"][0]["seeds"]) if result["rows"] else 0
+    axes[0].set(xlabel="adapter FLOPs per training step / LoRA's (counted: torch.utils.flop_counter)",
+                ylabel="average accuracy over 8 tasks (%)")
+    axes[1].set(xlabel="adapter parameters updated per optimizer step", xscale="log")
+    for ax in axes:
+        ax.grid(alpha=0.3, which="both")
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"tiny LLaMA, 12 layers, commonsense: mean and 95 % interval over {n} paired seeds", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--speed", nargs="*", default=[], help="speed.py JSON files (one panel each)")

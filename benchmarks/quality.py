@@ -151,18 +151,22 @@ def updated_per_step(module: Any) -> float:
     return float(total - b_all + b_kept.mean())
 
 
-def run_one(method: Method, study: Study, seed: int, lr: float, dm: Any) -> dict[str, Any]:
-    """Fit and test one (method, seed, learning rate); returns its row."""
+def seeded_module(adapter: Any, reducer: dict[str, Any] | None, study: Study, seed: int, lr: float) -> Any:
+    """The product's CausalLMModule for one run, after seeding everything with the run's seed."""
     import lightning.pytorch as pl
 
     from effilora_lightning import CausalLMModule
 
     pl.seed_everything(seed, verbose=False)
-    module = CausalLMModule(
-        adapter=adapter_config(method, study, seed), model_path=study.model_path, learning_rate=lr,
-        warmup_steps=study.warmup_steps, scheduler="cosine", max_new_tokens=study.max_new_tokens,
-        reducer=reducer_args(method, study, seed),
+    return CausalLMModule(
+        adapter=adapter, model_path=study.model_path, learning_rate=lr, warmup_steps=study.warmup_steps,
+        scheduler="cosine", max_new_tokens=study.max_new_tokens, reducer=reducer,
     )
+
+
+def run_one(method: Method, study: Study, seed: int, lr: float, dm: Any) -> dict[str, Any]:
+    """Fit and test one (method, seed, learning rate); returns its row."""
+    module = seeded_module(adapter_config(method, study, seed), reducer_args(method, study, seed), study, seed, lr)
     with tempfile.TemporaryDirectory() as root, contextlib.redirect_stdout(io.StringIO()):
         tr = trainer(study, root)
         t0 = time.perf_counter()

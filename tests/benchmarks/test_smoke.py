@@ -14,6 +14,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -72,6 +73,73 @@ def test_quality_smoke_has_every_method_with_sane_numbers(tmp_path: Path) -> Non
     assert rows["effilora_k0.5"]["updated_per_step"] < rows["effilora_k1.0"]["updated_per_step"]
     assert rows["effilora_k1.0"]["trainable"] < rows["lora"]["trainable"]
     assert len(payload["runs"]) == len(quality.METHODS)  # smoke: one seed, one learning rate
+
+
+def test_proportional_sampling_follows_the_scores_not_their_z_scores() -> None:
+    quality2 = _load("quality2")
+    from effilora_lightning.selection.reducer import ImportanceTracker
+
+    tracker = ImportanceTracker(4)
+    tracker.update(torch.tensor([1.15, 1.0, 1.0, 1.15]), [True] * 4)
+    z_scored = tracker.sample_probs(1.0)
+    assert float(z_scored[0] / z_scored[1]) == pytest.approx(math.e ** 2)  # 15 % apart -> odds 7.4 : 1
+    quality2._mix(tracker, quality2.ProportionalTracker)
+    assert tracker.sample_probs(1.0).tolist() == pytest.approx([1.15 / 4.3, 1 / 4.3, 1 / 4.3, 1.15 / 4.3])
+
+
+def test_revive_grows_frozen_scores_up_to_the_observed_top() -> None:
+    quality2 = _load("quality2")
+    from effilora_lightning.selection.reducer import ImportanceTracker
+
+    tracker = ImportanceTracker(3, ema_beta=0.5)
+    tracker.update(torch.tensor([4.0, 1.0, 3.0]), [True, True, True])
+    quality2._revive(tracker)
+    tracker.update(torch.tensor([4.0, 0.0, 0.0]), [True, False, False])  # unit 0 observed; 1 and 2 frozen
+    assert tracker.ema.tolist() == [4.0, 2.0, 4.0]  # 1 -> 1 / 0.5; 3 -> 6, capped at the observed top (4)
+    tracker.update(torch.tensor([4.0, 0.0, 0.0]), [True, False, False])
+    assert tracker.ema.tolist() == [4.0, 4.0, 4.0]
+
+
+def test_interval_and_paired_difference() -> None:
+    quality2 = _load("quality2")
+    s = quality2.interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert s["mean"] == 3.0 and s["ci95"][0] == pytest.approx(3.0 - 2.776 * math.sqrt(2.5) / math.sqrt(5))
+    run = lambda m, seed, acc: {"method": m, "seed": seed, "lr": 0.01, "val_loss": 1.0,  # noqa: E731
+                                "accuracy": {"average": acc}, "trainable": 1, "updated_per_step": 1,
+                                "optimizer_state_bytes": 8, "fit_s": 1.0}
+    runs = [run("effilora_k0.5", s, a) for s, a in enumerate([0.5, 0.6, 0.7])]
+    runs += [run("effilora_k0.5_random", s, a) for s, a in enumerate([0.4, 0.6, 0.5])]
+    _, diffs = quality2.summarise(runs, 0)
+    (d,) = diffs
+    assert d["per_seed"] == pytest.approx([10.0, 0.0, 20.0]) and (d["wins"], d["losses"]) == (2, 0)
+
+
+def test_quality2_smoke_runs_reports_and_plots(tmp_path: Path) -> None:
+    """benchmarks/quality2.py end to end: runs with their recorded dynamics, then the report (counted FLOPs,
+    paired differences, frontier plot) and two timing rounds. Four arms of 3 steps on the deep base."""
+    if not (ROOT / "data/checkpoints/tiny-llama-deep/model.safetensors").is_file():
+        pytest.skip("data/checkpoints/tiny-llama-deep is not built (data/scripts/make_tiny_llama.py --layers 12 ...)")
+    quality2 = _load("quality2")
+    runs_json, report_json, png = tmp_path / "runs.json", tmp_path / "report.json", tmp_path / "frontier.png"
+    quality2.main(["--smoke", "--json", str(runs_json)])
+    payload = json.loads(runs_json.read_text())
+    assert [r["method"] for r in payload["runs"]] == ["lora", "effilora_k1.0", "effilora_k0.5", "effilora_k0.5_prop"]
+    assert payload["git"]["commit"]
+    for r in payload["runs"]:
+        assert len(r["train_loss"]) == 3 and all(math.isfinite(x) for x in r["train_loss"]), r["method"]
+        assert r["optimizer_state_bytes"] == 8 * r["trainable"] or r["method"] != "lora"  # AdamW: 2 fp32 moments
+    sel = payload["runs"][2]["selection"]
+    assert len(sel["unit_names"]) == 12 and len(sel["masks"]) == 3 and len(sel["b_norm"]) == 12
+    assert sum(sel["counts_after_warmup"]) == 2 * 6  # 2 steps after the 1-step warm-up, 6 of 12 units each
+
+    result = quality2.main(["--smoke", "--report", str(runs_json), "--report-json", str(report_json),
+                            "--plot", str(png), "--timing", "2", "--timing-steps", "1"])
+    cost = result["cost"]["rows"]
+    assert cost["lora"]["adapter_flops_vs_lora"] == pytest.approx(1.0)
+    assert 0 < cost["effilora_k0.5"]["adapter_flops"] < cost["effilora_k1.0"]["adapter_flops"]
+    assert cost["effilora_k0.5_prop"] == cost["effilora_k0.5"]  # same adapter and keep ratio: same count
+    assert result["timing"]["rows"]["lora"]["vs_floor"]["n"] == 2
+    assert png.stat().st_size > 10_000 and json.loads(report_json.read_text())["rows"]
 
 
 def test_loss_memory_smoke_has_every_variant_with_the_same_loss(tmp_path: Path) -> None:
