@@ -62,7 +62,7 @@ from effilora_lightning.data.commonsense_prompts import TASKS, build_eval_prompt
 from effilora_lightning.data.records import RecordError, check_data_file, read_records
 from effilora_lightning.data.sampling import TrainingOrder
 from effilora_lightning.data.split import seeded_split
-from effilora_lightning.data.token_cache import EntryBuilder, TokenRowsWriter, file_digest, load_or_build_for
+from effilora_lightning.data.token_cache import EntryBuilder, Shard, TokenRowsWriter, file_digest, load_or_build_for
 from effilora_lightning.data.tokenizer import load_tokenizer
 
 __all__ = ["SAMPLE_ID_STRIDE", "CommonsenseDataModule", "RecordError", "is_generation_batch", "read_records"]
@@ -171,14 +171,16 @@ class CommonsenseDataModule(LightningDataModule):
             self.tokenizer = load_tokenizer(self.hparams.tokenizer_path, self.hparams.pad_token)
         if stage in (None, "fit", "validate") and self._train is None:
             data = file_digest(check_data_file(self.data_path))
-            rows, meta = load_or_build_for(self, "train", self._build_train_val, _NOT_IN_KEY, inputs={"data": data})
+            rows, meta = load_or_build_for(self, "train", self._build_train_val, _NOT_IN_KEY, self._merge_train_val,
+                                           inputs={"data": data})
             self._train, self._val = LossRows(rows["train"]), LossRows(rows["val"])
             self.num_truncated_train, self.num_fully_masked = meta["truncated"], meta["fully_masked"]
             self._note_skipped(self.data_path, meta["skipped"])
             self._warn_counts("train", self.num_truncated_train, "training sequences were cut at cutoff_len")
         if self._test is None:
             files = {task: file_digest(check_data_file(self._test_file(task))) for task in self.eval_tasks}
-            rows, meta = load_or_build_for(self, "test", self._build_test, _NOT_IN_KEY, inputs={"files": files})
+            rows, meta = load_or_build_for(self, "test", self._build_test, _NOT_IN_KEY, _merge_test,
+                                           inputs={"files": files})
             self._test = PromptRows(rows["prompts"], meta["tasks"], meta["answers"], meta["sample_ids"])
             self.longest_eval_prompt = tuple(meta["longest"]) if meta["longest"] else None
             for task, skipped in meta["skipped"].items():
@@ -195,9 +197,9 @@ class CommonsenseDataModule(LightningDataModule):
         tok, hp = self.tokenizer, self.hparams
         return Encoding(tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, hp.cutoff_len, hp.max_eval_prompt_len)
 
-    def _build_train_val(self, entry: EntryBuilder) -> dict[str, Any]:
-        """Validate the training file, split off the seeded validation records, tokenize both into ``entry``'s
-        rows "train" and "val"; returns the counts."""
+    def _build_train_val(self, entry: EntryBuilder, shard: Shard) -> dict[str, Any]:
+        """Validate the training file, split off the seeded validation records, tokenize ``shard``'s slice of
+        each into ``entry``'s rows "train" and "val"; returns the counts (``_merge_train_val`` sums the parts')."""
         records, skipped = load_records(self.data_path, ("instruction", "output", "answer"), self.hparams.on_bad_record)
         val_size = self.hparams.val_set_size
         if val_size >= len(records):
@@ -205,14 +207,21 @@ class CommonsenseDataModule(LightningDataModule):
                              f"{len(records)} usable records")
         split = seeded_split(len(records), val_size, self.hparams.seed)
         train = entry.rows("train")
-        truncated, fully_masked = self._tokenize_train([records[i][1] for i in split.train], train)
-        if not train.rows:
+        truncated, fully_masked = self._tokenize_train([records[i][1] for i in shard.of(split.train)], train)
+        self._tokenize_train([records[i][1] for i in shard.of(split.held_out)], entry.rows("val"))
+        return {"truncated": truncated, "fully_masked": fully_masked, "skipped": skipped, "train_rows": train.rows,
+                "train_records": len(split.train)}
+
+    def _merge_train_val(self, parts: list[dict[str, Any]]) -> dict[str, Any]:
+        """The training entry's counts from its parts' (each part read the whole file: "skipped" is the
+        file's, not summed), after the check that needs all of them."""
+        if not sum(part["train_rows"] for part in parts):
             raise RecordError(
-                f"{self.data_path}: no training sequence is left: the prompt of each of its {len(split.train)} "
-                f"training records fills cutoff_len={self.hparams.cutoff_len}, and train_on_inputs=False leaves "
-                "them no label. Raise cutoff_len or set train_on_inputs=True.")
-        self._tokenize_train([records[i][1] for i in split.held_out], entry.rows("val"))
-        return {"truncated": truncated, "fully_masked": fully_masked, "skipped": skipped}
+                f"{self.data_path}: no training sequence is left: the prompt of each of its "
+                f"{parts[0]['train_records']} training records fills cutoff_len={self.hparams.cutoff_len}, and "
+                "train_on_inputs=False leaves them no label. Raise cutoff_len or set train_on_inputs=True.")
+        return {"truncated": sum(part["truncated"] for part in parts),
+                "fully_masked": sum(part["fully_masked"] for part in parts), "skipped": parts[0]["skipped"]}
 
     def _tokenize_train(self, records: list[dict[str, str]], writer: TokenRowsWriter) -> tuple[int, int]:
         """Rows of prompt + output ids into ``writer`` (see the module docstring for why the clean template and
@@ -241,24 +250,27 @@ class CommonsenseDataModule(LightningDataModule):
                 writer.add(example["input_ids"], trained)
         return truncated_count, fully_masked
 
-    def _build_test(self, entry: EntryBuilder) -> dict[str, Any]:
-        """Validate and tokenize each eval task's test.json into the generation prompts of row set "prompts"."""
+    def _build_test(self, entry: EntryBuilder, shard: Shard) -> dict[str, Any]:
+        """Validate each eval task's test.json and tokenize ``shard``'s slice of all their records, in task order,
+        into the generation prompts of row set "prompts" (``_merge_test`` joins the parts)."""
         enc, writer = self._encoding(), entry.rows("prompts")
         meta: dict[str, Any] = {"tasks": [], "answers": [], "sample_ids": [], "longest": None, "skipped": {}}
+        every = []
         for task in self.eval_tasks:
             path = self._test_file(task)
             records, skipped = load_records(path, ("instruction", "answer"), self.hparams.on_bad_record, task)
             if skipped:
                 meta["skipped"][task] = skipped
-            records = records[: self.hparams.max_test_samples_per_task]
-            prompts = [build_eval_prompt(r["instruction"], self.hparams.reference_whitespace) for _, r in records]
-            for (index, record), ids in zip(records, token_ids(self.tokenizer, prompts, enc.bos)):
-                ids = eval_prompt(ids, enc, task, index, path)
-                meta["longest"] = max(meta["longest"] or (0, "", 0), (len(ids), task, index))
-                writer.add(ids, [False] * len(ids))
-                meta["tasks"].append(task)
-                meta["answers"].append(record["answer"])
-                meta["sample_ids"].append(TASKS.index(task) * SAMPLE_ID_STRIDE + index)
+            every += [(task, path, index, record) for index, record in records[: self.hparams.max_test_samples_per_task]]
+        mine = shard.of(every)
+        prompts = [build_eval_prompt(r["instruction"], self.hparams.reference_whitespace) for *_, r in mine]
+        for (task, path, index, record), ids in zip(mine, token_ids(self.tokenizer, prompts, enc.bos)):
+            ids = eval_prompt(ids, enc, task, index, path)
+            meta["longest"] = max(meta["longest"] or (0, "", 0), (len(ids), task, index))
+            writer.add(ids, [False] * len(ids))
+            meta["tasks"].append(task)
+            meta["answers"].append(record["answer"])
+            meta["sample_ids"].append(TASKS.index(task) * SAMPLE_ID_STRIDE + index)
         return meta
 
     def _note_skipped(self, path: Path, skipped: int) -> None:
@@ -323,6 +335,16 @@ class CommonsenseDataModule(LightningDataModule):
     def _require(data: object, stage: str) -> None:
         if data is None:
             raise RuntimeError(f"call setup({stage!r}) before asking for this dataloader")
+
+
+def _merge_test(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The test entry's meta from its parts' (in order): the lists joined, the longest prompt of all; "skipped"
+    counts each file once (every part read every file)."""
+    longest = [part["longest"] for part in parts if part["longest"]]
+    return {"tasks": [t for part in parts for t in part["tasks"]],
+            "answers": [a for part in parts for a in part["answers"]],
+            "sample_ids": [i for part in parts for i in part["sample_ids"]],
+            "longest": max(longest) if longest else None, "skipped": parts[0]["skipped"]}
 
 
 def _check_tasks(tasks: list[str]) -> list[str]:

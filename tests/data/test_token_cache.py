@@ -1,4 +1,5 @@
-"""The token cache: keyed by everything that changes the tokens, written atomically, built by one rank per node."""
+"""The token cache: keyed by everything that changes the tokens, written atomically, built by the ranks of a node
+together (each its part) into what one process writes."""
 
 from __future__ import annotations
 
@@ -179,33 +180,106 @@ def test_a_failed_build_leaves_nothing_behind(tmp_path):
 # ------------------------------------------------------------------------------------- two ranks on one node
 
 
-def _rank(rank: int, world: int, port: int, root: str, out: str) -> None:
+def _split_files(root: Path) -> dict[str, str]:
+    """A training file with one bad record (skipped) and some records longer than the cutoff (truncated)."""
+    train = [rec(f"question {i}: " + "very long words " * (i % 5) * 4, "true" if i % 2 else "false") for i in range(40)]
+    files = commonsense_files(root, train + [{"instruction": "no output"}])
+    (root / "dataset" / "boolq" / "test.json").write_text(json.dumps([rec(f"test {i}?") for i in range(9)]))
+    return files
+
+
+_SPLIT_SETTINGS = {"eval_tasks": ["boolq"], "on_bad_record": "skip", "cutoff_len": 40, "val_set_size": 6}
+
+
+def _entries(cache: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(cache)): p.read_bytes() for p in sorted(cache.rglob("*")) if p.is_file()}
+
+
+def _rank(rank: int, world: int, port: int, roots: list[tuple[str, int | None]]) -> None:
+    """Setup of one rank, once per (root, rank that fails to tokenize) in ``roots``: one spawn for all."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     import effilora_lightning.data.commonsense_examples as commonsense_module
 
-    calls = []
     real = commonsense_module.encode_texts
-    commonsense_module.encode_texts = lambda tok, texts: calls.append(len(texts)) or real(tok, texts)
-    trainer = SimpleNamespace(world_size=world, local_rank=rank, global_rank=rank,
-                              strategy=SimpleNamespace(barrier=lambda name=None: dist.barrier()))
-    dm = CommonsenseDataModule(**commonsense_files(Path(root)) if rank == 0 else {
-        "data_path": f"{root}/train.json", "dataset_dir": f"{root}/dataset", "tokenizer_path": str(TINY)},
-        eval_tasks=["boolq"], cache_dir=f"{root}/cache")
-    dist.barrier()  # rank 0 has written the files
-    dm.trainer = trainer
-    dm.setup("fit")
-    digest = [np.asarray(dm._train[i]["input_ids"]).tolist() for i in range(len(dm._train))]
-    Path(out, f"rank{rank}.json").write_text(json.dumps({"calls": calls, "built": dm.built_cache, "rows": digest}))
-    dist.barrier()
+
+    def reduce_boolean_decision(decision: bool, all: bool = True) -> bool:  # noqa: A002 - Lightning's name
+        flag = torch.tensor(int(decision))
+        dist.all_reduce(flag)
+        return bool(flag == world) if all else bool(flag)
+
+    trainer = SimpleNamespace(world_size=world, local_rank=rank, global_rank=rank, num_devices=world,
+                              strategy=SimpleNamespace(reduce_boolean_decision=reduce_boolean_decision))
+    for root, fail_on in roots:
+        texts = []
+
+        def counted(tok, batch, fail=rank == fail_on):
+            if fail:
+                raise ValueError(f"rank {rank} cannot tokenize")
+            texts.extend(batch)
+            return real(tok, batch)
+
+        commonsense_module.encode_texts = counted
+        dm = CommonsenseDataModule(**_split_files(Path(root)) if rank == 0 else {
+            "data_path": f"{root}/train.json", "dataset_dir": f"{root}/dataset", "tokenizer_path": str(TINY)},
+            **_SPLIT_SETTINGS, cache_dir=f"{root}/cache")
+        dist.barrier()  # rank 0 has written the files
+        dm.trainer = trainer
+        try:
+            dm.setup("fit")
+            result = {"texts": len(texts), "built": dm.built_cache, "rows": rows_of(dm),
+                      "counts": [dm.num_truncated_train, dm.num_skipped, dm.num_fully_masked],
+                      "test": [dm._test[i]["input_ids"].tolist() for i in range(len(dm._test))]}
+        except Exception as err:  # noqa: BLE001 - what each rank raised is the test's subject
+            result = {"error": f"{type(err).__name__}: {err}"}
+        Path(root, f"rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
 
-@pytest.mark.distributed
-def test_on_one_node_only_local_rank_0_tokenizes_and_both_ranks_see_the_same_rows(tmp_path):
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> dict[int | None, tuple[Path, dict, dict]]:
+    """Both ranks' results of a setup that works (key None) and of setups where rank 0 or rank 1 fails."""
+    roots = {fail_on: tmp_path_factory.mktemp(f"fail{fail_on}") for fail_on in (None, 0, 1)}
     port = 29500 + os.getpid() % 1000
-    mp.start_processes(_rank, args=(2, port, str(tmp_path), str(tmp_path)), nprocs=2, start_method="spawn")
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-    assert r0["built"] == {"train": True, "test": True} and sum(r0["calls"]) > 0
-    assert r1["built"] == {"train": False, "test": False} and r1["calls"] == []  # rank 1 tokenized nothing
-    assert r0["rows"] == r1["rows"] and r0["rows"]
+    context = mp.start_processes(_rank, args=(2, port, [(str(r), f) for f, r in roots.items()]), nprocs=2,
+                                 start_method="spawn", join=False)
+    for _ in range(180):  # a rank left waiting in a collective would never end: give up after 3 minutes
+        if context.join(timeout=1):
+            break
+    else:
+        for process in context.processes:
+            process.kill()
+        pytest.fail("a rank is still waiting after the other one ended")
+    return {f: (r, *(json.loads((r / f"rank{k}.json").read_text()) for k in (0, 1))) for f, r in roots.items()}
+
+
+@pytest.mark.distributed
+def test_on_one_node_the_ranks_split_the_build_and_write_what_one_process_writes(tmp_path, two_ranks):
+    texts = []
+    import effilora_lightning.data.commonsense_examples as commonsense_module
+
+    real = commonsense_module.encode_texts
+    commonsense_module.encode_texts = lambda tok, batch: texts.extend(batch) or real(tok, batch)
+    try:
+        alone = CommonsenseDataModule(**_split_files(tmp_path), **_SPLIT_SETTINGS, cache_dir=str(tmp_path / "c1"))
+        alone.setup("fit")
+    finally:
+        commonsense_module.encode_texts = real
+    assert 0 < alone.num_truncated_train < len(alone._train) and alone.num_skipped  # the counts are not trivial
+    root, r0, r1 = two_ranks[None]
+    assert r0["built"] == r1["built"] == {"train": True, "test": True}
+    for r in (r0, r1):  # each rank tokenized about half of what the one process did
+        assert 0.35 * len(texts) <= r["texts"] <= 0.65 * len(texts), (r["texts"], len(texts))
+    assert r0["rows"] == r1["rows"] == [list(row) for row in rows_of(alone)] and r0["test"] == r1["test"]
+    counts = [alone.num_truncated_train, {str(root / "train.json"): 1}, alone.num_fully_masked]
+    assert r0["counts"] == r1["counts"] == counts  # summed over the parts, the skipped record counted once
+    assert _entries(root / "cache") == _entries(tmp_path / "c1")  # byte for byte, and no part left behind
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("fail_on", [0, 1])
+def test_an_error_on_one_rank_stops_both_and_leaves_no_entry(two_ranks, fail_on):
+    root, *results = two_ranks[fail_on]
+    assert "cannot tokenize" in results[fail_on]["error"]
+    assert "another rank failed" in results[1 - fail_on]["error"]
+    assert not [p for p in (root / "cache").iterdir() if ".part" not in p.name]  # no entry, whole or half
