@@ -331,8 +331,8 @@ def demo_config(run: Run) -> tuple[Path, str]:
             if cb["class_path"].endswith("ModelCheckpoint"):
                 cb["init_args"]["every_n_train_steps"] = 2
         cfg["data"]["init_args"].update(val_set_size=16, val_generation_samples_per_task=1, max_test_samples_per_task=2)
-        cfg["model"]["init_args"]["reducer"]["warmup_steps"] = 1
-        cfg["model"]["init_args"]["reducer"]["log_every_n_steps"] = 1
+        cfg["model"]["init_args"]["selection"]["warmup_steps"] = 1
+        cfg["model"]["init_args"]["log_every_n_steps"] = 1
     path = run.work / "demo.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path, trainer["logger"]["init_args"]["name"]

@@ -9,20 +9,23 @@ from typing import Any
 
 from .adapters import AdapterReport, EffiLoRAConfig, HydraLoRAConfig, LilyConfig, LoRAConfig, apply_adapter
 from .adapters.inject import adapter_parameters
+from .selection.config import SelectionConfig
 
 __version__ = "0.1.0"
 
 _LAZY = {
     "AdapterModelParallelStrategy": "effilora_lightning.strategies",
     "EffiLoRACallback": "effilora_lightning.callbacks",
+    "EfficiencyMonitor": "effilora_lightning.callbacks",
+    "FineTuneModule": "effilora_lightning.models",
     "CausalLMModule": "effilora_lightning.models",
     "VisionLanguageModule": "effilora_lightning.models",
     "CommonsenseDataModule": "effilora_lightning.data",
     "VisualInstructionDataModule": "effilora_lightning.data",
 }
 
-__all__ = ["AdapterReport", "EffiLoRAConfig", "HydraLoRAConfig", "LilyConfig", "LoRAConfig", "adapter_parameters",
-           "apply_adapter", *_LAZY]
+__all__ = ["AdapterReport", "EffiLoRAConfig", "HydraLoRAConfig", "LilyConfig", "LoRAConfig", "SelectionConfig",
+           "adapter_parameters", "apply_adapter", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -36,14 +36,27 @@ class EffiLoRACLI(LightningCLI):
         try:
             super().instantiate_classes()
         except ValueError as err:
-            cause = err.__cause__
-            if isinstance(cause, (ValueError, TypeError)) and str(cause) and str(cause) in str(err):
+            cause = _innermost_named_error(err)
+            if cause is not None:
                 raise cause from None
             raise
 
     def after_fit(self) -> None:
         if self.config.get(self.subcommand, {}).get("test_after_fit"):
             self.trainer.test(self.model, datamodule=self.datamodule)
+
+
+def _innermost_named_error(err: BaseException) -> BaseException | None:
+    """The deepest ValueError/TypeError under ``err`` whose message ``err`` repeats: a config's own error (e.g.
+    ``SelectionConfig(keep_ratio=2.0): must be in (0, 1].``) under jsonargparse's Union and nesting wrappers."""
+    found, seen = None, set()
+    cause = err.__cause__ or err.__context__
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, (ValueError, TypeError)) and str(cause) and str(cause) in str(err):
+            found = cause
+        cause = cause.__cause__ or cause.__context__
+    return found
 
 
 def main(args: list[str] | None = None) -> None:

@@ -14,7 +14,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from effilora_lightning.data.templates import TASKS
+from effilora_lightning.data.commonsense_prompts import TASKS
 
 __all__ = ["TaskAccuracy", "format_table"]
 

@@ -5,9 +5,10 @@ Each method is one file that registers an ``AdapterMethod`` (method.py); the res
 Nothing here imports lightning or transformers, so any ``nn.Module`` can be adapted.
 """
 
+# ruff: noqa: I001  (unsorted on purpose: the methods register in import order, the order messages list them in)
 from .base import AdapterConfig, AdapterLinear
 from .method import AdapterMethod, is_adapter_param, method_of, param_group, register_method, registered_methods
-from .lora import LoRAConfig, LoRALinear  # noqa: I001 - registration order is the order methods are listed in
+from .lora import LoRAConfig, LoRALinear
 from .effilora import EffiLoRAConfig, EffiLoRALinear
 from .hydralora import HydraLoRAConfig, HydraLoRALinear
 from .lily import LilyConfig, LilyLinear

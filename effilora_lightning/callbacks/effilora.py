@@ -33,12 +33,12 @@ from lightning.pytorch.utilities import rank_zero_deprecation, rank_zero_info, r
 from torch import nn
 from typing_extensions import override
 
-from ..distributed.selection_sync import refuse_compile_and_plain_ddp, score_reducer, shards_flat_parameters
+from ..distributed.selection_sync import refuse_compile_and_plain_ddp, score_reducer
 from ..selection import SelectableUnits, describe_adapters, has_selectable_units, selectable_units, trained_beside_units
 from ..selection.config import SelectionConfig, SelectionValueError
 from ..selection.reducer import ImportanceTracker, Reducer
 from .heatmap import write_selection_heatmap
-from .monitor import check_peak_flops, training_flops_per_token
+from .monitor import check_peak_flops
 
 __all__ = ["EffiLoRACallback"]
 
@@ -224,11 +224,6 @@ class EffiLoRACallback(Callback):
             "effilora/score_max": float(ema.max()),
             "effilora/score_min": float(ema.min()),
         }
-
-    def _flops_per_token(self, pl_module: pl.LightningModule) -> float:
-        """EfficiencyMonitor's figure (``training_flops_per_token``), kept here only for tests/distributed/worker.py
-        until it reads the monitor's; a collective under sharded FSDP1."""
-        return training_flops_per_token(pl_module, shards_flat_parameters(pl_module.trainer.strategy))[0]
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

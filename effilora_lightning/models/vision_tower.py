@@ -76,6 +76,8 @@ class VisionTower(nn.Module):
         select_layer: which block's output to return, Python-style index (-2: second to last, as LLaVA).
         image_size: input size override; learned position embeddings of a loaded file are interpolated.
         force_quick_gelu: True/False to force the activation; None decides as the module docstring says.
+        load_weights: False builds the architecture only (e.g. on the meta device, for ranks that receive rank
+            0's weights); ``pretrained``'s sidecar still decides the activation and normalisation.
 
     Raises:
         FileNotFoundError: `pretrained` does not exist.
@@ -90,6 +92,7 @@ class VisionTower(nn.Module):
         select_layer: int = -2,
         image_size: int | None = None,
         force_quick_gelu: bool | None = None,
+        load_weights: bool = True,
     ) -> None:
         super().__init__()
         model_cfg = _architecture_config(model_name)
@@ -101,7 +104,7 @@ class VisionTower(nn.Module):
             vision_cfg["image_size"] = image_size
         self.model_name = model_name
         self.visual = _build_vision_tower(model_cfg["embed_dim"], vision_cfg, quick_gelu=self.quick_gelu)
-        if weights is not None:
+        if weights is not None and load_weights:
             _load_visual_weights(self.visual, weights, model_name, interpolate_pos=image_size is not None)
         self.visual.requires_grad_(False)
         self.visual.eval()

@@ -70,3 +70,18 @@ def test_lightning_module_and_strategy_internals():
     assert not private.saves_distributed_checkpoint(ModelParallelStrategy(save_distributed_checkpoint=False))
     assert private.precision_compute_dtype(MixedPrecision("bf16-mixed", "cpu")) is torch.bfloat16
     assert private.precision_compute_dtype(Precision()) is torch.float32
+
+
+def test_no_other_module_reads_a_private_name_of_torch_or_lightning():
+    """The rule this file enforces: private reads live in private.py only (grep for the ones we know of)."""
+    import re
+    from pathlib import Path
+
+    package = Path(private.__file__).resolve().parents[1]
+    names = ("_ddp_kwargs", "_compiler_ctx", "_compiled_call_impl", "_plugin_to_compute_dtype", "_state_dict_type",
+             "_save_distributed_checkpoint", "_non_persistent_buffers_set", "_forward_hooks", "_forward_pre_hooks",
+             "_base", "_device_mesh", "_trainer")
+    read = re.compile(r"""(?:\.|["'])(""" + "|".join(names) + r")\b")  # attribute access or a getattr string
+    offenders = [f"{path.relative_to(package)}: {match}" for path in sorted(package.rglob("*.py"))
+                 if path.name != "private.py" for match in read.findall(path.read_text(encoding="utf-8"))]
+    assert offenders == []

@@ -303,7 +303,7 @@ def main() -> None:
         "compute_dtypes": sorted(probe.compute_dtypes),
         "adapter_dtypes": sorted({str(p.dtype) for n, p in module.model.named_parameters() if is_adapter_param(n)}),
         "units": dict(zip(reducer.units.names, reducer.units.numel.tolist())),  # global sizes, clean names
-        "flops_per_token": module.reducer._flops_per_token(module),  # what the MFU divides by (collective)
+        "flops_per_token": module.monitor.flops_per_token(module),  # what the MFU divides by (collective)
     }
     if args.validate:  # then evaluate in the same process, as test_after_fit does (FSDP1: through the fit's
         # root wrapper); after reading the parameters: FSDP2 leaves its root group unsharded after an eval forward

@@ -146,6 +146,15 @@ def test_reducer_errors_reach_the_command_line(monkeypatch):
         assert str(error.value).startswith(expected) or expected in str(error.value).splitlines()[0]
 
 
+def test_selection_errors_reach_the_command_line_as_the_configs_own(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    for arg, expected in ((["--model.init_args.selection.keep_ratio", "2"], "SelectionConfig(keep_ratio=2.0): must be in (0, 1]."),
+                          (["--model.init_args.adapter.init_args.rank", "-1"], "EffiLoRAConfig.rank must be a positive integer")):
+        with pytest.raises(ValueError) as error:  # not jsonargparse's "Does not validate against any of the Union subtypes"
+            run(["fit", "--config", str(DEMO), "--trainer.logger", "false", *arg])
+        assert str(error.value).startswith(expected)
+
+
 # ---------------------------------------------------------------------------------------------- model vs data
 def test_image_size_other_than_the_towers_fails_before_step_one(tmp_path):
     module = VisionLanguageModule(adapter=None, model_path=str(TINY), **TOWER)

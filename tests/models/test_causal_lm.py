@@ -114,7 +114,7 @@ def test_generation_scores_the_first_regex_match_against_the_answer():
     metric = TaskAccuracy(["boolq", "piqa"])
     batch = {"task": ["boolq", "piqa", "piqa"], "answer": ["true", "solution1", "solution1"],
              "sample_id": torch.tensor([0, 1, 2])}
-    module._score_generation(batch, metric)
+    module.score(batch, metric)
     assert {k: float(v) for k, v in metric.compute().items()} == {"boolq": 1.0, "piqa": 0.0, "average": 0.5}
 
 
@@ -333,7 +333,7 @@ def test_answers_are_read_after_the_prompts_marker_from_prompt_plus_generation()
     prompts = [dm.tokenizer.decode(row[mask.bool()], skip_special_tokens=True)
                for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
     assert texts == [p + "the correct answer is answer2\n\n### Response:\nthe correct answer is answer3" for p in prompts]
-    from effilora_lightning.data.templates import extract_answer
+    from effilora_lightning.data.commonsense_prompts import extract_answer
 
     assert [extract_answer("ARC-Easy", t) for t in texts] == ["answer2", "answer2"]
 
@@ -367,3 +367,31 @@ def test_padding_fraction_is_logged_from_each_training_batch(tmp_path):
     _trainer(tmp_path, max_steps=3, callbacks=[Record()], limit_val_batches=0).fit(module, datamodule=dm)
     assert len(seen) == 3 and all(logged == pytest.approx(expected, abs=1e-7) for logged, expected in seen)
     assert any(expected > 0 for _, expected in seen)
+
+
+def test_the_typed_selection_config_reaches_the_callback_and_round_trips_through_hparams():
+    from effilora_lightning.callbacks import EfficiencyMonitor, EffiLoRACallback
+    from effilora_lightning.selection import SelectionConfig
+
+    config = SelectionConfig(keep_ratio=0.25, selection="topk", warmup_steps=3)
+    module = _module(adapter=EffiLoRAConfig(rank=4), selection=config, log_every_n_steps=7, peak_flops=1e12)
+    effilora, monitor = module.configure_callbacks()
+    assert isinstance(effilora, EffiLoRACallback) and isinstance(monitor, EfficiencyMonitor)
+    assert effilora.config == config and module.reducer is effilora and module.selection == config
+    assert effilora.log_every_n_steps == 7 and monitor.peak_flops == 1e12
+    again = CausalLMModule(adapter=EffiLoRAConfig(rank=4), model_path=str(TINY), **{
+        k: v for k, v in module.hparams.items() if k in ("selection", "log_every_n_steps")})  # as from a checkpoint
+    assert again.reducer.config == config
+    lora = _module(adapter=LoRAConfig(rank=4), selection=config)  # other methods: the monitor only
+    assert [type(c).__name__ for c in lora.configure_callbacks()] == ["EfficiencyMonitor"] and lora.reducer is None
+
+
+def test_selection_and_the_older_reducer_block_are_one_setting():
+    from effilora_lightning.selection import SelectionConfig
+
+    old = _module(adapter=EffiLoRAConfig(rank=4), reducer={"keep_ratio": 0.25, "log_every_n_steps": 7})
+    assert old.reducer.config == SelectionConfig(keep_ratio=0.25) and old.reducer.log_every_n_steps == 7
+    with pytest.raises(ValueError, match="`selection` \\(typed\\) or `reducer`"):
+        _module(adapter=EffiLoRAConfig(rank=4), selection=SelectionConfig(), reducer={"keep_ratio": 0.5})
+    with pytest.raises(ValueError, match="selection.keep_ration is not a setting of SelectionConfig"):
+        _module(adapter=EffiLoRAConfig(rank=4), selection={"keep_ration": 0.5})

@@ -235,3 +235,37 @@ def test_fsdp1_policy_makes_each_vision_block_a_unit_and_leaves_attention_projec
     assert {f"{b}.mlp.c_fc" for b in blocks} <= wrapped
     assert not any(n.endswith("attn.out_proj") for n in wrapped)
     assert not any(n.startswith("mm_projector") for n in wrapped)  # trainable: stays with the root
+
+
+def test_rank0_loading_other_ranks_build_the_same_model_on_meta_without_reading_weights(monkeypatch):
+    """FSDP2 and FSDP1 read the checkpoints on rank 0 only (FineTuneModule): every other rank builds the LLaVA
+    model on the meta device. It must be the same model (names, shapes, module classes: the tower's activation
+    comes from its weight file's sidecar, read without the weights), and no weight file may be opened."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from effilora_lightning.distributed import fsdp1
+    from effilora_lightning.models import vision_tower
+
+    real = VisionLanguageModule(adapter=EffiLoRAConfig(rank=4), model_path=str(ROOT / "data/checkpoints/tiny-llama"),
+                                **TOWER)._build_adapted(meta=False)
+
+    def no_weights(*_, **__):
+        raise AssertionError("a rank that receives rank 0's weights read a weight file")
+
+    monkeypatch.setattr(vision_tower, "_load_visual_weights", no_weights)
+    monkeypatch.setattr(fsdp1, "can_load_on_rank0", lambda strategy, path: True)  # as with 2+ ranks
+    module = VisionLanguageModule(adapter=EffiLoRAConfig(rank=4), model_path=str(ROOT / "data/checkpoints/tiny-llama"),
+                                  **TOWER)
+    strategy = FSDPStrategy()
+    strategy.parallel_devices = [torch.device("cpu")] * 2
+    module._trainer = SimpleNamespace(strategy=strategy, is_global_zero=False)
+    module.configure_model()
+    meta = module.model
+    assert all(t.is_meta for t in meta.state_dict().values())
+    assert {n: type(m) for n, m in meta.named_modules()} == {n: type(m) for n, m in real.named_modules()}
+    assert {k: v.shape for k, v in meta.state_dict().items()} == {k: v.shape for k, v in real.state_dict().items()}
+    assert {n for n, p in meta.named_parameters() if p.requires_grad} == {
+        n for n, p in real.named_parameters() if p.requires_grad}
+    assert strategy.kwargs["sync_module_states"] is True and strategy.kwargs["param_init_fn"] is not None

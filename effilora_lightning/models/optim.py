@@ -1,0 +1,53 @@
+"""The optimizer a fine-tuning run gets: AdamW over every adapter parameter in named groups, each with its own
+learning rate, and a step-wise warm-up then cosine / linear decay (or constant)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from ..adapters import is_adapter_param, param_group
+
+__all__ = ["adamw_with_schedule", "adapter_param_groups", "lr_factor"]
+
+
+def adapter_param_groups(named: Iterable[tuple[str, torch.nn.Parameter]], learning_rate: float,
+                         overrides: Mapping[str, float | None]) -> list[dict[str, Any]]:
+    """Every adapter parameter (by name, frozen ones too) in its method's group (``param_group``), each group
+    with ``overrides[group]`` as its learning rate, or ``learning_rate`` where that is None. ``is None``, not
+    ``or``: an override of 0.0 freezes the group, it does not fall back."""
+    groups: dict[str, list[torch.nn.Parameter]] = {}
+    for name, p in named:
+        if is_adapter_param(name):
+            groups.setdefault(param_group(name) or "b", []).append(p)
+    return [{"name": g, "params": ps, "lr": learning_rate if overrides.get(g) is None else overrides[g]}
+            for g, ps in groups.items()]
+
+
+def adamw_with_schedule(groups: list[dict[str, Any]], learning_rate: float, weight_decay: float, scheduler: str,
+                        warmup_steps: int | float, min_lr_ratio: float, total_steps: float) -> dict[str, Any]:
+    """Lightning's ``configure_optimizers`` answer: AdamW and a per-step LambdaLR (warm-up given in steps, or as
+    a share of ``total_steps`` when a float)."""
+    optimizer = torch.optim.AdamW(groups, lr=learning_rate, weight_decay=weight_decay)
+    total = max(int(total_steps), 1)
+    warmup = warmup_steps if isinstance(warmup_steps, int) else int(warmup_steps * total)
+    schedule = LambdaLR(optimizer, lr_factor(scheduler, warmup, total, min_lr_ratio))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def lr_factor(kind: str, warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
+    """step -> multiplier of the base learning rate."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+        return min_ratio + (1.0 - min_ratio) * decay
+
+    return factor
