@@ -22,7 +22,7 @@ from effilora_lightning.data.conversation_checks import MismatchCounter, referen
 from effilora_lightning.data.images import BadRecordError, check_images, image_paths, raise_for
 from effilora_lightning.data.records import RecordError, RecordStream
 from effilora_lightning.data.split import seeded_split
-from effilora_lightning.data.token_cache import EntryBuilder, TokenRowsWriter
+from effilora_lightning.data.token_cache import EntryBuilder, Shard, TokenRowsWriter
 
 __all__ = ["SplitBuilder"]
 
@@ -38,28 +38,68 @@ class SplitBuilder:
 
     def held_out(self, path: str) -> set[int]:
         """Record indices of the seeded validation split of ``path`` (one pass to count the records)."""
-        count = sum(1 for _ in RecordStream(path, self.hparams.on_bad_record))
-        return set(seeded_split(count, self.hparams.val_set_size, self.hparams.seed).held_out)
+        return self._count(path)[1]
 
-    def build(self, split: str, path: str, part: str, generation: bool, entry: EntryBuilder) -> dict[str, Any]:
-        """Check and tokenize the split's records batch by batch into ``entry``; returns its meta (errors or
-        counts, see the module docstring)."""
-        stream, held = RecordStream(path, self.hparams.on_bad_record), None
-        if part != "all":
-            held = self.held_out(path)
+    def _count(self, path: str) -> tuple[int, set[int], int]:
+        """(records, held-out record indices, JSON lines skipped) of ``path``: one pass over the file."""
+        stream = RecordStream(path, self.hparams.on_bad_record)
+        count = sum(1 for _ in stream)
+        return count, set(seeded_split(count, self.hparams.val_set_size, self.hparams.seed).held_out), stream.skipped
+
+    def build(self, split: str, path: str, part: str, generation: bool, entry: EntryBuilder,
+              shard: Shard = Shard()) -> dict[str, Any]:
+        """Check and tokenize ``shard``'s contiguous slice of the split's records batch by batch into ``entry``;
+        returns its meta (errors or counts, see the module docstring), which ``merge`` joins with the other
+        parts'."""
+        stream, held, wanted, json_skipped = RecordStream(path, self.hparams.on_bad_record), None, None, None
+        if part != "all" or shard.count > 1:  # the slice needs the count: one pass first
+            count, held, json_skipped = self._count(path)
+            if part == "all":
+                held = None
+            wanted = range(len(held) if part == "held_out" else count - len(held or ()))
+            wanted = shard.of(wanted)
         built = _SplitBuild(split, Counter(total=0), MismatchCounter(split=split), entry.rows("tokens"),
                             entry.rows("prompts") if generation else None)
-        progress, batch = _Progress(split, path), []
+        progress, batch, position = _Progress(split, path), [], -1
         for index, record in stream:
             if held is not None and (index in held) != (part == "held_out"):
+                continue
+            position += 1
+            if wanted is not None and position not in wanted:
+                if position >= wanted.stop:
+                    break  # past this part's slice
                 continue
             batch.append((index, record))
             if len(batch) == _CHUNK:
                 self._build_batch(batch, path, built)
                 batch = []
-                progress.update(built.stats["total"], stream.fraction)
+                progress.update(built.stats["total"], stream.fraction if wanted is None else
+                                (position + 1 - wanted.start) / max(len(wanted), 1))
         self._build_batch(batch, path, built)
-        return self._finish(built, path, stream.skipped)
+        return self._finish(built, stream.skipped if json_skipped is None else json_skipped)
+
+    def merge(self, split: str, path: str, generation: bool, parts: list[dict[str, Any]]) -> dict[str, Any]:
+        """The split's meta from its parts' (in order), after the checks that need the whole split: counts
+        summed (JSON lines skipped: each part counted the whole file), lists joined."""
+        stats: Counter[str] = Counter()
+        for part in parts:
+            stats.update(part["stats"])
+        mismatch = MismatchCounter(split, sum(p["mismatch"]["seen"] for p in parts),
+                                   sum(p["mismatch"]["mismatched"] for p in parts),
+                                   [e for p in parts for e in p["mismatch"]["examples"]][: MismatchCounter.max_examples])
+        mismatch.raise_if_above(self.hparams.max_mismatch_ratio)
+        meta = {key: [x for p in parts for x in p[key]] for key in ("sample_ids", "names", "images", "answers")}
+        if not meta["sample_ids"] and split == "train":
+            raise RecordError(f"{path}: no training sample is left after the checks ({dict(stats)}, "
+                              f"{mismatch.mismatched} tokenization mismatches). Fix the records, raise "
+                              "max_length, or check image_folder.")
+        if generation:
+            _require_unique_ids(meta["names"], path)
+        stats = Counter(dict(sorted(stats.items())))  # the order a part first met each key depends on its batches
+        stats["kept"], stats["mismatch"] = len(meta["sample_ids"]), mismatch.mismatched
+        return {**meta, "stats": dict(stats), "json_skipped": parts[0]["json_skipped"],
+                "mismatch": {"seen": mismatch.seen, "mismatched": mismatch.mismatched,
+                             "examples": [list(e) for e in mismatch.examples]}}
 
     def _build_batch(self, batch: list[tuple[int, Any]], path: str, built: _SplitBuild) -> None:
         """One batch of records: images checked in parallel, conversations checked, all tokenized at once."""
@@ -97,16 +137,9 @@ class SplitBuilder:
             built.names.append(name)
             built.images.append([str(p) for p in images])
 
-    def _finish(self, built: _SplitBuild, path: str, json_skipped: int) -> dict[str, Any]:
-        """The split's checks that need all of it, and its meta."""
-        built.mismatch.raise_if_above(self.hparams.max_mismatch_ratio)
-        if not built.sample_ids and built.split == "train":
-            raise RecordError(f"{path}: no training sample is left after the checks ({dict(built.stats)}, "
-                              f"{built.mismatch.mismatched} tokenization mismatches). Fix the records, raise "
-                              "max_length, or check image_folder.")
-        if built.prompts is not None:
-            _require_unique_ids(built.names, path)
-        built.stats["kept"], built.stats["mismatch"] = len(built.sample_ids), built.mismatch.mismatched
+    @staticmethod
+    def _finish(built: _SplitBuild, json_skipped: int) -> dict[str, Any]:
+        """The meta of one part (the checks that need the whole split are ``merge``'s)."""
         return {"sample_ids": built.sample_ids, "names": built.names, "images": built.images, "answers": built.answers,
                 "stats": dict(built.stats), "json_skipped": json_skipped,
                 "mismatch": {"seen": built.mismatch.seen, "mismatched": built.mismatch.mismatched,

@@ -143,8 +143,8 @@ class VisualInstructionDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Load the tokenizer and (once) every split the stage needs: from the token cache when an entry for
-        exactly these inputs exists, else checked, tokenized and cached (by local rank 0; the other ranks
-        wait and memory-map it)."""
+        exactly these inputs exists, else checked, tokenized and cached (the ranks of a node each a part, see
+        ``token_cache``; then every rank memory-maps the one entry)."""
         hp = self.hparams
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(hp.tokenizer_path, pad_token=hp.pad_token)
@@ -177,7 +177,8 @@ class VisualInstructionDataModule(pl.LightningDataModule):
         key_inputs = {"data": file_digest(check_data_file(path)), "part": part, "generation": generation}
         builder = SplitBuilder(hp, self.template, self.tokenizer)
         rows, meta = load_or_build_for(self, split, functools.partial(builder.build, split, path, part, generation),
-                                       _NOT_IN_KEY, inputs=key_inputs, image_folder=os.path.abspath(hp.image_folder),
+                                       _NOT_IN_KEY, functools.partial(builder.merge, split, path, generation),
+                                       inputs=key_inputs, image_folder=os.path.abspath(hp.image_folder),
                                        template=asdict(self.template))
         self.datasets[split] = VisualInstructionDataset(
             rows["tokens"], meta["sample_ids"], meta["names"], meta["images"], hp.image_size, hp.image_mean, hp.image_std,

@@ -177,6 +177,62 @@ def test_a_failed_build_leaves_nothing_behind(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def _llava_mix(root: Path) -> Path:
+    """40 records: with an image, text-only, a missing image (skipped), too long for max_length (counted)."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (16, 16), (0, 0, 255)).save(root / "images" / "a.png")
+    records = []
+    for i in range(40):
+        turns = [{"from": "human", "value": f"<image>\nWhat is {i}?"}, {"from": "gpt", "value": "blue " * (i % 7)}]
+        image = {0: "a.png", 1: "missing.png"}.get(i % 4)
+        if image is None:
+            turns[0]["value"] = f"Say {i}" + " and more" * (i % 9) * 12
+        records.append({"id": f"r{i}", "conversations": turns} | ({"image": image} if image else {}))
+    (root / "train.json").write_text(json.dumps(records))
+    return root
+
+
+def test_llava_parts_of_three_threads_assemble_into_what_one_process_writes(tmp_path):
+    """Three stand-in ranks (threads, a Barrier as the collective) split the LLaVA build: uneven slices of a
+    file with skipped and too-long records; the entries are the one process's byte for byte."""
+    import threading
+
+    root = _llava_mix(tmp_path)
+    kw = {"image_size": 16, "template": "vicuna_v1", "max_length": 200, "val_set_size": 5, "on_bad_record": "skip"}
+    alone = VisualInstructionDataModule(str(root / "train.json"), str(root / "images"), str(TINY),
+                                        cache_dir=str(tmp_path / "c1"), **kw)
+    alone.setup("fit")
+    assert alone.stats["train"]["too_long"] and alone.stats["train"]["missing_image"]
+    barrier, flags, results = threading.Barrier(3), [None] * 3, {}
+
+    def rank(r: int) -> None:
+        def reduce_boolean_decision(decision: bool, all: bool = True) -> bool:  # noqa: A002 - Lightning's name
+            flags[r] = decision
+            barrier.wait()
+            agreed = builtins_all(flags) if all else any(flags)
+            barrier.wait()
+            return agreed
+
+        dm = VisualInstructionDataModule(str(root / "train.json"), str(root / "images"), str(TINY),
+                                         cache_dir=str(tmp_path / "c3"), **kw)
+        dm.trainer = SimpleNamespace(world_size=3, local_rank=r, global_rank=r, num_devices=3,
+                                     strategy=SimpleNamespace(reduce_boolean_decision=reduce_boolean_decision))
+        dm.setup("fit")
+        results[r] = dm
+
+    builtins_all = all
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(results) == [0, 1, 2]
+    assert _entries(tmp_path / "c3") == _entries(tmp_path / "c1")
+    for dm in results.values():
+        assert dm.stats == alone.stats and dm.built_cache == alone.built_cache
+        assert [s.name for s in dm.datasets["train"].samples] == [s.name for s in alone.datasets["train"].samples]
+
+
 # ------------------------------------------------------------------------------------- two ranks on one node
 
 
