@@ -99,3 +99,27 @@ def test_bundled_tiny_llama() -> None:
     ids = tok("the apple").input_ids
     assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
     assert tok.eos_token_id not in ids
+
+
+_REPEATED = ["the correct answer is true", "the correct answer is false", " the correct answer is true",
+             "the correct answer is true", "", "<|begin_of_text|>the correct answer is true", "Ünïcödé  spaces\n\n",
+             "the correct answer is true ", "Ünïcödé  spaces\n\n", "the correct answer is false"]
+
+
+def _tokenized_once_is_each_texts_own(tok) -> None:
+    from effilora_lightning.data.commonsense_examples import token_ids
+
+    alone = [tok(text, add_special_tokens=False).input_ids for text in _REPEATED]
+    bos = tok.bos_token_id
+    assert token_ids(tok, _REPEATED, bos) == [ids[1:] if ids[:1] == [bos] else ids for ids in alone]
+
+
+def test_texts_tokenized_once_per_distinct_text_are_each_texts_own_ids_llama3(llama3_tokenizer) -> None:
+    """``token_ids`` tokenizes each distinct text once (the commonsense outputs repeat): exact, because a batch
+    encode is the encode of each text alone and equal strings encode equally; checked against one unmemoized
+    call per text on the real LLaMA-3 BPE and on the SentencePiece-style tokenizers."""
+    _tokenized_once_is_each_texts_own(llama3_tokenizer)
+
+
+def test_texts_tokenized_once_per_distinct_text_are_each_texts_own_ids_sentencepiece(sp_tokenizer) -> None:
+    _tokenized_once_is_each_texts_own(sp_tokenizer)
