@@ -165,8 +165,8 @@ class CommonsenseDataModule(LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Load the tokenizer, then the training file (fit/validate) and the test sets: from the token cache
-        when an entry for exactly these inputs exists, else validated, tokenized and cached (by local rank 0;
-        the other ranks wait and memory-map it)."""
+        when an entry for exactly these inputs exists, else validated, tokenized and cached (the ranks of a node
+        each a slice, see ``token_cache``; then every rank memory-maps the one entry)."""
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.hparams.tokenizer_path, self.hparams.pad_token)
         if stage in (None, "fit", "validate") and self._train is None:
@@ -261,7 +261,8 @@ class CommonsenseDataModule(LightningDataModule):
             records, skipped = load_records(path, ("instruction", "answer"), self.hparams.on_bad_record, task)
             if skipped:
                 meta["skipped"][task] = skipped
-            every += [(task, path, index, record) for index, record in records[: self.hparams.max_test_samples_per_task]]
+            cap = self.hparams.max_test_samples_per_task
+            every += [(task, path, index, record) for index, record in records[:cap]]
         mine = shard.of(every)
         prompts = [build_eval_prompt(r["instruction"], self.hparams.reference_whitespace) for *_, r in mine]
         for (task, path, index, record), ids in zip(mine, token_ids(self.tokenizer, prompts, enc.bos)):

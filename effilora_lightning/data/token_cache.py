@@ -378,6 +378,7 @@ def load_or_build_sharded(
             parts = [_part_path(final, Shard(i, shard.count)) for i in range(shard.count)]
             try:
                 if not final.is_dir():
+                    _remove_dead_writers(final)
                     _assemble(parts, final, merge)
                 for part in parts:
                     shutil.rmtree(part, ignore_errors=True)

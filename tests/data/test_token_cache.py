@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -269,7 +268,7 @@ def _rank(rank: int, world: int, port: int, roots: list[tuple[str, int | None]])
     for root, fail_on in roots:
         texts = []
 
-        def counted(tok, batch, fail=rank == fail_on):
+        def counted(tok, batch, fail=rank == fail_on, texts=texts):
             if fail:
                 raise ValueError(f"rank {rank} cannot tokenize")
             texts.extend(batch)
