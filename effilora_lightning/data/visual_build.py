@@ -27,6 +27,7 @@ from effilora_lightning.data.token_cache import EntryBuilder, Shard, TokenRowsWr
 __all__ = ["SplitBuilder"]
 
 _CHUNK = 1024  # records tokenized per tokenizer call in setup
+_WHOLE = Shard()  # a build that is not split
 
 
 class SplitBuilder:
@@ -47,7 +48,7 @@ class SplitBuilder:
         return count, set(seeded_split(count, self.hparams.val_set_size, self.hparams.seed).held_out), stream.skipped
 
     def build(self, split: str, path: str, part: str, generation: bool, entry: EntryBuilder,
-              shard: Shard = Shard()) -> dict[str, Any]:
+              shard: Shard = _WHOLE) -> dict[str, Any]:
         """Check and tokenize ``shard``'s contiguous slice of the split's records batch by batch into ``entry``;
         returns its meta (errors or counts, see the module docstring), which ``merge`` joins with the other
         parts'."""
@@ -84,9 +85,9 @@ class SplitBuilder:
         stats: Counter[str] = Counter()
         for part in parts:
             stats.update(part["stats"])
+        examples = [e for p in parts for e in p["mismatch"]["examples"]][: MismatchCounter.max_examples]
         mismatch = MismatchCounter(split, sum(p["mismatch"]["seen"] for p in parts),
-                                   sum(p["mismatch"]["mismatched"] for p in parts),
-                                   [e for p in parts for e in p["mismatch"]["examples"]][: MismatchCounter.max_examples])
+                                   sum(p["mismatch"]["mismatched"] for p in parts), examples)
         mismatch.raise_if_above(self.hparams.max_mismatch_ratio)
         meta = {key: [x for p in parts for x in p[key]] for key in ("sample_ids", "names", "images", "answers")}
         if not meta["sample_ids"] and split == "train":
