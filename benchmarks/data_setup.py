@@ -45,7 +45,7 @@ the uncached setup and the JSON says ``cache_dir_passed: false``. "Cold" means a
 OS page cache: the files were just written (or read by the previous run) and are in memory.
 
 ``--ranks N`` runs N such processes at once as the local ranks of one node (gloo, a stand-in trainer): a cold
-build is split between them (``token_cache.load_or_build_sharded``). A run's setup wall time is then the slowest
+build is split between them (``node_build.load_or_build_sharded``). A run's setup wall time is then the slowest
 rank's, its CPU times the sum over the ranks (each rank's own under ``per_rank``), its peak RSS the largest
 rank's; the first batch is rank 0's, taken as a single process's.
 

@@ -4,7 +4,8 @@
     records.py              the one JSON / JSON Lines reader (streamed; bad-record policy)
     split.py                the one seeded validation split
     sampling.py             training samplers (seeded shuffle, length grouping) and the one mid-epoch resume path
-    token_cache.py          tokenize once, memory-map on every rank; load_or_build_for keys a DataModule's part
+    token_cache.py          tokenize once, memory-map on every rank (the entry format, keys, atomic writes)
+    node_build.py           a node's ranks split a cold build; load_or_build_for keys a DataModule's part
     tokenizer.py            local tokenizer loading, pad token choice
     commonsense.py          CommonsenseDataModule (LLM-Adapters layout)
       commonsense_prompts.py  the Alpaca prompt and answer extraction (templates.py: its old import path)

@@ -59,10 +59,11 @@ from effilora_lightning.data.commonsense_examples import (
     train_example,
 )
 from effilora_lightning.data.commonsense_prompts import TASKS, build_eval_prompt, build_train_prompt
+from effilora_lightning.data.node_build import Shard, load_or_build_for
 from effilora_lightning.data.records import RecordError, check_data_file, read_records
 from effilora_lightning.data.sampling import TrainingOrder
 from effilora_lightning.data.split import seeded_split
-from effilora_lightning.data.token_cache import EntryBuilder, Shard, TokenRowsWriter, file_digest, load_or_build_for
+from effilora_lightning.data.token_cache import EntryBuilder, TokenRowsWriter, file_digest
 from effilora_lightning.data.tokenizer import load_tokenizer
 
 __all__ = ["SAMPLE_ID_STRIDE", "CommonsenseDataModule", "RecordError", "is_generation_batch", "read_records"]

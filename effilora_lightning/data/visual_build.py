@@ -20,9 +20,10 @@ from effilora_lightning.data.chat_templates import ConversationTemplate
 from effilora_lightning.data.conversation import encode_conversations, encode_prompts
 from effilora_lightning.data.conversation_checks import MismatchCounter, reference_turns, validate_conversation
 from effilora_lightning.data.images import BadRecordError, check_images, image_paths, raise_for
+from effilora_lightning.data.node_build import Shard
 from effilora_lightning.data.records import RecordError, RecordStream
 from effilora_lightning.data.split import seeded_split
-from effilora_lightning.data.token_cache import EntryBuilder, Shard, TokenRowsWriter
+from effilora_lightning.data.token_cache import EntryBuilder, TokenRowsWriter
 
 __all__ = ["SplitBuilder"]
 

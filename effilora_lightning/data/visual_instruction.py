@@ -46,9 +46,10 @@ from torch.utils.data import DataLoader, Sampler
 from .chat_templates import check_template, get_template
 from .conversation_checks import MismatchCounter
 from .images import BadRecordError, preprocess_image, to_rgb
+from .node_build import load_or_build_for
 from .records import check_data_file
 from .sampling import ModalityLengthGroupedSampler, TrainingOrder
-from .token_cache import file_digest, load_or_build_for
+from .token_cache import file_digest
 from .tokenizer import load_tokenizer
 from .visual_build import SplitBuilder
 from .visual_dataset import VisualInstructionCollator, VisualInstructionDataset
