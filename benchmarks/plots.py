@@ -105,7 +105,9 @@ def plot_frontier(result: dict[str, Any], out: Path) -> None:
                 ylabel="average accuracy over 8 tasks (%)")
     axes[1].set(xlabel="adapter parameters updated per optimizer step", xscale="log")
     for ax in axes:
+        ax.axhline(35.4, color="gray", lw=0.8, ls="--")  # chance: 2 to 4 balanced answers per task
         ax.grid(alpha=0.3, which="both")
+    axes[0].text(axes[0].get_xlim()[0], 35.9, " chance 35.4 %", fontsize=7, color="gray")
     axes[1].legend(fontsize=7, loc="lower right")
     fig.suptitle(f"tiny LLaMA, 12 layers, commonsense: mean and 95 % interval over {n} paired seeds", fontsize=10)
     fig.tight_layout()

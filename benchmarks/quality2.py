@@ -101,6 +101,7 @@ ARMS = [  # in priority order: a run cut short has the first arms of every seed 
     Arm("effilora_k0.5_grad_norm", "effilora", 0.5, "grad_norm", lr_from="effilora_k1.0"),
     Arm("effilora_k0.5_revive", "effilora", 0.5, revive=True, lr_from="effilora_k1.0"),
     Arm("effilora_k0.5_module", "effilora", 0.5, granularity="module", lr_from="effilora_k1.0"),
+    Arm("effilora_k0.5_tuned", "effilora", 0.5),  # keep 0.5 with a search of its own: is keep 1.0's rate unfair?
 ]
 CORE = ("lora", "effilora_k1.0", "effilora_k0.5", "effilora_k0.5_random", "effilora_k0.25", "effilora_k0.25_random",
         "effilora_k0.5_detach", "effilora_k0.5_prop")  # every seed of these first, seed by seed; then the rest
@@ -112,6 +113,7 @@ QUESTIONS = [
     ("importance vs random, keep 0.5", "effilora_k0.5", "effilora_k0.5_random"),
     ("importance vs random, keep 0.25", "effilora_k0.25", "effilora_k0.25_random"),
     ("keep 0.5 vs keep 1.0", "effilora_k0.5", "effilora_k1.0"),
+    ("keep 0.5 at its own rate vs keep 1.0", "effilora_k0.5_tuned", "effilora_k1.0"),
     ("keep 0.25 vs keep 1.0", "effilora_k0.25", "effilora_k1.0"),
     ("EffiLoRA keep 1.0 vs LoRA", "effilora_k1.0", "lora"),
     ("taylor vs grad_norm, keep 0.5", "effilora_k0.5", "effilora_k0.5_grad_norm"),
@@ -374,8 +376,10 @@ def summarise(runs: list[dict[str, Any]], first_seed: int) -> tuple[list[dict[st
         if len(seeds) < 2:
             continue
         d = [100 * (chosen[a][s]["accuracy"]["average"] - chosen[b][s]["accuracy"]["average"]) for s in seeds]
+        v = [chosen[a][s]["val_loss"] - chosen[b][s]["val_loss"] for s in seeds]
         diffs.append({"question": label, "a": a, "b": b, "seeds": seeds, "per_seed": d, **interval(d),
-                      "wins": sum(x > 0 for x in d), "losses": sum(x < 0 for x in d)})
+                      "wins": sum(x > 0 for x in d), "losses": sum(x < 0 for x in d), "val_loss": interval(v),
+                      "val_loss_per_seed": v})
     return rows, diffs
 
 
@@ -396,10 +400,12 @@ def markdown_tables(rows: list[dict[str, Any]], diffs: list[dict[str, Any]], cos
                  f"{r['optimizer_state_bytes'] / 1024:.0f}",
                  f"{c['adapter_flops'] / 1e9:.3f}" if c else "-", f"{c['adapter_flops_vs_lora']:.2f}" if c else "-"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| paired difference (points) | mean [95 % CI] | per seed | a wins / loses |", "|---|---|---|---|"]
+    lines += ["", "| paired difference a - b | n | accuracy, points [95 % CI] | per seed | a wins / loses | "
+              "validation loss [95 % CI] |", "|---|---|---|---|---|---|"]
     for d in diffs:
-        lines.append(f"| {d['question']} ({d['a']} - {d['b']}) | {_ci(d)} | "
-                     f"{', '.join(f'{v:+.1f}' for v in d['per_seed'])} | {d['wins']} / {d['losses']} |")
+        lines.append(f"| {d['question']} ({d['a']} - {d['b']}) | {len(d['seeds'])} | {_ci(d)} | "
+                     f"{', '.join(f'{v:+.1f}' for v in d['per_seed'])} | {d['wins']} / {d['losses']} | "
+                     f"{_ci(d['val_loss'], '+.3f')} |")
     return "\n".join(lines)
 
 
@@ -650,14 +656,20 @@ def load_runs(paths: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, An
 
 
 def report(paths: list[str], out_json: str | None, plot: str | None, study: Study, log: Any,
-           timing: dict[str, Any] | None) -> dict[str, Any]:
+           timing: dict[str, Any] | None, cost_from: str | None = None) -> dict[str, Any]:
     runs, payloads = load_runs(paths)
     first = payloads[0]["study"]["seeds"][0]
     rows, diffs = summarise(runs, first)
     arms = [ARM_BY_NAME[r["method"]] for r in rows]
-    log("counting FLOPs ...")
-    cost = cost_study(study, arms)
-    plateau = collapse_threshold(runs)
+    if cost_from:  # counts are deterministic: reuse an earlier report's (it must cover these arms)
+        cost = json.loads(Path(cost_from).read_text())["cost"]
+        missing = [a.name for a in arms if a.name not in cost["rows"]]
+        if missing:
+            raise ValueError(f"{cost_from} has no FLOP count for {missing}: run --report without --cost.")
+    else:
+        log("counting FLOPs ...")
+        cost = cost_study(study, arms)
+    plateau = collapse_threshold(runs) if any(len(r["train_loss"]) >= 125 for r in runs) else math.inf
     warm = payloads[0]["study"]["reducer_warmup_steps"]
     dyn = [dynamics(r, warm, plateau) for r in runs]
     collapse = collapse_summary(dyn, rows, low=50.0)
@@ -676,11 +688,10 @@ def report(paths: list[str], out_json: str | None, plot: str | None, study: Stud
 
 
 def collapse_threshold(runs: list[dict[str, Any]]) -> float:
-    """Training loss that marks 'left the plateau': midway between the first 20 steps' mean and the last 20's,
-    over every run at a chosen rate (one number for all arms)."""
-    start = statistics.mean(statistics.mean(r["train_loss"][:20]) for r in runs if r["train_loss"])
-    end = statistics.mean(statistics.mean(r["train_loss"][-20:]) for r in runs if r["train_loss"])
-    return (start + end) / 2
+    """Training loss (10-step mean) that marks 'left the plateau': 0.03 below the plateau every run reaches
+    after learning the answer format, taken as the median over runs of the mean loss of steps 75-125."""
+    plateau = statistics.median(statistics.mean(r["train_loss"][75:125]) for r in runs if len(r["train_loss"]) >= 125)
+    return plateau - 0.03
 
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -724,6 +735,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--report", nargs="+", default=None, metavar="JSON", help="summarise these runs' files")
     ap.add_argument("--report-json", default=None)
     ap.add_argument("--plot", default=None, help="frontier PNG (with --report)")
+    ap.add_argument("--cost", default=None, metavar="JSON", help="with --report: reuse this report JSON's FLOP counts")
     ap.add_argument("--timing", type=int, default=0, metavar="ROUNDS", help="paired step-time rounds (with --report)")
     ap.add_argument("--timing-steps", type=int, default=5)
     return ap.parse_args(argv)
@@ -765,7 +777,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.timing:
             timing = timing_study(study, [ARM_BY_NAME[r] for r in _report_arms(args.report)], args.timing,
                                   args.timing_steps, log)
-        return report(args.report, args.report_json, args.plot, study, log, timing)
+        return report(args.report, args.report_json, args.plot, study, log, timing, args.cost)
     arms = default_arms(args)
     payload = {"study": asdict(study), "arms": [asdict(a) for a in arms], "git": git_state(),
                "data_sha256": q1.data_fingerprint(study), "targets": TARGETS, "jobs": jobs, "threads": 1,
