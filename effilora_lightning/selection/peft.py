@@ -171,6 +171,7 @@ _ALWAYS_TRAINED = (  # name marker -> how the log line calls it; the first match
     ("effilora_shared_a", "shared A"),
     ("effilora_router", "routers"),
     ("modules_to_save", "PEFT modules_to_save"),
+    ("mm_projector", "the multimodal projector"),
 )
 
 

@@ -269,3 +269,13 @@ def test_rank0_loading_other_ranks_build_the_same_model_on_meta_without_reading_
     assert {n for n, p in meta.named_parameters() if p.requires_grad} == {
         n for n, p in real.named_parameters() if p.requires_grad}
     assert strategy.kwargs["sync_module_states"] is True and strategy.kwargs["param_init_fn"] is not None
+
+
+def test_the_callbacks_start_line_names_the_projector_that_trains_every_step():
+    from effilora_lightning.selection import selectable_units, trained_beside_units
+
+    module = _module(EffiLoRAConfig(rank=4))
+    projector = sum(p.numel() for p in module.model.mm_projector.parameters())
+    shared_a = sum(p.numel() for p in module.model.effilora_shared_a.parameters())
+    beside = trained_beside_units(module, selectable_units(module))
+    assert beside == {"the multimodal projector": projector, "shared A": shared_a}
