@@ -151,9 +151,8 @@ class FineTuneModule(pl.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return  # Lightning may call this more than once
+        self._check_strategy()
         trainer = attached_trainer(self)
-        strategy = trainer.strategy if trainer is not None else None
-        check_strategy(strategy, rank_zero_warn)
         mesh = device_mesh_of(self)  # set by ModelParallelStrategy (FSDP2)
         fsdp1_strategy = fsdp1.fsdp1_strategy(trainer)
         if mesh is not None and self.hparams.model_path is not None:
