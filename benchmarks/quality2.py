@@ -63,6 +63,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -135,6 +136,7 @@ class Study(q1.Study):
     lrs: list[float] = field(default_factory=lambda: [2.5e-3, 5e-3, 1e-2, 2e-2])
     ema_every: int = 25  # EMA snapshot period, optimizer steps
     flop_draws: int = 4  # seeded selections averaged by the FLOP count of a selective arm
+    eval_at: list[int] = field(default_factory=list)  # optimizer steps with a test + validation point (round 3)
 
 
 # ---------------------------------------------------------------------------------------------- one run
@@ -221,6 +223,53 @@ def _recorder(arm: Arm, study: Study) -> Any:
     return Recorder()
 
 
+def _evaluator(study: Study, dm: Any) -> Any:
+    import lightning.pytorch as pl
+
+    class Evaluator(pl.Callback):
+        """At each ``study.eval_at`` step before the last: validation loss and the same greedy test, in place.
+
+        The global RNG states are restored afterwards and the module goes back to train mode, so the rest of
+        the run (data order, Reducer draws, dropout) is the run without evaluation points."""
+
+        def __init__(self) -> None:
+            self.points: list[dict[str, Any]] = []
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            step = trainer.global_step
+            if step in study.eval_at and step < study.steps and all(p["step"] != step for p in self.points):
+                states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+                pl_module.eval()
+                with torch.no_grad():
+                    self.points.append({"step": step, "val_loss": _val_loss(pl_module, dm),
+                                        "accuracy": _test_accuracy(pl_module, dm)})
+                pl_module.train()
+                random.setstate(states[0])
+                np.random.set_state(states[1])
+                torch.set_rng_state(states[2])
+
+    return Evaluator()
+
+
+def _val_loss(module: Any, dm: Any) -> float:
+    """Mean loss over the validation split, weighted by batch size (as Lightning's epoch mean of val_loss)."""
+    total, n = 0.0, 0
+    for batch in dm.val_dataloader()[0]:
+        size = batch["input_ids"].shape[0]
+        total += float(module._lm_loss(batch)) * size
+        n += size
+    return total / n
+
+
+def _test_accuracy(module: Any, dm: Any) -> dict[str, float]:
+    dm.setup("test")
+    for batch in dm.test_dataloader():
+        module.score(batch, module.test_accuracy)
+    results = module.test_accuracy.compute()
+    module.test_accuracy.reset()
+    return {k: float(v) for k, v in results.items()}
+
+
 def selection_record(module: Any) -> dict[str, Any]:
     """Which units trained each step (bit masks), per-unit counts after the warm-up, final |B| per unit."""
     cb = module.reducer
@@ -245,10 +294,10 @@ def optimizer_state_bytes(trainer: Any) -> int:
 def run_one(arm: Arm, study: Study, seed: int, lr: float, dm: Any) -> dict[str, Any]:
     """Fit and test one (arm, seed, learning rate); returns its row with the run's dynamics."""
     module = q1.seeded_module(adapter_config(arm, study, seed), reducer_args(arm, study, seed), study, seed, lr)
-    rec = _recorder(arm, study)
+    rec, ev = _recorder(arm, study), _evaluator(study, dm)
     with tempfile.TemporaryDirectory() as root, contextlib.redirect_stdout(io.StringIO()):
         tr = q1.trainer(study, root)
-        tr.callbacks.append(rec)
+        tr.callbacks += [rec, ev] if study.eval_at else [rec]
         t0 = time.perf_counter()
         tr.fit(module, datamodule=dm)
         t1 = time.perf_counter()
@@ -259,7 +308,9 @@ def run_one(arm: Arm, study: Study, seed: int, lr: float, dm: Any) -> dict[str, 
     return {"method": arm.name, "seed": seed, "lr": lr, "val_loss": val_loss, "accuracy": module.test_results,
             "trainable": module.adapter_report.trainable, "updated_per_step": q1.updated_per_step(module),
             "optimizer_state_bytes": state_bytes, "fit_s": t1 - t0, "test_s": t2 - t1,
-            "train_loss": rec.losses, "ema": rec.ema, "selection": selection_record(module)}
+            "train_loss": rec.losses, "ema": rec.ema, "selection": selection_record(module),
+            **({"curve": [*ev.points, {"step": study.steps, "val_loss": val_loss, "accuracy": module.test_results}]}
+               if study.eval_at else {})}
 
 
 _DATA: dict[int, Any] = {}  # seed -> tokenized datamodule, per process
@@ -674,9 +725,12 @@ def report(paths: list[str], out_json: str | None, plot: str | None, study: Stud
     dyn = [dynamics(r, warm, plateau) for r in runs]
     collapse = collapse_summary(dyn, rows, low=50.0)
     print(markdown_tables(rows, diffs, cost))
+    at_step = curve_summaries(runs, first)
+    for step, entry in at_step.items():
+        print(f"\n### at optimizer step {step}\n\n" + markdown_tables(entry["rows"], entry["differences"], cost))
     result = {"sources": [{"path": p, "git": pl.get("git"), "seconds": pl.get("seconds")} for p, pl in zip(paths, payloads)],
               "study": payloads[0]["study"], "rows": rows, "differences": diffs, "cost": cost, "timing": timing,
-              "plateau_loss": plateau, "collapse": collapse, "dynamics": dyn}
+              "plateau_loss": plateau, "collapse": collapse, "dynamics": dyn, "at_step": at_step}
     if out_json:
         Path(out_json).write_text(json.dumps(result, indent=2))
     if plot:
@@ -685,6 +739,19 @@ def report(paths: list[str], out_json: str | None, plot: str | None, study: Stud
 
         plots.plot_frontier(result, Path(plot))
     return result
+
+
+def curve_summaries(runs: list[dict[str, Any]], first_seed: int) -> dict[int, dict[str, Any]]:
+    """Per ``--eval-at`` step: the rows and paired differences of the runs as they stood at that step (runs
+    without a curve, e.g. round 2's, have none)."""
+    steps = sorted({p["step"] for r in runs for p in r.get("curve", [])})
+    out = {}
+    for step in steps:
+        view = [{**r, "accuracy": p["accuracy"], "val_loss": p["val_loss"]}
+                for r in runs for p in r.get("curve", []) if p["step"] == step]
+        rows, diffs = summarise(view, first_seed)
+        out[step] = {"rows": rows, "differences": diffs}
+    return out
 
 
 def collapse_threshold(runs: list[dict[str, Any]]) -> float:
@@ -725,6 +792,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 3 4 (lr search on the first)")
     ap.add_argument("--lrs", type=float, nargs="+", default=None, help="default 2.5e-3 5e-3 1e-2 2e-2")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 300)")
+    ap.add_argument("--eval-at", type=int, nargs="+", default=None, metavar="STEP",
+                    help="also test and validate at these optimizer steps (the last is --steps), one curve per run")
     ap.add_argument("--chosen-lrs", nargs="+", default=[], metavar="ARM=LR",
                     help="rates already chosen (by an earlier run of the same study): no search for these arms")
     ap.add_argument("--model-path", default=None, help="default data/checkpoints/tiny-llama-deep")
@@ -746,9 +815,12 @@ def study_from(args: argparse.Namespace) -> Study:
     if args.smoke:
         study = Study(steps=3, warmup_steps=1, reducer_warmup_steps=1, val_set_size=16, max_test_samples_per_task=2,
                       max_new_tokens=4, lrs=[1e-2], seeds=[0], ema_every=1, flop_draws=2)
-    for name in ("steps", "seeds", "lrs", "model_path"):
+    for name in ("steps", "seeds", "lrs", "model_path", "eval_at"):
         if getattr(args, name) is not None:
             setattr(study, name, getattr(args, name))
+    if study.eval_at and (max(study.eval_at) != study.steps or min(study.eval_at) < 1):
+        raise ValueError(f"--eval-at {study.eval_at}: the steps must lie in 1..--steps and include --steps "
+                         f"({study.steps}), the run's end")
     return study
 
 

@@ -142,6 +142,34 @@ def test_quality2_smoke_runs_reports_and_plots(tmp_path: Path) -> None:
     assert png.stat().st_size > 10_000 and json.loads(report_json.read_text())["rows"]
 
 
+def test_quality2_eval_at_records_a_curve_without_changing_the_run(tmp_path: Path) -> None:
+    """--eval-at: a test + validation point at step 2 of 3, and the run is otherwise the run without it (same
+    losses, selections, final accuracy); the report gives rows and differences per step."""
+    if not (ROOT / "data/checkpoints/tiny-llama-deep/model.safetensors").is_file():
+        pytest.skip("data/checkpoints/tiny-llama-deep is not built (data/scripts/make_tiny_llama.py --layers 12 ...)")
+    quality2 = _load("quality2")
+    with pytest.raises(ValueError, match="include --steps"):
+        quality2.main(["--smoke", "--eval-at", "2"])
+    plain, curved = tmp_path / "plain.json", tmp_path / "curved.json"
+    arms = ["--arms", "effilora_k0.5", "effilora_k0.5_random", "--seeds", "0", "1", "--chosen-lrs", "effilora_k0.5=1e-2",
+            "effilora_k0.5_random=1e-2"]
+    quality2.main(["--smoke", *arms, "--json", str(plain)])
+    quality2.main(["--smoke", *arms, "--eval-at", "2", "3", "--json", str(curved)])
+    runs = json.loads(curved.read_text())["runs"]
+    for a, b in zip(json.loads(plain.read_text())["runs"], runs):
+        assert "curve" not in a and [p["step"] for p in b["curve"]] == [2, 3], b["method"]
+        for key in ("train_loss", "val_loss", "accuracy", "selection"):
+            assert a[key] == b[key], (b["method"], key)
+        assert b["curve"][-1]["val_loss"] == b["val_loss"] and b["curve"][0]["val_loss"] != b["val_loss"]
+        assert set(b["curve"][0]["accuracy"]) == set(b["accuracy"])
+    at_step = quality2.curve_summaries(runs, 0)
+    assert sorted(at_step) == [2, 3]
+    (d,) = at_step[2]["differences"]  # importance vs random, keep 0.5, at step 2
+    val = {(r["method"], r["seed"]): r["curve"][0]["val_loss"] for r in runs}
+    assert d["val_loss_per_seed"] == pytest.approx([val["effilora_k0.5", s] - val["effilora_k0.5_random", s]
+                                                    for s in (0, 1)])
+
+
 def test_loss_memory_smoke_has_every_variant_with_the_same_loss(tmp_path: Path) -> None:
     loss_memory = _load("loss_memory")
     out = tmp_path / "loss_memory.json"
