@@ -44,8 +44,9 @@ Rules (the reference's, except where marked "ours"):
 from __future__ import annotations
 
 import bisect
+import operator
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from effilora_lightning.data.batch import IGNORE_INDEX, IMAGE_TOKEN_INDEX
@@ -59,7 +60,7 @@ from effilora_lightning.data.chat_templates import (
     special_id,
 )
 from effilora_lightning.data.conversation_checks import MismatchCounter, reference_turns, validate_conversation
-from effilora_lightning.data.conversation_render import IMAGE_TOKEN, Segment, render
+from effilora_lightning.data.conversation_render import IMAGE_TOKEN, Piece, Segment, render, render_pieces
 
 __all__ = [
     "IGNORE_INDEX",
@@ -93,29 +94,7 @@ class EncodedConversation:
     """Why the ids cannot be trusted to spell the rendered text (None: they can, or the check was skipped)."""
 
 
-@dataclass
-class _Piece:
-    """The rendered text between two images, and where the template put its trained text and special tokens."""
-
-    text: str = ""
-    trained: list[tuple[int, int]] = field(default_factory=list)  # character ranges: replies + end of turn
-    specials: list[tuple[int, int, str]] = field(default_factory=list)  # (start, end, token) of each special
-
-
-def _pieces(segments: Sequence[Segment]) -> list[_Piece]:
-    """Cut a rendered sample at its images; the n-th piece is the text after the n-th image."""
-    pieces = [_Piece()]
-    for seg in segments:
-        if seg.kind == "image":
-            pieces.append(_Piece())
-            continue
-        piece, start = pieces[-1], len(pieces[-1].text)
-        piece.text += seg.text
-        if seg.trainable:
-            piece.trained.append((start, len(piece.text)))
-        if seg.kind == "special":
-            piece.specials.append((start, len(piece.text), seg.text))
-    return pieces
+_START, _END = operator.itemgetter(0), operator.itemgetter(1)
 
 
 def _trained_labels(ids: list[int], offsets: Sequence[tuple[int, int]], trained: list[tuple[int, int]]
@@ -123,15 +102,32 @@ def _trained_labels(ids: list[int], offsets: Sequence[tuple[int, int]], trained:
     """-100 except on tokens that cover a trained character; also whether every trained range got a token.
     Offsets are non-decreasing, so each range is two bisections, not a loop over tokens."""
     labels = [IGNORE_INDEX] * len(ids)
-    if not trained:
-        return labels, True
-    starts, ends = [o[0] for o in offsets], [o[1] for o in offsets]
     covered = True
     for first, stop in trained:
-        i, j = bisect.bisect_right(ends, first), bisect.bisect_left(starts, stop)
+        i, j = bisect.bisect_right(offsets, first, key=_END), bisect.bisect_left(offsets, stop, key=_START)
         labels[i:j] = ids[i:j]
         covered &= j > i
     return labels, covered
+
+
+def _only_template_specials(ids: list[int], offsets: Sequence[tuple[int, int]],
+                            expected: list[tuple[int, tuple[int, int]]], added: set[int]) -> bool:
+    """Whether the piece's tokens with an id of ``added`` (what the tokenizer matches in raw text) are exactly
+    ``expected``, the (id, (start, end)) of each template special in text order: no message text turned into a
+    special token. The answer of ``[(i, o) for i, o in zip(ids, offsets) if i in added] == expected``, without
+    that Python loop over every token: the added ids are counted in C, then each expected one is found by
+    bisection of the sorted offsets; the loop runs only where the bisection cannot decide."""
+    if sum(map(added.__contains__, ids)) != len(expected):
+        return False
+    last = -1
+    for token_id, span in expected:
+        k = bisect.bisect_left(offsets, span)
+        if k <= last or k == len(offsets) or offsets[k] != span or ids[k] != token_id or token_id not in added:
+            break
+        last = k
+    else:
+        return True
+    return [(i, tuple(o)) for i, o in zip(ids, offsets) if i in added] == expected
 
 
 def _ids_and_offsets(tokenizer: Any, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
@@ -140,29 +136,29 @@ def _ids_and_offsets(tokenizer: Any, texts: list[str]) -> list[tuple[list[int], 
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         encoded = tokenizer(texts, add_special_tokens=False, split_special_tokens=False, return_offsets_mapping=True)
-        return list(zip(encoded["input_ids"], encoded["offset_mapping"], strict=True))
+        return [(ids, [tuple(o) for o in offsets])
+                for ids, offsets in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)]
     backend.encode_special_tokens = False  # what split_special_tokens=False sets; it persists between calls
     return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
 
 
-def _encode_whole(rendered: Sequence[Sequence[Segment]], tokenizer: Any, template: ConversationTemplate
+def _encode_whole(samples: Sequence[list[Piece]], tokenizer: Any, template: ConversationTemplate
                   ) -> list[tuple[list[int], list[int], str | None] | None]:
     """Ids, labels and mismatch of each sample with every piece tokenized whole (ONE batched tokenizer call:
     per-call overhead dominates otherwise, and setup tokenizes every record). None for a sample where a
     message's text became a special token: it goes segment by segment instead."""
-    samples = [_pieces(segments) for segments in rendered]
-    texts = [piece.text for pieces in samples for piece in pieces]
-    rows = iter(_ids_and_offsets(tokenizer, texts))
+    rows = iter(_ids_and_offsets(tokenizer, [piece.text for pieces in samples for piece in pieces]))
     added = set(tokenizer.added_tokens_decoder)  # ids the tokenizer matches in raw text
-    special_ids = {token: special_id(tokenizer, token, template)
-                   for token in {s[2] for pieces in samples for piece in pieces for s in piece.specials}}
+    special_ids: dict[str, int] = {}
     out: list[tuple[list[int], list[int], str | None] | None] = []
     for pieces in samples:
         input_ids, labels, clean, covered = [], [], True, True
         for n, piece in enumerate(pieces):
             ids, offsets = next(rows)
-            found = [(i, tuple(o)) for i, o in zip(ids, offsets) if i in added]  # few: the specials
-            clean &= found == [(special_ids[token], (s, e)) for s, e, token in piece.specials]
+            if clean:
+                expected = [(special_ids.get(token) or special_ids.setdefault(
+                    token, special_id(tokenizer, token, template)), (s, e)) for s, e, token in piece.specials]
+                clean = _only_template_specials(ids, offsets, expected, added)
             piece_labels, piece_covered = _trained_labels(ids, offsets, piece.trained)
             covered &= piece_covered
             input_ids += ([IMAGE_TOKEN_INDEX] if n else []) + list(ids)
@@ -242,26 +238,31 @@ def _encode_segmentwise(rendered: Sequence[Sequence[Segment]], tokenizer: Any, t
     return out
 
 
-def _encode_rendered(rendered: Sequence[Sequence[Segment]], tokenizer: Any, template: ConversationTemplate,
-                     check: bool) -> list[tuple[list[int], list[int], str | None]]:
-    """bos + ids, labels and mismatch of each rendered sample: whole pieces where the tokenizer gives character
-    offsets and no message text turns into a special token, segment by segment otherwise."""
-    if not rendered:
+def _encode_turns(turns: Sequence[list[dict[str, str]]], tokenizer: Any, template: ConversationTemplate,
+                  check: bool) -> list[tuple[list[int], list[int], str | None]]:
+    """bos + ids, labels and mismatch of each sample's (checked) turns: whole pieces where the tokenizer gives
+    character offsets and no message text turns into a special token, segment by segment otherwise."""
+    if not turns:
         return []
-    encoded = (_encode_whole(rendered, tokenizer, template) if getattr(tokenizer, "is_fast", False)
-               else [None] * len(rendered))
+    encoded = (_encode_whole([render_pieces(conv, template, tokenizer) for conv in turns], tokenizer, template)
+               if getattr(tokenizer, "is_fast", False) else [None] * len(turns))
     rest = [n for n, e in enumerate(encoded) if e is None]
-    for n, e in zip(rest, _encode_segmentwise([rendered[n] for n in rest], tokenizer, template, check) if rest else []):
-        encoded[n] = e
+    if rest:
+        rendered = [render(turns[n], template, tokenizer) for n in rest]
+        for n, e in zip(rest, _encode_segmentwise(rendered, tokenizer, template, check), strict=True):
+            encoded[n] = e
     if tokenizer.bos_token is None:
         return encoded
     bos = special_id(tokenizer, tokenizer.bos_token, template)
     return [([bos, *ids], [IGNORE_INDEX, *labels], mismatch) for ids, labels, mismatch in encoded]
 
 
-def _conversation_turns(conversations: Sequence[Any], num_images: Sequence[int], sample_ids: Sequence[str]
-                        ) -> list[list[dict[str, str]]]:
-    """The reference's turns of each sample (a leading gpt turn dropped), validated."""
+def _conversation_turns(conversations: Sequence[Any], num_images: Sequence[int], sample_ids: Sequence[str],
+                        checked: bool = False) -> list[list[dict[str, str]]]:
+    """The reference's turns of each sample (a leading gpt turn dropped), validated; as given when ``checked``
+    (setup has done both to each record already)."""
+    if checked:
+        return list(conversations)
     turns = []
     for conv, n, sid in zip(conversations, num_images, sample_ids, strict=True):
         conv, _ = reference_turns(conv)
@@ -278,18 +279,19 @@ def encode_conversations(
     num_images: Sequence[int] | None = None,
     sample_ids: Sequence[str] | None = None,
     check: bool = True,
+    checked: bool = False,
 ) -> list[EncodedConversation]:
-    """`encode_conversation` for many samples with one tokenizer call (what setup uses).
+    """`encode_conversation` for many samples with one tokenizer call (what setup uses). ``checked=True``: the
+    conversations already went through ``reference_turns`` and ``validate_conversation`` (setup's record checks).
 
     Raises:
         ValueError: the first invalid conversation (naming its id) or a template the tokenizer cannot express.
     """
     num_images = list(num_images) if num_images is not None else [0] * len(conversations)
     sample_ids = list(sample_ids) if sample_ids is not None else [str(i) for i in range(len(conversations))]
-    turns = _conversation_turns(conversations, num_images, sample_ids)
-    rendered = [render(conv, template, tokenizer) for conv in turns]
+    turns = _conversation_turns(conversations, num_images, sample_ids, checked)
     return [EncodedConversation(ids, labels, n, mismatch)
-            for (ids, labels, mismatch), n in zip(_encode_rendered(rendered, tokenizer, template, check), num_images,
+            for (ids, labels, mismatch), n in zip(_encode_turns(turns, tokenizer, template, check), num_images,
                                                   strict=True)]
 
 
@@ -318,11 +320,13 @@ def encode_prompts(
     *,
     num_images: Sequence[int],
     sample_ids: Sequence[str],
+    checked: bool = False,
 ) -> list[tuple[list[int], str]]:
-    """`encode_prompt` for many samples with one tokenizer call."""
-    turns = _conversation_turns(conversations, num_images, sample_ids)
-    prompts = [[s for s in render(conv, template, tokenizer) if s.turn < len(conv) - 1] for conv in turns]
-    encoded = _encode_rendered(prompts, tokenizer, template, check=False)
+    """`encode_prompt` for many samples with one tokenizer call (``checked``: as for `encode_conversations`).
+    A prompt is the conversation without its last reply, rendered: the same segments as the whole
+    conversation's before that reply."""
+    turns = _conversation_turns(conversations, num_images, sample_ids, checked)
+    encoded = _encode_turns([conv[:-1] for conv in turns], tokenizer, template, check=False)
     return [(ids, conv[-1]["value"]) for (ids, _, _), conv in zip(encoded, turns, strict=True)]
 
 

@@ -110,19 +110,19 @@ class SplitBuilder:
         hp = self.hparams
         built.stats["total"] += len(batch)
         folder = Path(hp.image_folder)
-        wanted = []
-        for _, record in batch:
+        paths: dict[int, tuple[Path, ...]] = {}
+        for index, record in batch:
             try:
-                wanted += image_paths(record, "", folder, hp.allow_images_outside_folder)
+                paths[index] = image_paths(record, "", folder, hp.allow_images_outside_folder)
             except (ValueError, AttributeError):
                 continue  # named by _check_record below
-        check_images(wanted, hp.image_check == "decode", built.images_checked)
-        checked = [(i, *c) for i, r in batch if (c := self._check_record(r, i, path, built)) is not None]
-        encoded = encode_conversations([c[3] for c in checked], self.template, self.tokenizer,
-                                       num_images=[len(c[2]) for c in checked], sample_ids=[c[1] for c in checked])
-        prompts = encode_prompts([c[3] for c in checked], self.template, self.tokenizer,
-                                 num_images=[len(c[2]) for c in checked], sample_ids=[c[1] for c in checked]) \
-            if built.prompts is not None else [None] * len(checked)
+        check_images([p for ps in paths.values() for p in ps], hp.image_check == "decode", built.images_checked)
+        checked = [(i, *c) for i, r in batch if (c := self._check_record(r, i, path, built, paths)) is not None]
+        turns, num_images, names = [c[3] for c in checked], [len(c[2]) for c in checked], [c[1] for c in checked]
+        encoded = encode_conversations(turns, self.template, self.tokenizer, num_images=num_images,
+                                       sample_ids=names, checked=True)
+        prompts = encode_prompts(turns, self.template, self.tokenizer, num_images=num_images, sample_ids=names,
+                                 checked=True) if built.prompts is not None else [None] * len(checked)
         for (index, name, images, _), enc, prompt in zip(checked, encoded, prompts, strict=True):
             built.mismatch.add(name, enc.mismatch)
             if enc.mismatch is not None:
@@ -131,7 +131,7 @@ class SplitBuilder:
             if length is None:
                 built.stats["too_long"] += 1
                 continue
-            built.tokens.add(enc.input_ids[:length], [lab != IGNORE_INDEX for lab in enc.labels[:length]])
+            built.tokens.add(enc.input_ids[:length], list(map(IGNORE_INDEX.__ne__, enc.labels[:length])))
             if built.prompts is not None:
                 built.prompts.add(prompt[0], [False] * len(prompt[0]))
                 built.answers.append(prompt[1])
@@ -147,10 +147,11 @@ class SplitBuilder:
                 "mismatch": {"seen": built.mismatch.seen, "mismatched": built.mismatch.mismatched,
                              "examples": built.mismatch.examples}}
 
-    def _check_record(self, record: Any, index: int, path: str, built: _SplitBuild
-                      ) -> tuple[str, tuple[Path, ...], list[dict[str, str]]] | None:
+    def _check_record(self, record: Any, index: int, path: str, built: _SplitBuild,
+                      paths: dict[int, tuple[Path, ...]]) -> tuple[str, tuple[Path, ...], list[dict[str, str]]] | None:
         """Conversation structure and image files of one record: (sample id, images, turns), None when
-        skipped (counted), or an error naming the sample id (and the image path)."""
+        skipped (counted), or an error naming the sample id (and the image path). ``paths``: the record's
+        image paths where ``image_paths`` gave them (it raises again here, naming the sample, where not)."""
         hp = self.hparams
         sample_id = str(record.get("id", f"{Path(path).name}#{index}")) if isinstance(record, dict) \
             else f"{Path(path).name}#{index}"
@@ -158,7 +159,8 @@ class SplitBuilder:
             if not isinstance(record, dict):
                 raise BadRecordError("bad_record", f"sample {sample_id!r}: record {index} is a "
                                      f"{type(record).__name__}, expected an object with 'conversations'")
-            images = image_paths(record, sample_id, Path(hp.image_folder), hp.allow_images_outside_folder)
+            images = paths[index] if index in paths else \
+                image_paths(record, sample_id, Path(hp.image_folder), hp.allow_images_outside_folder)
             conversations, dropped = reference_turns(record.get("conversations"))
             validate_conversation(sample_id, conversations, len(images))
             for image in images:
