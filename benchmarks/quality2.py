@@ -4,6 +4,11 @@
     python benchmarks/quality2.py --arms effilora_k0.5_detach --json extra.json          # one more arm, same protocol
     python benchmarks/quality2.py --report benchmarks/results/quality2_cpu.json extra.json   # merge, tables, plot
     python benchmarks/quality2.py --smoke --json /tmp/quality2_smoke.json                # a few steps, < 60 s
+    python benchmarks/quality2.py --steps 800 --eval-at 300 800 --chosen-lrs lora=5e-3 ... --json q3.json  # round 3
+
+``--eval-at S1 S2 ...`` (round 3, last = ``--steps``): the same test and the validation loss at those optimizer
+steps of one run, stored as the run's ``curve``; ``--report`` adds rows and paired differences per step. The cosine
+schedule spans ``--steps``, so the 300-step point of an 800-step run is not a 300-step run.
 
 The base is ``data/checkpoints/tiny-llama-deep`` (12 layers, hidden 48: 12 units at layer granularity, 60 at
 module granularity), built by ``data/scripts/make_tiny_llama.py`` on the same synthetic world as the 4-layer base.
