@@ -334,3 +334,41 @@ def test_llama3_template_with_the_llama3_tokenizer_is_the_whole_rendering(llama3
     eot = tok3.convert_tokens_to_ids("<|eot_id|>")
     assert trained == [i for t in conv[1::2] for i in [*tok3(t["value"].strip(), add_special_tokens=False).input_ids,
                                                         eot]]
+
+
+def _pieces_from_segments(segments):
+    """What the whole-piece path needs, written from ``render``'s segments: the text between images, one
+    trained range per trainable segment, and each special's span."""
+    pieces = [("", [], [])]
+    for seg in segments:
+        if seg.kind == "image":
+            pieces.append(("", [], []))
+            continue
+        text, trained, specials = pieces[-1]
+        start, text = len(text), text + seg.text
+        trained += [(start, len(text))] if seg.trainable else []
+        specials += [(start, len(text), seg.text)] if seg.kind == "special" else []
+        pieces[-1] = (text, trained, specials)
+    return pieces
+
+
+PIECE_SHAPES = [
+    CONV,
+    [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": " a "}],
+    [{"from": "human", "value": "a <image> b <image>"}, {"from": "gpt", "value": "x"},
+     {"from": "human", "value": "  "}, {"from": "gpt", "value": ""}],
+    [{"from": "human", "value": "says <|eot_id|> and </s>"}, {"from": "gpt", "value": "<|start_header_id|>"}],
+    [{"from": "human", "value": "é😀\n"}, {"from": "gpt", "value": "\n\nok\n"}] * 3,
+]
+
+
+@pytest.mark.parametrize("template", [VICUNA_V1, LLAMA3], ids=lambda t: t.name)
+@pytest.mark.parametrize("conv", PIECE_SHAPES)
+def test_render_pieces_are_the_pieces_of_render(tok, template, conv):
+    """The fast path setup uses (render_pieces) cuts the very text render's segments spell, with the same
+    trained ranges and specials: images mid-turn, empty and whitespace messages, special-token text in
+    messages, multi-byte characters, many turns."""
+    from effilora_lightning.data.conversation_render import render, render_pieces
+
+    want = _pieces_from_segments(render(conv, template, tok))
+    assert [tuple(p) for p in render_pieces(conv, template, tok)] == want
