@@ -33,20 +33,26 @@ _WHOLE = Shard()  # a build that is not split
 
 class SplitBuilder:
     """Checks and tokenizes the records of a split for a DataModule's settings (``hparams``), template and
-    tokenizer; ``build`` is what the token cache calls when it has no entry for them."""
+    tokenizer; ``build`` is what the token cache calls when it has no entry for them. One builder serves one
+    ``setup``: it counts each file once (the train and held-out parts of a split file both need the count)."""
 
     def __init__(self, hparams: Any, template: ConversationTemplate, tokenizer: Any) -> None:
         self.hparams, self.template, self.tokenizer = hparams, template, tokenizer
+        self._counts: dict[str, tuple[int, set[int], int]] = {}
 
     def held_out(self, path: str) -> set[int]:
         """Record indices of the seeded validation split of ``path`` (one pass to count the records)."""
         return self._count(path)[1]
 
     def _count(self, path: str) -> tuple[int, set[int], int]:
-        """(records, held-out record indices, JSON lines skipped) of ``path``: one pass over the file."""
-        stream = RecordStream(path, self.hparams.on_bad_record)
-        count = sum(1 for _ in stream)
-        return count, set(seeded_split(count, self.hparams.val_set_size, self.hparams.seed).held_out), stream.skipped
+        """(records, held-out record indices, JSON lines skipped) of ``path``: one pass over the file, the first
+        time this builder is asked."""
+        if path not in self._counts:
+            stream = RecordStream(path, self.hparams.on_bad_record)
+            count = sum(1 for _ in stream)
+            held = set(seeded_split(count, self.hparams.val_set_size, self.hparams.seed).held_out)
+            self._counts[path] = (count, held, stream.skipped)
+        return self._counts[path]
 
     def build(self, split: str, path: str, part: str, generation: bool, entry: EntryBuilder,
               shard: Shard = _WHOLE) -> dict[str, Any]:

@@ -153,6 +153,7 @@ class VisualInstructionDataModule(pl.LightningDataModule):
         # a fit builds the test split too: the CLI tests after fit, and a bad test record must stop the run
         # before training, not after it
         wanted = {"fit": ("train", "val", "test"), "validate": ("val",), "test": ("test",)}.get(stage or "", ())
+        builder = SplitBuilder(hp, self.template, self.tokenizer)  # one per setup: each file is counted once
         for split in [s for s in wanted or ("train", "val", "test") if s not in self.datasets]:
             source = self._source(split)
             if source is None:
@@ -161,7 +162,7 @@ class VisualInstructionDataModule(pl.LightningDataModule):
                 self.datasets["test"], self.stats["test"] = self.datasets["val"], self.stats["val"]  # same records
                 self.mismatches["test"] = self.mismatches["val"]
             else:
-                self._load_split(split, *source)
+                self._load_split(split, *source, builder)
 
     def _source(self, split: str) -> tuple[str, str] | None:
         """(file, part) a split is read from; part "all", or "train" / "held_out" of a val_set_size split."""
@@ -173,10 +174,9 @@ class VisualInstructionDataModule(pl.LightningDataModule):
                 if hp.val_data_path else None
         return (hp.test_data_path, "all") if hp.test_data_path else self._source("val")
 
-    def _load_split(self, split: str, path: str, part: str) -> None:
+    def _load_split(self, split: str, path: str, part: str, builder: SplitBuilder) -> None:
         hp, generation = self.hparams, split != "train"
         key_inputs = {"data": file_digest(check_data_file(path)), "part": part, "generation": generation}
-        builder = SplitBuilder(hp, self.template, self.tokenizer)
         rows, meta = load_or_build_for(self, split, functools.partial(builder.build, split, path, part, generation),
                                        _NOT_IN_KEY, functools.partial(builder.merge, split, path, generation),
                                        inputs=key_inputs, image_folder=os.path.abspath(hp.image_folder),

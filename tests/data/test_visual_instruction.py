@@ -200,6 +200,18 @@ def test_val_set_size_split_is_seeded_and_disjoint(dataset):
     assert sorted(ids(a, "train") + ids(a, "val")) == ["img-a", "img-c", "txt-b"]
 
 
+def test_a_split_file_is_read_once_to_count_and_once_per_part(dataset, monkeypatch):
+    """val_set_size splits one file into train and held-out parts: the count pass runs once, not per part."""
+    from effilora_lightning.data import records
+
+    reads: list[str] = []
+    real = records.RecordStream.__iter__
+    monkeypatch.setattr(records.RecordStream, "__iter__", lambda self: (reads.append(self.path.name), real(self))[1])
+    dm = module(dataset, val_data_path=None, val_set_size=1, use_cache=False)
+    assert len(dm.datasets["train"]) == 2 and len(dm.datasets["val"]) == 1
+    assert reads == ["train.json"] * 3  # count, train part, held-out part (the test split is the val split)
+
+
 def _lengths_and_modalities(n: int = 103) -> tuple[list[int], list[bool]]:
     g = torch.Generator().manual_seed(0)
     return torch.randint(5, 500, (n,), generator=g).tolist(), (torch.rand(n, generator=g) < 0.7).tolist()
