@@ -10,6 +10,14 @@
 steps of one run, stored as the run's ``curve``; ``--report`` adds rows and paired differences per step. The cosine
 schedule spans ``--steps``, so the 300-step point of an 800-step run is not a 300-step run.
 
+``choice_scoring`` (round 4, on by default): after the greedy test, every run also scores each test question's
+listed answers teacher-forced (``choice_accuracy``: the likeliest answer after prompt + "the correct answer is")
+and the gold answer's tokens on the validation split (``val_answer_loss``), which the learning-rate search then
+compares instead of the mean response loss. Why: the tiny bases never saw the token " correct", so greedy
+generation leaves the training distribution at the second response token and the response loss is mostly that
+token (``choice_scoring``'s docstring; BENCHMARKS.md, fourth round). Runs without these fields (earlier rounds)
+are reported and searched as before.
+
 The base is ``data/checkpoints/tiny-llama-deep`` (12 layers, hidden 48: 12 units at layer granularity, 60 at
 module granularity), built by ``data/scripts/make_tiny_llama.py`` on the same synthetic world as the 4-layer base.
 Every run goes through the product's own path, as ``benchmarks/quality.py`` (whose data module, Trainer and
@@ -72,7 +80,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import quality as q1  # noqa: E402  (benchmarks/ is not a package)
+import choice_scoring  # noqa: E402  (benchmarks/ is not a package)
+import quality as q1  # noqa: E402
 
 ROOT = q1.ROOT
 TARGETS = q1.TARGETS
@@ -142,6 +151,7 @@ class Study(q1.Study):
     ema_every: int = 25  # EMA snapshot period, optimizer steps
     flop_draws: int = 4  # seeded selections averaged by the FLOP count of a selective arm
     eval_at: list[int] = field(default_factory=list)  # optimizer steps with a test + validation point (round 3)
+    choice: bool = True  # also score the listed answers teacher-forced (round 4, ``choice_scoring``)
 
 
 # ---------------------------------------------------------------------------------------------- one run
@@ -228,7 +238,7 @@ def _recorder(arm: Arm, study: Study) -> Any:
     return Recorder()
 
 
-def _evaluator(study: Study, dm: Any) -> Any:
+def _evaluator(study: Study, dm: Any, seed: int) -> Any:
     import lightning.pytorch as pl
 
     class Evaluator(pl.Callback):
@@ -247,7 +257,8 @@ def _evaluator(study: Study, dm: Any) -> Any:
                 pl_module.eval()
                 with torch.no_grad():
                     self.points.append({"step": step, "val_loss": _val_loss(pl_module, dm),
-                                        "accuracy": _test_accuracy(pl_module, dm)})
+                                        "accuracy": _test_accuracy(pl_module, dm),
+                                        **choice_metrics(pl_module, study, seed)})
                 pl_module.train()
                 random.setstate(states[0])
                 np.random.set_state(states[1])
@@ -275,6 +286,49 @@ def _test_accuracy(module: Any, dm: Any) -> dict[str, float]:
     return {k: float(v) for k, v in results.items()}
 
 
+_VAL_RECORDS: dict[tuple[str, int, int], list[dict[str, str]]] = {}  # per process
+
+
+def val_records(study: Study, seed: int) -> list[dict[str, str]]:
+    """The validation split's records, as CommonsenseDataModule splits them off the training file for ``seed``."""
+    from effilora_lightning.data.commonsense_examples import load_records
+    from effilora_lightning.data.split import seeded_split
+
+    key = (study.data_path, study.val_set_size, seed)
+    if key not in _VAL_RECORDS:
+        records, _ = load_records(Path(study.data_path), ("instruction", "output", "answer"), "error")
+        held = seeded_split(len(records), study.val_set_size, seed).held_out
+        _VAL_RECORDS[key] = [records[i][1] for i in held]
+    return _VAL_RECORDS[key]
+
+
+def choice_metrics(module: Any, study: Study, seed: int) -> dict[str, Any]:
+    """Teacher-forced choice accuracy on the test sets and the answer-token loss on the validation split
+    (``choice_scoring``: what greedy generation on the tiny bases cannot show); {} when ``study.choice`` is off."""
+    if not study.choice:
+        return {}
+    from effilora_lightning.data.commonsense_prompts import TASKS, build_train_prompt
+
+    tok = module.require_tokenizer()
+    with torch.no_grad():
+        acc = choice_scoring.choice_accuracy(module.model, tok, study.dataset_dir, TASKS, build_train_prompt,
+                                             study.max_test_samples_per_task)
+        loss = choice_scoring.answer_loss(module.model, tok, val_records(study, seed), build_train_prompt)
+    return {"choice_accuracy": acc, "val_answer_loss": loss}
+
+
+def selection_loss(runs: list[dict[str, Any]]) -> str:
+    """The key the lr search compares: the answer-token loss where every run has it, else the response loss."""
+    return "val_answer_loss" if runs and all("val_answer_loss" in r for r in runs) else "val_loss"
+
+
+def best_lr(runs: list[dict[str, Any]], name: str, seed: int) -> float:
+    """The rate of ``name``'s run on ``seed`` with the lowest ``selection_loss``."""
+    mine = [r for r in runs if r["method"] == name and r["seed"] == seed]
+    key = selection_loss(mine)
+    return min(mine, key=lambda r: r[key])["lr"]
+
+
 def selection_record(module: Any) -> dict[str, Any]:
     """Which units trained each step (bit masks), per-unit counts after the warm-up, final |B| per unit."""
     cb = module.reducer
@@ -299,7 +353,7 @@ def optimizer_state_bytes(trainer: Any) -> int:
 def run_one(arm: Arm, study: Study, seed: int, lr: float, dm: Any) -> dict[str, Any]:
     """Fit and test one (arm, seed, learning rate); returns its row with the run's dynamics."""
     module = q1.seeded_module(adapter_config(arm, study, seed), reducer_args(arm, study, seed), study, seed, lr)
-    rec, ev = _recorder(arm, study), _evaluator(study, dm)
+    rec, ev = _recorder(arm, study), _evaluator(study, dm, seed)
     with tempfile.TemporaryDirectory() as root, contextlib.redirect_stdout(io.StringIO()):
         tr = q1.trainer(study, root)
         tr.callbacks += [rec, ev] if study.eval_at else [rec]
@@ -310,11 +364,13 @@ def run_one(arm: Arm, study: Study, seed: int, lr: float, dm: Any) -> dict[str, 
         state_bytes = optimizer_state_bytes(tr)
         tr.test(module, datamodule=dm, verbose=False)
         t2 = time.perf_counter()
-    return {"method": arm.name, "seed": seed, "lr": lr, "val_loss": val_loss, "accuracy": module.test_results,
+        choice = choice_metrics(module, study, seed)
+    return {"method": arm.name, "seed": seed, "lr": lr, "val_loss": val_loss, "accuracy": module.test_results, **choice,
             "trainable": module.adapter_report.trainable, "updated_per_step": q1.updated_per_step(module),
-            "optimizer_state_bytes": state_bytes, "fit_s": t1 - t0, "test_s": t2 - t1,
+            "optimizer_state_bytes": state_bytes, "fit_s": t1 - t0, "test_s": t2 - t1, "choice_s": time.perf_counter() - t2,
             "train_loss": rec.losses, "ema": rec.ema, "selection": selection_record(module),
-            **({"curve": [*ev.points, {"step": study.steps, "val_loss": val_loss, "accuracy": module.test_results}]}
+            **({"curve": [*ev.points, {"step": study.steps, "val_loss": val_loss, "accuracy": module.test_results,
+                                       **choice}]}
                if study.eval_at else {})}
 
 
@@ -358,7 +414,7 @@ def run_study(study: Study, arms: list[Arm], jobs: int, log: Any, sink: list[dic
     prior = {(r["method"], r["seed"], r["lr"]): r for r in sink}
     todo = [(a, first, lr) for a in searched for lr in study.lrs if (a.name, first, lr) not in prior]
     runs = [r for r in prior.values() if r["seed"] == first] + run_many(todo, study, jobs, log, sink)
-    chosen.update({a.name: q1.best_lr(runs, a.name, first) for a in searched})
+    chosen.update({a.name: best_lr(runs, a.name, first) for a in searched})
     for a in arms:
         if a.lr_from is not None and a.name not in chosen:
             if a.lr_from not in chosen:
@@ -402,7 +458,7 @@ def chosen_runs(runs: list[dict[str, Any]], name: str, first_seed: int) -> dict[
     mine = [r for r in runs if r["method"] == name]
     if not any(r["seed"] == first_seed for r in mine):
         return {}
-    lr = q1.best_lr(mine, name, first_seed)
+    lr = best_lr(mine, name, first_seed)
     return {r["seed"]: r for r in mine if r["lr"] == lr}
 
 
@@ -420,6 +476,7 @@ def summarise(runs: list[dict[str, Any]], first_seed: int) -> tuple[list[dict[st
         any_run = by_seed[seeds[0]]
         rows.append({"method": n, "lr": any_run["lr"], "seeds": seeds, "per_seed": acc, "accuracy": interval(acc),
                      "val_loss": interval([by_seed[s]["val_loss"] for s in seeds]),
+                     **_choice_row([by_seed[s] for s in seeds]),
                      "trainable": any_run["trainable"],
                      "updated_per_step": statistics.mean(by_seed[s]["updated_per_step"] for s in seeds),
                      "optimizer_state_bytes": max(by_seed[s]["optimizer_state_bytes"] for s in seeds),
@@ -435,8 +492,32 @@ def summarise(runs: list[dict[str, Any]], first_seed: int) -> tuple[list[dict[st
         v = [chosen[a][s]["val_loss"] - chosen[b][s]["val_loss"] for s in seeds]
         diffs.append({"question": label, "a": a, "b": b, "seeds": seeds, "per_seed": d, **interval(d),
                       "wins": sum(x > 0 for x in d), "losses": sum(x < 0 for x in d), "val_loss": interval(v),
-                      "val_loss_per_seed": v})
+                      "val_loss_per_seed": v,
+                      **_choice_diff([chosen[a][s] for s in seeds], [chosen[b][s] for s in seeds])})
     return rows, diffs
+
+
+def _has_choice(runs: list[dict[str, Any]]) -> bool:
+    return bool(runs) and all("choice_accuracy" in r for r in runs)
+
+
+def _choice_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Choice accuracy (%) and answer-token loss of one arm's chosen runs, when they have them (round 4 on)."""
+    if not _has_choice(runs):
+        return {}
+    acc = [100 * r["choice_accuracy"]["average"] for r in runs]
+    return {"choice_per_seed": acc, "choice": interval(acc),
+            "val_answer_loss": interval([r["val_answer_loss"] for r in runs])}
+
+
+def _choice_diff(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, Any]:
+    """Seed-paired choice-accuracy difference (points) and answer-loss difference, when both arms have them."""
+    if not (_has_choice(a) and _has_choice(b)):
+        return {}
+    d = [100 * (x["choice_accuracy"]["average"] - y["choice_accuracy"]["average"]) for x, y in zip(a, b)]
+    v = [x["val_answer_loss"] - y["val_answer_loss"] for x, y in zip(a, b)]
+    return {"choice": {**interval(d), "per_seed": d, "wins": sum(x > 0 for x in d), "losses": sum(x < 0 for x in d)},
+            "val_answer_loss": {**interval(v), "per_seed": v}}
 
 
 def _ci(s: dict[str, Any], fmt: str = ".1f") -> str:
@@ -446,22 +527,33 @@ def _ci(s: dict[str, Any], fmt: str = ".1f") -> str:
 
 def markdown_tables(rows: list[dict[str, Any]], diffs: list[dict[str, Any]], cost: dict[str, Any] | None) -> str:
     cost_rows = (cost or {}).get("rows", {})
-    head = ["arm", "lr", "average % (95 % CI)", "per seed", "val loss", "trainable", "updated / step",
+    choice = all("choice" in r for r in rows) and bool(rows)
+    head = ["arm", "lr", *(["choice % (95 % CI)", "per seed", "val answer loss"] if choice else []),
+            "generation % (95 % CI)", "per seed", "val loss", "trainable", "updated / step",
             "AdamW state KiB", "adapter GFLOP / step", "x LoRA's adapter FLOPs"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         c = cost_rows.get(r["method"], {})
-        cells = [r["method"], f"{r['lr']:.0e}", _ci(r["accuracy"]), ", ".join(f"{v:.1f}" for v in r["per_seed"]),
+        first = [_ci(r["choice"]), ", ".join(f"{v:.1f}" for v in r["choice_per_seed"]),
+                 _ci(r["val_answer_loss"], ".3f")] if choice else []
+        cells = [r["method"], f"{r['lr']:.0e}", *first, _ci(r["accuracy"]), ", ".join(f"{v:.1f}" for v in r["per_seed"]),
                  _ci(r["val_loss"], ".3f"), f"{r['trainable']:,}", f"{r['updated_per_step']:,.0f}",
                  f"{r['optimizer_state_bytes'] / 1024:.0f}",
                  f"{c['adapter_flops'] / 1e9:.3f}" if c else "-", f"{c['adapter_flops_vs_lora']:.2f}" if c else "-"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| paired difference a - b | n | accuracy, points [95 % CI] | per seed | a wins / loses | "
-              "validation loss [95 % CI] |", "|---|---|---|---|---|---|"]
+    choice = all("choice" in d for d in diffs) and bool(diffs)
+    extra = ["choice, points [95 % CI]", "per seed", "wins / losses", "answer loss [95 % CI]"] if choice else []
+    head = ["paired difference a - b", "n", *extra, "generation, points [95 % CI]", "per seed", "a wins / loses",
+            "validation loss [95 % CI]"]
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for d in diffs:
-        lines.append(f"| {d['question']} ({d['a']} - {d['b']}) | {len(d['seeds'])} | {_ci(d)} | "
-                     f"{', '.join(f'{v:+.1f}' for v in d['per_seed'])} | {d['wins']} / {d['losses']} | "
-                     f"{_ci(d['val_loss'], '+.3f')} |")
+        c = d.get("choice")
+        first = [_ci(c), ", ".join(f"{v:+.1f}" for v in c["per_seed"]), f"{c['wins']} / {c['losses']}",
+                 _ci(d["val_answer_loss"], "+.3f")] if choice else []
+        cells = [f"{d['question']} ({d['a']} - {d['b']})", str(len(d["seeds"])), *first, _ci(d),
+                 ", ".join(f"{v:+.1f}" for v in d["per_seed"]), f"{d['wins']} / {d['losses']}",
+                 _ci(d["val_loss"], "+.3f")]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -752,7 +844,7 @@ def curve_summaries(runs: list[dict[str, Any]], first_seed: int) -> dict[int, di
     steps = sorted({p["step"] for r in runs for p in r.get("curve", [])})
     out = {}
     for step in steps:
-        view = [{**r, "accuracy": p["accuracy"], "val_loss": p["val_loss"]}
+        view = [{k: v for k, v in r.items() if k not in ("choice_accuracy", "val_answer_loss")} | p
                 for r in runs for p in r.get("curve", []) if p["step"] == step]
         rows, diffs = summarise(view, first_seed)
         out[step] = {"rows": rows, "differences": diffs}

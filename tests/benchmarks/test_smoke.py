@@ -128,6 +128,8 @@ def test_quality2_smoke_runs_reports_and_plots(tmp_path: Path) -> None:
     for r in payload["runs"]:
         assert len(r["train_loss"]) == 3 and all(math.isfinite(x) for x in r["train_loss"]), r["method"]
         assert r["optimizer_state_bytes"] == 8 * r["trainable"] or r["method"] != "lora"  # AdamW: 2 fp32 moments
+        assert len(r["choice_accuracy"]) == 9 and all(0 <= v <= 1 for v in r["choice_accuracy"].values())
+        assert _finite_positive(r["val_answer_loss"])
     sel = payload["runs"][2]["selection"]
     assert len(sel["unit_names"]) == 12 and len(sel["masks"]) == 3 and len(sel["b_norm"]) == 12
     assert sum(sel["counts_after_warmup"]) == 2 * 6  # 2 steps after the 1-step warm-up, 6 of 12 units each
@@ -140,6 +142,7 @@ def test_quality2_smoke_runs_reports_and_plots(tmp_path: Path) -> None:
     assert cost["effilora_k0.5_prop"] == cost["effilora_k0.5"]  # same adapter and keep ratio: same count
     assert result["timing"]["rows"]["lora"]["vs_floor"]["n"] == 2
     assert png.stat().st_size > 10_000 and json.loads(report_json.read_text())["rows"]
+    assert all("choice" in r and "val_answer_loss" in r for r in result["rows"])
 
 
 def test_quality2_eval_at_records_a_curve_without_changing_the_run(tmp_path: Path) -> None:
@@ -162,6 +165,7 @@ def test_quality2_eval_at_records_a_curve_without_changing_the_run(tmp_path: Pat
             assert a[key] == b[key], (b["method"], key)
         assert b["curve"][-1]["val_loss"] == b["val_loss"] and b["curve"][0]["val_loss"] != b["val_loss"]
         assert set(b["curve"][0]["accuracy"]) == set(b["accuracy"])
+        assert b["curve"][-1]["choice_accuracy"] == b["choice_accuracy"] and "val_answer_loss" in b["curve"][0]
     at_step = quality2.curve_summaries(runs, 0)
     assert sorted(at_step) == [2, 3]
     (d,) = at_step[2]["differences"]  # importance vs random, keep 0.5, at step 2
