@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["answer_loss", "candidates", "choice_accuracy", "score_candidates"]
+__all__ = ["answer_loss", "candidates", "choice_accuracy", "loss_by_offset", "score_candidates"]
 
 _FORMAT = "Answer format: "
 
@@ -124,3 +125,25 @@ def answer_loss(model: Any, tokenizer: Any, records: Sequence[dict[str, str]], p
     scores, lens = _score(model, tokenizer, records, prompt_of, [[r["answer"]] for r in records], batch_size)
     model.train(was_training)
     return -sum(s[0] for s in scores) / sum(n[0] for n in lens)
+
+
+@torch.no_grad()
+def loss_by_offset(model: Any, batches: Any) -> list[float]:
+    """Mean negative log-likelihood of the k-th trained (response) token of each row, k = 0, 1, ...: where a
+    response's loss sits (on the tiny bases: almost all of it at k = 1, the unseen token " correct")."""
+    was_training = model.training
+    model.eval()
+    total, count = torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
+    for batch in batches:
+        labels = batch["labels"][:, 1:]  # (B, T-1): the token each position predicts
+        trained = labels != -100
+        if not trained.any():
+            continue
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        nll = -torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]  # (B, T-1)
+        k = (trained.cumsum(1) - 1)[trained]  # offset of each trained token within its row's response
+        width = max(len(total), int(k.max()) + 1)
+        total = F.pad(total, (0, width - len(total))).index_add_(0, k, nll[trained].double())
+        count = F.pad(count, (0, width - len(count))) + torch.bincount(k, minlength=width)
+    model.train(was_training)
+    return (total / count).tolist()

@@ -258,7 +258,7 @@ def _evaluator(study: Study, dm: Any, seed: int) -> Any:
                 with torch.no_grad():
                     self.points.append({"step": step, "val_loss": _val_loss(pl_module, dm),
                                         "accuracy": _test_accuracy(pl_module, dm),
-                                        **choice_metrics(pl_module, study, seed)})
+                                        **choice_metrics(pl_module, study, seed, dm)})
                 pl_module.train()
                 random.setstate(states[0])
                 np.random.set_state(states[1])
@@ -302,9 +302,10 @@ def val_records(study: Study, seed: int) -> list[dict[str, str]]:
     return _VAL_RECORDS[key]
 
 
-def choice_metrics(module: Any, study: Study, seed: int) -> dict[str, Any]:
-    """Teacher-forced choice accuracy on the test sets and the answer-token loss on the validation split
-    (``choice_scoring``: what greedy generation on the tiny bases cannot show); {} when ``study.choice`` is off."""
+def choice_metrics(module: Any, study: Study, seed: int, dm: Any) -> dict[str, Any]:
+    """Teacher-forced choice accuracy on the test sets, the answer-token loss on the validation split and the
+    validation loss per response token (``choice_scoring``: what greedy generation on the tiny bases cannot
+    show); {} when ``study.choice`` is off."""
     if not study.choice:
         return {}
     from effilora_lightning.data.commonsense_prompts import TASKS, build_train_prompt
@@ -314,7 +315,8 @@ def choice_metrics(module: Any, study: Study, seed: int) -> dict[str, Any]:
         acc = choice_scoring.choice_accuracy(module.model, tok, study.dataset_dir, TASKS, build_train_prompt,
                                              study.max_test_samples_per_task)
         loss = choice_scoring.answer_loss(module.model, tok, val_records(study, seed), build_train_prompt)
-    return {"choice_accuracy": acc, "val_answer_loss": loss}
+        by_offset = choice_scoring.loss_by_offset(module.model, dm.val_dataloader()[0])
+    return {"choice_accuracy": acc, "val_answer_loss": loss, "val_loss_by_offset": by_offset}
 
 
 def selection_loss(runs: list[dict[str, Any]]) -> str:
@@ -364,7 +366,7 @@ def run_one(arm: Arm, study: Study, seed: int, lr: float, dm: Any) -> dict[str, 
         state_bytes = optimizer_state_bytes(tr)
         tr.test(module, datamodule=dm, verbose=False)
         t2 = time.perf_counter()
-        choice = choice_metrics(module, study, seed)
+        choice = choice_metrics(module, study, seed, dm)
     return {"method": arm.name, "seed": seed, "lr": lr, "val_loss": val_loss, "accuracy": module.test_results, **choice,
             "trainable": module.adapter_report.trainable, "updated_per_step": q1.updated_per_step(module),
             "optimizer_state_bytes": state_bytes, "fit_s": t1 - t0, "test_s": t2 - t1, "choice_s": time.perf_counter() - t2,
@@ -838,13 +840,16 @@ def report(paths: list[str], out_json: str | None, plot: str | None, study: Stud
     return result
 
 
+_POINT_KEYS = ("choice_accuracy", "val_answer_loss", "val_loss_by_offset")  # a curve point's own, when it has them
+
+
 def curve_summaries(runs: list[dict[str, Any]], first_seed: int) -> dict[int, dict[str, Any]]:
     """Per ``--eval-at`` step: the rows and paired differences of the runs as they stood at that step (runs
     without a curve, e.g. round 2's, have none)."""
     steps = sorted({p["step"] for r in runs for p in r.get("curve", [])})
     out = {}
     for step in steps:
-        view = [{k: v for k, v in r.items() if k not in ("choice_accuracy", "val_answer_loss")} | p
+        view = [{k: v for k, v in r.items() if k not in _POINT_KEYS} | p
                 for r in runs for p in r.get("curve", []) if p["step"] == step]
         rows, diffs = summarise(view, first_seed)
         out[step] = {"rows": rows, "differences": diffs}

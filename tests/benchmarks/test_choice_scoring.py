@@ -79,3 +79,14 @@ def test_batched_scores_equal_one_row_at_a_time():
     alone = torch.cat([cs.score_candidates(model, [r], [s], tok.eos_token_id)[0] for r, s in zip(rows, starts)])
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
     assert n.tolist() == [len(r) - s for r, s in zip(rows, starts)]
+
+
+def test_loss_by_offset_averages_each_response_position_over_rows():
+    vocab, fav, other = 8, 3, 5
+    lp = torch.log_softmax(torch.tensor([5.0] + [0.0] * (vocab - 1)), 0)
+    a, b = -float(lp[0]), -float(lp[1])  # nll of the favoured token, of any other
+    ids = torch.tensor([[1, 2, fav, other, 0], [1, other, other, fav, 2]])
+    labels = torch.tensor([[-100, -100, fav, other, -100], [-100, other, other, fav, -100]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    got = cs.loss_by_offset(_Prefers(fav, vocab), [batch, {**batch, "labels": torch.full_like(labels, -100)}])
+    assert got == pytest.approx([(a + b) / 2, b, a])  # row 0: fav, other; row 1: other, other, fav

@@ -129,7 +129,8 @@ def test_quality2_smoke_runs_reports_and_plots(tmp_path: Path) -> None:
         assert len(r["train_loss"]) == 3 and all(math.isfinite(x) for x in r["train_loss"]), r["method"]
         assert r["optimizer_state_bytes"] == 8 * r["trainable"] or r["method"] != "lora"  # AdamW: 2 fp32 moments
         assert len(r["choice_accuracy"]) == 9 and all(0 <= v <= 1 for v in r["choice_accuracy"].values())
-        assert _finite_positive(r["val_answer_loss"])
+        assert _finite_positive(r["val_answer_loss"]) and all(map(_finite_positive, r["val_loss_by_offset"]))
+        assert len(r["val_loss_by_offset"]) == 7  # "the correct answer is <label>" + eos: 7 tokens on the tiny base
     sel = payload["runs"][2]["selection"]
     assert len(sel["unit_names"]) == 12 and len(sel["masks"]) == 3 and len(sel["b_norm"]) == 12
     assert sum(sel["counts_after_warmup"]) == 2 * 6  # 2 steps after the 1-step warm-up, 6 of 12 units each
