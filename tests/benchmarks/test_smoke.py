@@ -242,3 +242,14 @@ def test_data_setup_two_ranks_split_the_cold_build(tmp_path: Path) -> None:
         assert r["setup_cpu_s"] == pytest.approx(sum(p["setup_cpu_s"] for p in r["per_rank"]))
         assert r["setup_s"] == max(p["setup_s"] for p in r["per_rank"])
         assert all(p["setup_cpu_s"] > 0 for p in r["per_rank"])
+
+
+def test_grouping_accuracy_smoke_pairs_the_two_orders(tmp_path: Path) -> None:
+    """benchmarks/grouping_accuracy.py: one seed, both orders through the CLI, both accuracies, a paired diff."""
+    bench = _load("grouping_accuracy")
+    result = bench.main(["--smoke", "--seeds", "0", "--json", str(tmp_path / "g.json")])
+    assert [r["grouped"] for r in result["rows"]] == [False, True]
+    for r in result["rows"]:
+        assert set(r["choice"]) == set(r["generation"]) and 0 <= r["choice"]["average"] <= 1
+    by = {r["grouped"]: 100 * r["choice"]["average"] for r in result["rows"]}
+    assert result["choice"]["per_seed"] == pytest.approx([by[True] - by[False]])
