@@ -89,20 +89,29 @@ def plot_accuracy(payload: dict[str, Any], out: Path) -> None:
 
 def plot_frontier(result: dict[str, Any], out: Path) -> None:
     """quality2.py's frontier: average accuracy (mean, 95 % t-interval over paired seeds) against counted adapter
-    FLOPs per training step (left, relative to LoRA's) and against parameters updated per step (right)."""
+    FLOPs per training step (left, relative to LoRA's) and against parameters updated per step (right). Rows with
+    a teacher-forced choice accuracy (round 4 on) plot it filled and the greedy-generation accuracy hollow."""
     cost = result["cost"]["rows"]
+    rows = result["rows"]
+    choice = bool(rows) and all("choice" in r for r in rows)
     fig, axes = plt.subplots(1, 2, figsize=(12.5, 5.0), sharey=True)
-    for r in result["rows"]:
-        acc = r["accuracy"]
-        y, (lo, hi) = acc["mean"], acc["ci95"]
+    for r in rows:
         xs = (cost[r["method"]]["adapter_flops_vs_lora"], r["updated_per_step"])
+        metrics = [("choice", "o", None), ("accuracy", "o", "none")] if choice else [("accuracy", "o", None)]
         for ax, x in zip(axes, xs):
-            ax.errorbar(x, y, yerr=[[y - lo], [hi - y]], fmt="o", capsize=3, label=r["method"])
+            color = None
+            for key, fmt, face in metrics:
+                y, (lo, hi) = r[key]["mean"], r[key]["ci95"]
+                line = ax.errorbar(x, y, yerr=[[y - lo], [hi - y]], fmt=fmt, capsize=3, color=color,
+                                   mfc=face, label=r["method"] if key == metrics[0][0] else None)
+                color = line[0].get_color()
+            y = r[metrics[0][0]]["mean"]
             ax.annotate(r["method"].replace("effilora_", ""), (x, y), fontsize=6, xytext=(4, 3),
                         textcoords="offset points")
-    n = len(result["rows"][0]["seeds"]) if result["rows"] else 0
-    axes[0].set(xlabel="adapter FLOPs per training step / LoRA's (counted: torch.utils.flop_counter)",
-                ylabel="average accuracy over 8 tasks (%)")
+    n = len(rows[0]["seeds"]) if rows else 0
+    what = ("teacher-forced choice (filled) and greedy generation (hollow) accuracy, 8 tasks (%)" if choice
+            else "average accuracy over 8 tasks (%)")
+    axes[0].set(xlabel="adapter FLOPs per training step / LoRA's (counted: torch.utils.flop_counter)", ylabel=what)
     axes[1].set(xlabel="adapter parameters updated per optimizer step", xscale="log")
     for ax in axes:
         ax.axhline(35.4, color="gray", lw=0.8, ls="--")  # chance: 2 to 4 balanced answers per task
