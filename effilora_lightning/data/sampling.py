@@ -159,7 +159,13 @@ def checked_position(state: dict[str, int], owner: str) -> dict[str, int] | None
 def _silence_not_resumable_warning() -> None:
     """Lightning warns on every mid-epoch resume that "your dataloader is not resumable": it looks for
     ``state_dict`` on the DataLoader, while ours lives in the DataModule, which Lightning saves and restores
-    itself, and which makes the sampler skip exactly the consumed batches (tested). Only that warning goes."""
+    itself, and which makes the sampler skip exactly the consumed batches (tested). Only that warning goes.
+
+    Why not torchdata's ``StatefulDataLoader``, whose state Lightning checkpoints natively: it is not one of the
+    required packages (torchdata is not installed with torch), and its state is each rank's loader and workers'
+    as they were, with nothing to check a changed world or batch size against; the position kept here is
+    (epoch, batches consumed, world and batch size), which the samplers turn into exact skips and which warns
+    when the world or batch size changed."""
     import warnings
 
     from lightning.pytorch.utilities.warnings import PossibleUserWarning
