@@ -53,6 +53,7 @@ def demo_config(seed: int, grouped: bool, smoke: bool) -> dict[str, Any]:
 def one_run(seed: int, grouped: bool, smoke: bool) -> dict[str, Any]:
     cfg = demo_config(seed, grouped, smoke)
     with tempfile.TemporaryDirectory() as tmp:
+        cfg["trainer"]["default_root_dir"] = tmp  # the CLI's config.yaml, test_results.json, selection heatmap
         path = Path(tmp) / "config.yaml"
         path.write_text(yaml.safe_dump(cfg))
         cli = run(["fit", "--config", str(path)])

@@ -247,7 +247,9 @@ def test_data_setup_two_ranks_split_the_cold_build(tmp_path: Path) -> None:
 def test_grouping_accuracy_smoke_pairs_the_two_orders(tmp_path: Path) -> None:
     """benchmarks/grouping_accuracy.py: one seed, both orders through the CLI, both accuracies, a paired diff."""
     bench = _load("grouping_accuracy")
+    before = set(ROOT.iterdir())
     result = bench.main(["--smoke", "--seeds", "0", "--json", str(tmp_path / "g.json")])
+    assert set(ROOT.iterdir()) == before  # nothing written into the repository
     assert [r["grouped"] for r in result["rows"]] == [False, True]
     for r in result["rows"]:
         assert set(r["choice"]) == set(r["generation"]) and 0 <= r["choice"]["average"] <= 1
