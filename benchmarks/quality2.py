@@ -308,15 +308,27 @@ def choice_metrics(module: Any, study: Study, seed: int, dm: Any) -> dict[str, A
     show); {} when ``study.choice`` is off."""
     if not study.choice:
         return {}
+    return model_choice_metrics(module.model, module.require_tokenizer(), study, seed, dm)
+
+
+def model_choice_metrics(model: Any, tok: Any, study: Study, seed: int, dm: Any) -> dict[str, Any]:
     from effilora_lightning.data.commonsense_prompts import TASKS, build_train_prompt
 
-    tok = module.require_tokenizer()
     with torch.no_grad():
-        acc = choice_scoring.choice_accuracy(module.model, tok, study.dataset_dir, TASKS, build_train_prompt,
+        acc = choice_scoring.choice_accuracy(model, tok, study.dataset_dir, TASKS, build_train_prompt,
                                              study.max_test_samples_per_task)
-        loss = choice_scoring.answer_loss(module.model, tok, val_records(study, seed), build_train_prompt)
-        by_offset = choice_scoring.loss_by_offset(module.model, dm.val_dataloader()[0])
+        loss = choice_scoring.answer_loss(model, tok, val_records(study, seed), build_train_prompt)
+        by_offset = choice_scoring.loss_by_offset(model, dm.val_dataloader()[0])
     return {"choice_accuracy": acc, "val_answer_loss": loss, "val_loss_by_offset": by_offset}
+
+
+def base_metrics(study: Study, seed: int) -> dict[str, Any]:
+    """The same three figures for the base model without an adapter (the split of ``seed``)."""
+    from transformers import AutoModelForCausalLM
+
+    dm = q1.datamodule(study, seed)
+    model = AutoModelForCausalLM.from_pretrained(study.model_path).eval()
+    return model_choice_metrics(model, dm.tokenizer, study, seed, dm)
 
 
 def selection_loss(runs: list[dict[str, Any]]) -> str:
@@ -508,8 +520,10 @@ def _choice_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
     if not _has_choice(runs):
         return {}
     acc = [100 * r["choice_accuracy"]["average"] for r in runs]
+    offsets = [r["val_loss_by_offset"] for r in runs if "val_loss_by_offset" in r]
     return {"choice_per_seed": acc, "choice": interval(acc),
-            "val_answer_loss": interval([r["val_answer_loss"] for r in runs])}
+            "val_answer_loss": interval([r["val_answer_loss"] for r in runs]),
+            **({"val_loss_by_offset": [statistics.mean(k) for k in zip(*offsets)]} if len(offsets) == len(runs) else {})}
 
 
 def _choice_diff(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, Any]:
@@ -824,12 +838,16 @@ def report(paths: list[str], out_json: str | None, plot: str | None, study: Stud
     dyn = [dynamics(r, warm, plateau) for r in runs]
     collapse = collapse_summary(dyn, rows, low=50.0)
     print(markdown_tables(rows, diffs, cost))
+    base = base_metrics(study, first) if any("choice" in r for r in rows) else None
+    if base is not None:
+        log(f"base model, no adapter: choice {100 * base['choice_accuracy']['average']:.1f} %, answer loss "
+            f"{base['val_answer_loss']:.3f}, loss per response token {[round(x, 2) for x in base['val_loss_by_offset']]}")
     at_step = curve_summaries(runs, first)
     for step, entry in at_step.items():
         print(f"\n### at optimizer step {step}\n\n" + markdown_tables(entry["rows"], entry["differences"], cost))
     result = {"sources": [{"path": p, "git": pl.get("git"), "seconds": pl.get("seconds")} for p, pl in zip(paths, payloads)],
               "study": payloads[0]["study"], "rows": rows, "differences": diffs, "cost": cost, "timing": timing,
-              "plateau_loss": plateau, "collapse": collapse, "dynamics": dyn, "at_step": at_step}
+              "plateau_loss": plateau, "collapse": collapse, "dynamics": dyn, "at_step": at_step, "base": base}
     if out_json:
         Path(out_json).write_text(json.dumps(result, indent=2))
     if plot:

@@ -143,7 +143,8 @@ def test_quality2_smoke_runs_reports_and_plots(tmp_path: Path) -> None:
     assert cost["effilora_k0.5_prop"] == cost["effilora_k0.5"]  # same adapter and keep ratio: same count
     assert result["timing"]["rows"]["lora"]["vs_floor"]["n"] == 2
     assert png.stat().st_size > 10_000 and json.loads(report_json.read_text())["rows"]
-    assert all("choice" in r and "val_answer_loss" in r for r in result["rows"])
+    assert all("choice" in r and "val_answer_loss" in r and len(r["val_loss_by_offset"]) == 7 for r in result["rows"])
+    assert result["base"]["val_loss_by_offset"][1] > 10  # the base never saw " correct" (choice_scoring docstring)
 
 
 def test_quality2_eval_at_records_a_curve_without_changing_the_run(tmp_path: Path) -> None:
