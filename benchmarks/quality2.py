@@ -863,12 +863,15 @@ _POINT_KEYS = ("choice_accuracy", "val_answer_loss", "val_loss_by_offset")  # a 
 
 def curve_summaries(runs: list[dict[str, Any]], first_seed: int) -> dict[int, dict[str, Any]]:
     """Per ``--eval-at`` step: the rows and paired differences of the runs as they stood at that step (runs
-    without a curve, e.g. round 2's, have none)."""
+    without a curve, e.g. round 2's, have none), each arm at the rate chosen at the end of the run (an
+    earlier point is a look inside the chosen run, not a search of its own)."""
     steps = sorted({p["step"] for r in runs for p in r.get("curve", [])})
+    final = {n: best_lr(runs, n, first_seed) for n in {r["method"] for r in runs}
+             if any(r["method"] == n and r["seed"] == first_seed for r in runs)}
     out = {}
     for step in steps:
         view = [{k: v for k, v in r.items() if k not in _POINT_KEYS} | p
-                for r in runs for p in r.get("curve", []) if p["step"] == step]
+                for r in runs if r["lr"] == final.get(r["method"]) for p in r.get("curve", []) if p["step"] == step]
         rows, diffs = summarise(view, first_seed)
         out[step] = {"rows": rows, "differences": diffs}
     return out
