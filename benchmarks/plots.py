@@ -109,7 +109,7 @@ def plot_frontier(result: dict[str, Any], out: Path) -> None:
             ax.annotate(r["method"].replace("effilora_", ""), (x, y), fontsize=6, xytext=(4, 3),
                         textcoords="offset points")
     n = len(rows[0]["seeds"]) if rows else 0
-    what = ("teacher-forced choice (filled) and greedy generation (hollow) accuracy, 8 tasks (%)" if choice
+    what = ("accuracy, 8 tasks (%): choice filled, generation hollow" if choice
             else "average accuracy over 8 tasks (%)")
     axes[0].set(xlabel="adapter FLOPs per training step / LoRA's (counted: torch.utils.flop_counter)", ylabel=what)
     axes[1].set(xlabel="adapter parameters updated per optimizer step", xscale="log")
