@@ -314,11 +314,15 @@ def choice_metrics(module: Any, study: Study, seed: int, dm: Any) -> dict[str, A
 def model_choice_metrics(model: Any, tok: Any, study: Study, seed: int, dm: Any) -> dict[str, Any]:
     from effilora_lightning.data.commonsense_prompts import TASKS, build_train_prompt
 
+    records, val_loader = val_records(study, seed), dm.val_dataloader()[0]
+    if len(records) != len(val_loader.dataset):  # val_records re-derives the DataModule's split: check it agrees
+        raise RuntimeError(f"val_records found {len(records)} validation records, the DataModule "
+                           f"{len(val_loader.dataset)}: the split rule changed, update val_records")
     with torch.no_grad():
         acc = choice_scoring.choice_accuracy(model, tok, study.dataset_dir, TASKS, build_train_prompt,
                                              study.max_test_samples_per_task)
-        loss = choice_scoring.answer_loss(model, tok, val_records(study, seed), build_train_prompt)
-        by_offset = choice_scoring.loss_by_offset(model, dm.val_dataloader()[0])
+        loss = choice_scoring.answer_loss(model, tok, records, build_train_prompt)
+        by_offset = choice_scoring.loss_by_offset(model, val_loader)
     return {"choice_accuracy": acc, "val_answer_loss": loss, "val_loss_by_offset": by_offset}
 
 
