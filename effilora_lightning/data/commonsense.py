@@ -33,6 +33,10 @@ token for token the generation prompt. With ``reference_whitespace=True`` the id
 ``finetune.py``'s: the whole prompt + output string is tokenized at once (tokenizing the two apart changes the
 ids at the boundary, e.g. ``['\n', 16 spaces, 'the']`` vs ``['\n', 15 spaces, ' the']``), and with
 ``train_on_inputs=False`` the first ``len(tokenize(prompt))`` positions are masked, as the reference does.
+
+Setup speed (the ids are those above, byte for byte): a clean prompt's fixed head and tail are tokenized once
+where that is exact (``PromptTokens``), and the next chunk is tokenized in a worker thread while this one's
+rows are built (``EncodeAhead``).
 """
 
 from __future__ import annotations
@@ -51,8 +55,10 @@ from effilora_lightning.data.commonsense_examples import (
     Encoding,
     LossRows,
     PromptRows,
+    PromptTokens,
     collate_generate,
     collate_train,
+    drop_bos,
     eval_prompt,
     load_records,
     token_ids,
@@ -64,7 +70,7 @@ from effilora_lightning.data.records import RecordError, check_data_file, read_r
 from effilora_lightning.data.sampling import TrainingOrder
 from effilora_lightning.data.split import seeded_split
 from effilora_lightning.data.token_cache import EntryBuilder, TokenRowsWriter, file_digest
-from effilora_lightning.data.tokenizer import load_tokenizer
+from effilora_lightning.data.tokenizer import EncodeAhead, encode_texts, load_tokenizer
 
 __all__ = ["SAMPLE_ID_STRIDE", "CommonsenseDataModule", "RecordError", "is_generation_batch", "read_records"]
 
@@ -194,6 +200,13 @@ class CommonsenseDataModule(LightningDataModule):
                                     f"(dataset_dir={self.dataset_dir} must hold <task>/test.json)")
         return path
 
+    def _prompt_tokens(self) -> PromptTokens:
+        """One ``PromptTokens`` per tokenizer (its construction checks the split on probe prompts)."""
+        key = (id(self.tokenizer), self.hparams.reference_whitespace)
+        if getattr(self, "_prompts", (None,))[0] != key:
+            self._prompts = (key, PromptTokens(self.tokenizer, self.hparams.reference_whitespace))
+        return self._prompts[1]
+
     def _encoding(self) -> Encoding:
         tok, hp = self.tokenizer, self.hparams
         return Encoding(tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, hp.cutoff_len, hp.max_eval_prompt_len)
@@ -230,25 +243,30 @@ class CommonsenseDataModule(LightningDataModule):
         Python lists of ids exist at once; returns how many were cut and dropped fully masked."""
         truncated_count, fully_masked = 0, 0
         enc, ws = self._encoding(), self.hparams.reference_whitespace
-        for start in range(0, len(records), _CHUNK):
-            chunk = records[start: start + _CHUNK]
-            prompts = [build_train_prompt(r["instruction"], "", reference_whitespace=ws) for r in chunk]
-            prompt_ids = token_ids(self.tokenizer, prompts, enc.bos)
-            if ws:  # the reference's ids: the whole string at once
-                texts = [build_train_prompt(r["instruction"], r["output"], reference_whitespace=True) for r in chunk]
-                text_ids = token_ids(self.tokenizer, texts, enc.bos)
+        prompts = self._prompt_tokens()
+
+        def texts_of(chunk: list[dict[str, str]]) -> list[str]:
+            texts = prompts.texts([r["instruction"] for r in chunk])
+            if ws:  # the reference's ids: the whole prompt + output string at once
+                texts += [build_train_prompt(r["instruction"], r["output"], reference_whitespace=True) for r in chunk]
+            return texts
+
+        chunks = (records[start: start + _CHUNK] for start in range(0, len(records), _CHUNK))
+        for chunk, encoded in EncodeAhead(self.tokenizer).map(chunks, texts_of):
+            prompt_ids = drop_bos(prompts.ids([r["instruction"] for r in chunk], encoded[: len(chunk)]), enc.bos)
+            if ws:
+                text_ids = drop_bos(encoded[len(chunk):], enc.bos)
             else:
                 output_ids = token_ids(self.tokenizer, [r["output"] for r in chunk], enc.bos)
                 text_ids = [p + o for p, o in zip(prompt_ids, output_ids)]
             for text, prompt in zip(text_ids, prompt_ids):
-                example, truncated = train_example(text, len(prompt), enc, self.hparams.train_on_inputs,
-                                                   self.hparams.add_eos)
+                ids, untrained, truncated = train_example(text, len(prompt), enc, self.hparams.train_on_inputs,
+                                                          self.hparams.add_eos)
                 truncated_count += truncated
-                trained = [label != -100 for label in example["labels"]]
-                if not any(trained):
+                if untrained == len(ids):
                     fully_masked += 1  # the prompt filled cutoff_len: nothing left to learn from
                     continue
-                writer.add(example["input_ids"], trained)
+                writer.add_masked(ids, untrained)
         return truncated_count, fully_masked
 
     def _build_test(self, entry: EntryBuilder, shard: Shard) -> dict[str, Any]:
@@ -265,11 +283,18 @@ class CommonsenseDataModule(LightningDataModule):
             cap = self.hparams.max_test_samples_per_task
             every += [(task, path, index, record) for index, record in records[:cap]]
         mine = shard.of(every)
-        prompts = [build_eval_prompt(r["instruction"], self.hparams.reference_whitespace) for *_, r in mine]
-        for (task, path, index, record), ids in zip(mine, token_ids(self.tokenizer, prompts, enc.bos)):
+        ws = self.hparams.reference_whitespace
+        prompts = self._prompt_tokens()  # clean eval prompts are the training prompts
+        instructions = [r["instruction"] for *_, r in mine]
+        if ws:
+            prompt_ids = token_ids(self.tokenizer, [build_eval_prompt(i, True) for i in instructions], enc.bos)
+        else:
+            encoded = encode_texts(self.tokenizer, prompts.texts(instructions))
+            prompt_ids = drop_bos(prompts.ids(instructions, encoded), enc.bos)
+        for (task, path, index, record), ids in zip(mine, prompt_ids, strict=True):
             ids = eval_prompt(ids, enc, task, index, path)
             meta["longest"] = max(meta["longest"] or (0, "", 0), (len(ids), task, index))
-            writer.add(ids, [False] * len(ids))
+            writer.add_masked(ids, len(ids))
             meta["tasks"].append(task)
             meta["answers"].append(record["answer"])
             meta["sample_ids"].append(TASKS.index(task) * SAMPLE_ID_STRIDE + index)

@@ -7,6 +7,7 @@ when EOS is kept); batches follow the contract of ``batch``.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,12 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from effilora_lightning.data.batch import IGNORE_INDEX, pad, pad_mask
-from effilora_lightning.data.commonsense_prompts import ANSWER_PATTERNS
+from effilora_lightning.data.commonsense_prompts import ANSWER_PATTERNS, build_train_prompt
 from effilora_lightning.data.records import RecordError, read_records
 from effilora_lightning.data.token_cache import TokenRows
 from effilora_lightning.data.tokenizer import encode_texts
 
-__all__ = ["Encoding", "LossRows", "PromptRows", "collate_generate", "collate_train", "eval_prompt",
+__all__ = ["LLAMA3_SPLIT", "Encoding", "LossRows", "PromptRows", "PromptTokens", "collate_generate", "collate_train", "drop_bos", "eval_prompt",
            "load_records", "record_problem", "token_ids", "train_example"]
 
 
@@ -81,25 +82,96 @@ def token_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str], bos: int | N
     Each distinct text is tokenized once (the outputs are a handful of "the correct answer is ..." strings)."""
     unique = list(dict.fromkeys(texts))
     ids_of = dict(zip(unique, encode_texts(tokenizer, unique)))
-    out = [ids_of[t] for t in texts]
-    return [ids[1:] if bos is not None and ids[:1] == [bos] else ids for ids in out]
+    return drop_bos([ids_of[t] for t in texts], bos)
+
+
+def drop_bos(token_rows: list[list[int]], bos: int | None) -> list[list[int]]:
+    """Each row without the BOS its text spelled out, if it did (BOS is added once, as an id, by the caller)."""
+    return [ids[1:] if bos is not None and ids[:1] == [bos] else ids for ids in token_rows]
+
+
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+"""LLaMA-3's pre-tokenizer regex (tokenizer.json: a Split, "Isolated", before a ByteLevel without its own regex)."""
+
+_PROBES = ("Please choose: a/b", "x", "Hello, world 2024", "ends in 12345", "tab\tinside and\n\nnew lines ok",
+           "'s own", "(brackets) ok", "über straße 9", "<|eot_id|> text", "Answer format: true/false")
+"""Instructions checked at construction: the head + instruction + tail split must give the whole prompt's ids."""
+
+
+class PromptTokens:
+    """Ids of clean-template prompts, tokenizing only what differs between records.
+
+    A clean prompt is ``HEAD + instruction + TAIL`` (``commonsense_prompts``). A tokenizer that pre-tokenizes as
+    LLaMA-3's does (``LLAMA3_SPLIT``, then byte-level; no normalizer; no added token that strips whitespace or
+    holds a newline) never lets a pre-token cross the instruction's edges when the instruction starts with a
+    non-space character (HEAD ends in ":\n", which ends a pre-token) and ends with an ASCII letter or digit (then
+    TAIL's "\n\n" starts one): BPE works inside pre-tokens, so ids(prompt) == ids(HEAD) + ids(instruction) +
+    ids(TAIL), exactly. HEAD and TAIL are tokenized once, and a build tokenizes a fifth fewer tokens (the
+    170k-record benchmark: 24.0 M -> 19.8 M tokens). Any other tokenizer, ``reference_whitespace``, or an instruction
+    that fails the edge test is tokenized whole; so is everything when the probes disagree (never seen).
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, reference_whitespace: bool) -> None:
+        self.reference_whitespace = reference_whitespace
+        self.parts: tuple[list[int], list[int]] | None = None
+        if reference_whitespace or not _pretokenizes_as_llama3(tokenizer):
+            return
+        head, tail = build_train_prompt("\0", "").split("\0")
+        head_ids, tail_ids = encode_texts(tokenizer, [head, tail])
+        self.parts = (head_ids, tail_ids)
+        whole = encode_texts(tokenizer, [build_train_prompt(p, "") for p in _PROBES])
+        if [head_ids + ids + tail_ids for ids in encode_texts(tokenizer, list(_PROBES))] != whole:
+            self.parts = None
+
+    def texts(self, instructions: list[str]) -> list[str]:
+        """What to tokenize for these prompts: the instruction alone where the split is exact, else the prompt."""
+        ws = self.reference_whitespace
+        return [i if self._splits(i) else build_train_prompt(i, "", reference_whitespace=ws) for i in instructions]
+
+    def ids(self, instructions: list[str], encoded: list[list[int]]) -> list[list[int]]:
+        """The prompts' ids from ``encoded``, the ids of ``texts(instructions)``."""
+        if self.parts is None:
+            return encoded
+        head, tail = self.parts
+        return [head + ids + tail if self._splits(i) else ids for i, ids in zip(instructions, encoded, strict=True)]
+
+    def _splits(self, instruction: str) -> bool:
+        first, last = instruction[:1], instruction[-1:]
+        return self.parts is not None and first.isascii() and not first.isspace() and last.isascii() and last.isalnum()
+
+
+def _pretokenizes_as_llama3(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether ``tokenizer`` is a Rust BPE with LLaMA-3's pre-tokenizer and nothing that acts across it (see
+    ``PromptTokens``), read from its serialized form."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not getattr(tokenizer, "is_fast", False) or getattr(tokenizer, "split_special_tokens", False):
+        return False
+    spec = json.loads(backend.to_str())
+    steps = (spec.get("pre_tokenizer") or {}).get("pretokenizers") or []
+    return (spec.get("normalizer") is None and spec["model"].get("type") == "BPE" and len(steps) == 2
+            and steps[0] == {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated",
+                             "invert": False}
+            and steps[1].get("type") == "ByteLevel" and not steps[1].get("add_prefix_space")
+            and not steps[1].get("use_regex")
+            and not any(t["lstrip"] or t["rstrip"] or t["single_word"] or "\n" in t["content"]
+                        for t in spec.get("added_tokens", [])))
 
 
 def train_example(text: list[int], prompt_len: int, enc: Encoding, train_on_inputs: bool,
-                  add_eos: bool) -> tuple[dict[str, list[int]], bool]:
-    """Build <bos> text <eos> with labels; return it and whether it was cut at cutoff_len.
+                  add_eos: bool) -> tuple[list[int], int, bool]:
+    """Build <bos> text <eos>; return its ids, how many leading positions are untrained, and whether it was cut
+    at cutoff_len.
 
-    ``text`` is the prompt + output ids without BOS, ``prompt_len`` how many of them are prompt. Labels copy
-    the ids (the reference trains on the prompt too); with ``train_on_inputs=False`` BOS and the first
-    ``prompt_len`` positions are -100. EOS is kept only when the whole sequence fits.
+    ``text`` is the prompt + output ids without BOS, ``prompt_len`` how many of them are prompt. Every position
+    is trained (the reference trains on the prompt too); with ``train_on_inputs=False`` BOS and the first
+    ``prompt_len`` positions are not (-100 labels). EOS is kept only when the whole sequence fits.
     """
     head = [enc.bos] if enc.bos is not None else []
     ids = head + text + ([enc.eos] if add_eos and enc.eos is not None else [])
     truncated = len(ids) > enc.cutoff_len
     ids = ids[: enc.cutoff_len]
-    masked = min(len(head) + prompt_len, len(ids))
-    labels = list(ids) if train_on_inputs else [-100] * masked + ids[masked:]
-    return {"input_ids": ids, "labels": labels}, truncated
+    return ids, 0 if train_on_inputs else min(len(head) + prompt_len, len(ids)), truncated
 
 
 def eval_prompt(prompt: list[int], enc: Encoding, task: str, index: int, path: Path) -> list[int]:

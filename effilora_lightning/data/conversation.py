@@ -61,6 +61,7 @@ from effilora_lightning.data.chat_templates import (
 )
 from effilora_lightning.data.conversation_checks import MismatchCounter, reference_turns, validate_conversation
 from effilora_lightning.data.conversation_render import IMAGE_TOKEN, Piece, Segment, render, render_pieces
+from effilora_lightning.data.tokenizer import encode_texts
 
 __all__ = [
     "IGNORE_INDEX",
@@ -72,13 +73,16 @@ __all__ = [
     "ConversationTemplate",
     "EncodedConversation",
     "MismatchCounter",
+    "RenderedConversations",
     "check_template",
     "encode_conversation",
     "encode_conversations",
     "encode_prompt",
     "encode_prompts",
+    "encoded_conversations",
     "get_template",
     "reference_turns",
+    "render_conversations",
     "validate_conversation",
 ]
 
@@ -130,24 +134,13 @@ def _only_template_specials(ids: list[int], offsets: Sequence[tuple[int, int]],
     return [(i, tuple(o)) for i, o in zip(ids, offsets) if i in added] == expected
 
 
-def _ids_and_offsets(tokenizer: Any, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
-    """``tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)``'s ids and offsets, from the
-    Rust tokenizer directly when there is one (the Python BatchEncoding costs a fifth of setup otherwise)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        encoded = tokenizer(texts, add_special_tokens=False, split_special_tokens=False, return_offsets_mapping=True)
-        return [(ids, [tuple(o) for o in offsets])
-                for ids, offsets in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)]
-    backend.encode_special_tokens = False  # what split_special_tokens=False sets; it persists between calls
-    return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
-
-
-def _encode_whole(samples: Sequence[list[Piece]], tokenizer: Any, template: ConversationTemplate
+def _encode_whole(samples: Sequence[list[Piece]], encoded: Sequence[tuple[list[int], Sequence[tuple[int, int]]]],
+                  tokenizer: Any, template: ConversationTemplate
                   ) -> list[tuple[list[int], list[int], str | None] | None]:
-    """Ids, labels and mismatch of each sample with every piece tokenized whole (ONE batched tokenizer call:
-    per-call overhead dominates otherwise, and setup tokenizes every record). None for a sample where a
-    message's text became a special token: it goes segment by segment instead."""
-    rows = iter(_ids_and_offsets(tokenizer, [piece.text for pieces in samples for piece in pieces]))
+    """Ids, labels and mismatch of each sample from its pieces' ``encoded`` (ids, offsets), every piece tokenized
+    whole in ONE batched tokenizer call (per-call overhead dominates otherwise, and setup tokenizes every record).
+    None for a sample where a message's text became a special token: it goes segment by segment instead."""
+    rows = iter(encoded)
     added = set(tokenizer.added_tokens_decoder)  # ids the tokenizer matches in raw text
     special_ids: dict[str, int] = {}
     out: list[tuple[list[int], list[int], str | None] | None] = []
@@ -238,23 +231,63 @@ def _encode_segmentwise(rendered: Sequence[Sequence[Segment]], tokenizer: Any, t
     return out
 
 
-def _encode_turns(turns: Sequence[list[dict[str, str]]], tokenizer: Any, template: ConversationTemplate,
-                  check: bool) -> list[tuple[list[int], list[int], str | None]]:
+@dataclass
+class RenderedConversations:
+    """Checked turns of some samples, rendered to whole pieces where the tokenizer is a fast one: what is left
+    is to tokenize ``texts`` (``encode_texts(..., offsets=True)``, possibly in another thread, see
+    ``EncodeAhead``) and call ``encoded``."""
+
+    turns: Sequence[list[dict[str, str]]]
+    pieces: list[list[Piece]] | None  # None: no character offsets; every sample goes segment by segment
+
+    @property
+    def texts(self) -> list[str]:
+        return [piece.text for pieces in self.pieces or () for piece in pieces]
+
+
+def render_conversations(turns: Sequence[list[dict[str, str]]], template: ConversationTemplate, tokenizer: Any
+                         ) -> RenderedConversations:
+    """The first half of ``encode_conversations``' work for checked turns: render them to whole pieces."""
+    pieces = [render_pieces(conv, template, tokenizer) for conv in turns] if getattr(tokenizer, "is_fast", False) \
+        else None
+    return RenderedConversations(turns, pieces)
+
+
+def encoded_conversations(rendered: RenderedConversations, encoded: Sequence[Any], tokenizer: Any,
+                          template: ConversationTemplate, num_images: Sequence[int], check: bool = True
+                          ) -> list[EncodedConversation]:
+    """The second half: each sample's ``EncodedConversation`` from ``encoded``, the (ids, offsets) of
+    ``rendered.texts``."""
+    return [EncodedConversation(ids, labels, n, mismatch) for (ids, labels, mismatch), n in
+            zip(_encode_turns(rendered, encoded, tokenizer, template, check), num_images, strict=True)]
+
+
+def _encode_turns(rendered: RenderedConversations, encoded: Sequence[Any], tokenizer: Any,
+                  template: ConversationTemplate, check: bool) -> list[tuple[list[int], list[int], str | None]]:
     """bos + ids, labels and mismatch of each sample's (checked) turns: whole pieces where the tokenizer gives
     character offsets and no message text turns into a special token, segment by segment otherwise."""
+    turns = rendered.turns
     if not turns:
         return []
-    encoded = (_encode_whole([render_pieces(conv, template, tokenizer) for conv in turns], tokenizer, template)
-               if getattr(tokenizer, "is_fast", False) else [None] * len(turns))
-    rest = [n for n, e in enumerate(encoded) if e is None]
+    whole = _encode_whole(rendered.pieces, encoded, tokenizer, template) if rendered.pieces is not None \
+        else [None] * len(turns)
+    rest = [n for n, e in enumerate(whole) if e is None]
     if rest:
-        rendered = [render(turns[n], template, tokenizer) for n in rest]
-        for n, e in zip(rest, _encode_segmentwise(rendered, tokenizer, template, check), strict=True):
-            encoded[n] = e
+        segmented = [render(turns[n], template, tokenizer) for n in rest]
+        for n, e in zip(rest, _encode_segmentwise(segmented, tokenizer, template, check), strict=True):
+            whole[n] = e
     if tokenizer.bos_token is None:
-        return encoded
+        return whole
     bos = special_id(tokenizer, tokenizer.bos_token, template)
-    return [([bos, *ids], [IGNORE_INDEX, *labels], mismatch) for ids, labels, mismatch in encoded]
+    return [([bos, *ids], [IGNORE_INDEX, *labels], mismatch) for ids, labels, mismatch in whole]
+
+
+def _encode_checked(turns: Sequence[list[dict[str, str]]], tokenizer: Any, template: ConversationTemplate,
+                    check: bool) -> list[tuple[list[int], list[int], str | None]]:
+    """``_encode_turns`` of turns rendered and tokenized here, in this thread."""
+    rendered = render_conversations(turns, template, tokenizer)
+    encoded = encode_texts(tokenizer, rendered.texts, offsets=True) if rendered.pieces else []
+    return _encode_turns(rendered, encoded, tokenizer, template, check)
 
 
 def _conversation_turns(conversations: Sequence[Any], num_images: Sequence[int], sample_ids: Sequence[str],
@@ -291,7 +324,7 @@ def encode_conversations(
     sample_ids = list(sample_ids) if sample_ids is not None else [str(i) for i in range(len(conversations))]
     turns = _conversation_turns(conversations, num_images, sample_ids, checked)
     return [EncodedConversation(ids, labels, n, mismatch)
-            for (ids, labels, mismatch), n in zip(_encode_turns(turns, tokenizer, template, check), num_images,
+            for (ids, labels, mismatch), n in zip(_encode_checked(turns, tokenizer, template, check), num_images,
                                                   strict=True)]
 
 
@@ -326,7 +359,7 @@ def encode_prompts(
     A prompt is the conversation without its last reply, rendered: the same segments as the whole
     conversation's before that reply."""
     turns = _conversation_turns(conversations, num_images, sample_ids, checked)
-    encoded = _encode_turns([conv[:-1] for conv in turns], tokenizer, template, check=False)
+    encoded = _encode_checked([conv[:-1] for conv in turns], tokenizer, template, check=False)
     return [(ids, conv[-1]["value"]) for (ids, _, _), conv in zip(encoded, turns, strict=True)]
 
 

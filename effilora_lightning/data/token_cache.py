@@ -123,15 +123,26 @@ class TokenRowsWriter:
     def __init__(self, directory: Path, name: str) -> None:
         self._files = {part: open(directory / f"{name}.{part}.bin", "wb") for part in ("ids", "trained", "offsets")}
         self._ids: list[int] = []
-        self._trained: list[int] = []
+        self._trained = bytearray()  # one 0/1 byte per token, as the file holds them
         self._offsets: list[int] = [0]
         self._total = 0
         self.rows = 0
 
     def add(self, ids: Sequence[int], trained: Iterable[bool] | None = None) -> None:
         """One row; ``trained=None`` trains every token."""
+        if trained is None:
+            self.add_masked(ids, 0)
+            return
+        self._trained.extend(trained)
+        self._append(ids)
+
+    def add_masked(self, ids: Sequence[int], untrained: int) -> None:
+        """One row whose first ``untrained`` tokens are not trained and the rest are (no per-token Python)."""
+        self._trained += b"\0" * untrained + b"\1" * (len(ids) - untrained)
+        self._append(ids)
+
+    def _append(self, ids: Sequence[int]) -> None:
         self._ids.extend(ids)
-        self._trained.extend([1] * len(ids) if trained is None else trained)
         self._total += len(ids)
         self._offsets.append(self._total)
         self.rows += 1
@@ -142,9 +153,9 @@ class TokenRowsWriter:
         if len(self._trained) != len(self._ids):
             raise ValueError("a row's trained flags and its ids differ in length")
         np.asarray(self._ids, np.int32).tofile(self._files["ids"])
-        np.asarray(self._trained, np.uint8).tofile(self._files["trained"])
+        self._files["trained"].write(self._trained)
         np.asarray(self._offsets, np.int64).tofile(self._files["offsets"])
-        self._ids, self._trained, self._offsets = [], [], []
+        self._ids, self._trained, self._offsets = [], bytearray(), []
 
     def close(self) -> None:
         self._flush()

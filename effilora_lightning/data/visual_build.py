@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,13 +18,19 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from effilora_lightning.data.batch import IGNORE_INDEX
 from effilora_lightning.data.chat_templates import ConversationTemplate
-from effilora_lightning.data.conversation import encode_conversations, encode_prompts
+from effilora_lightning.data.conversation import (
+    RenderedConversations,
+    encode_prompts,
+    encoded_conversations,
+    render_conversations,
+)
 from effilora_lightning.data.conversation_checks import MismatchCounter, reference_turns, validate_conversation
 from effilora_lightning.data.images import BadRecordError, check_images, image_paths, raise_for
 from effilora_lightning.data.node_build import Shard
 from effilora_lightning.data.records import RecordError, RecordStream
 from effilora_lightning.data.split import seeded_split
 from effilora_lightning.data.token_cache import EntryBuilder, TokenRowsWriter
+from effilora_lightning.data.tokenizer import EncodeAhead
 
 __all__ = ["SplitBuilder"]
 
@@ -68,22 +75,11 @@ class SplitBuilder:
             wanted = shard.of(wanted)
         built = _SplitBuild(split, Counter(total=0), MismatchCounter(split=split), entry.rows("tokens"),
                             entry.rows("prompts") if generation else None)
-        progress, batch, position = _Progress(split, path), [], -1
-        for index, record in stream:
-            if held is not None and (index in held) != (part == "held_out"):
-                continue
-            position += 1
-            if wanted is not None and position not in wanted:
-                if position >= wanted.stop:
-                    break  # past this part's slice
-                continue
-            batch.append((index, record))
-            if len(batch) == _CHUNK:
-                self._build_batch(batch, path, built)
-                batch = []
-                progress.update(built.stats["total"], stream.fraction if wanted is None else
-                                (position + 1 - wanted.start) / max(len(wanted), 1))
-        self._build_batch(batch, path, built)
+        progress = _Progress(split, path)
+        prepared = (self._prepare_batch(batch, path, built) for batch in _batches(stream, held, part, wanted))
+        for ready, encoded in EncodeAhead(self.tokenizer, offsets=True).map(prepared, _Prepared.texts):
+            self._finish_batch(ready, encoded, built)
+            progress.update(built.stats["total"], ready.fraction)
         return self._finish(built, stream.skipped if json_skipped is None else json_skipped)
 
     def merge(self, split: str, path: str, generation: bool, parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -109,24 +105,31 @@ class SplitBuilder:
                 "mismatch": {"seen": mismatch.seen, "mismatched": mismatch.mismatched,
                              "examples": [list(e) for e in mismatch.examples]}}
 
-    def _build_batch(self, batch: list[tuple[int, Any]], path: str, built: _SplitBuild) -> None:
-        """One batch of records: images checked in parallel, conversations checked, all tokenized at once."""
-        if not batch:
-            return
+    def _prepare_batch(self, batch: tuple[list[tuple[int, Any]], float], path: str, built: _SplitBuild
+                       ) -> _Prepared:
+        """The Python half of a batch before tokenization: images checked (in parallel threads), conversations
+        checked and rendered. ``batch``: the (index, record) pairs and how far into the file they reach."""
+        records, fraction = batch
         hp = self.hparams
-        built.stats["total"] += len(batch)
+        built.stats["total"] += len(records)
         folder = Path(hp.image_folder)
         paths: dict[int, tuple[Path, ...]] = {}
-        for index, record in batch:
+        for index, record in records:
             try:
                 paths[index] = image_paths(record, "", folder, hp.allow_images_outside_folder)
             except (ValueError, AttributeError):
                 continue  # named by _check_record below
         check_images([p for ps in paths.values() for p in ps], hp.image_check == "decode", built.images_checked)
-        checked = [(i, *c) for i, r in batch if (c := self._check_record(r, i, path, built, paths)) is not None]
+        checked = [(i, *c) for i, r in records if (c := self._check_record(r, i, path, built, paths)) is not None]
+        rendered = render_conversations([c[3] for c in checked], self.template, self.tokenizer)
+        return _Prepared(checked, rendered, fraction)
+
+    def _finish_batch(self, ready: _Prepared, encoded: list[Any], built: _SplitBuild) -> None:
+        """The Python half after tokenization (``encoded``: the (ids, offsets) of ``ready``'s texts): labels,
+        mismatches, length checks, the generation prompts, and the rows written."""
+        hp, checked = self.hparams, ready.checked
         turns, num_images, names = [c[3] for c in checked], [len(c[2]) for c in checked], [c[1] for c in checked]
-        encoded = encode_conversations(turns, self.template, self.tokenizer, num_images=num_images,
-                                       sample_ids=names, checked=True)
+        encoded = encoded_conversations(ready.rendered, encoded, self.tokenizer, self.template, num_images)
         prompts = encode_prompts(turns, self.template, self.tokenizer, num_images=num_images, sample_ids=names,
                                  checked=True) if built.prompts is not None else [None] * len(checked)
         for (index, name, images, _), enc, prompt in zip(checked, encoded, prompts, strict=True):
@@ -179,6 +182,39 @@ class SplitBuilder:
             return None
         built.stats["leading_gpt_dropped"] += dropped  # LLaVA's preprocess drops that turn and trains on the rest
         return sample_id, images, conversations
+
+
+def _batches(stream: RecordStream, held: set[int] | None, part: str, wanted: range | None
+             ) -> Iterator[tuple[list[tuple[int, Any]], float]]:
+    """The (index, record) pairs of the part's slice, ``_CHUNK`` at a time, each batch with the fraction of the
+    slice (of the file when there is no slice) read so far."""
+    batch, position = [], -1
+    for index, record in stream:
+        if held is not None and (index in held) != (part == "held_out"):
+            continue
+        position += 1
+        if wanted is not None and position not in wanted:
+            if position >= wanted.stop:
+                break  # past this part's slice
+            continue
+        batch.append((index, record))
+        if len(batch) == _CHUNK:
+            yield batch, stream.fraction if wanted is None else (position + 1 - wanted.start) / max(len(wanted), 1)
+            batch = []
+    if batch:
+        yield batch, 1.0
+
+
+@dataclass
+class _Prepared:
+    """A batch between its two halves: the checked records (index, sample id, images, turns), rendered."""
+
+    checked: list[tuple[int, str, tuple[Path, ...], list[dict[str, str]]]]
+    rendered: RenderedConversations
+    fraction: float
+
+    def texts(self) -> list[str]:
+        return self.rendered.texts
 
 
 def _fitted_length(input_ids: list[int], labels: list[int], max_length: int, whole: bool) -> int | None:

@@ -18,10 +18,14 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from effilora_lightning.data import CommonsenseDataModule, VisualInstructionDataModule
+from effilora_lightning.data.commonsense_examples import _PROBES
+from effilora_lightning.data.commonsense_prompts import build_train_prompt
 from effilora_lightning.data.token_cache import default_cache_dir, load_or_build
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "data" / "checkpoints" / "tiny-llama"
+PROBE_TEXTS = {*_PROBES, *(build_train_prompt(p, "") for p in _PROBES), *build_train_prompt("\0", "").split("\0")}
+"""What ``PromptTokens`` tokenizes to check its split, once per setup whatever the data: not counted as work."""
 
 
 def rec(instruction: str, answer: str = "true") -> dict[str, str]:
@@ -255,8 +259,9 @@ def _rank(rank: int, world: int, port: int, roots: list[tuple[str, int | None]])
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     import effilora_lightning.data.commonsense_examples as commonsense_module
+    import effilora_lightning.data.tokenizer as tokenizer_module
 
-    real = commonsense_module.encode_texts
+    real = tokenizer_module.encode_texts
 
     def reduce_boolean_decision(decision: bool, all: bool = True) -> bool:  # noqa: A002 - Lightning's name
         flag = torch.tensor(int(decision))
@@ -268,13 +273,14 @@ def _rank(rank: int, world: int, port: int, roots: list[tuple[str, int | None]])
     for root, fail_on in roots:
         texts = []
 
-        def counted(tok, batch, fail=rank == fail_on, texts=texts):
+        def counted(tok, batch, offsets=False, fail=rank == fail_on, texts=texts):
             if fail:
                 raise ValueError(f"rank {rank} cannot tokenize")
-            texts.extend(batch)
-            return real(tok, batch)
+            texts.extend(t for t in batch if t not in PROBE_TEXTS)  # PromptTokens' check: once per rank, fixed
+            return real(tok, batch, offsets)
 
-        commonsense_module.encode_texts = counted
+        # every text goes through encode_texts: the outputs here, the prompts in EncodeAhead (one batch each)
+        commonsense_module.encode_texts = tokenizer_module.encode_texts = counted
         dm = CommonsenseDataModule(**_split_files(Path(root)) if rank == 0 else {
             "data_path": f"{root}/train.json", "dataset_dir": f"{root}/dataset", "tokenizer_path": str(TINY)},
             **_SPLIT_SETTINGS, cache_dir=f"{root}/cache")
@@ -312,14 +318,17 @@ def two_ranks(tmp_path_factory) -> dict[int | None, tuple[Path, dict, dict]]:
 def test_on_one_node_the_ranks_split_the_build_and_write_what_one_process_writes(tmp_path, two_ranks):
     texts = []
     import effilora_lightning.data.commonsense_examples as commonsense_module
+    import effilora_lightning.data.tokenizer as tokenizer_module
 
-    real = commonsense_module.encode_texts
-    commonsense_module.encode_texts = lambda tok, batch: texts.extend(batch) or real(tok, batch)
+    real = tokenizer_module.encode_texts
+    commonsense_module.encode_texts = tokenizer_module.encode_texts = \
+        lambda tok, batch, offsets=False: texts.extend(t for t in batch if t not in PROBE_TEXTS) or \
+        real(tok, batch, offsets)
     try:
         alone = CommonsenseDataModule(**_split_files(tmp_path), **_SPLIT_SETTINGS, cache_dir=str(tmp_path / "c1"))
         alone.setup("fit")
     finally:
-        commonsense_module.encode_texts = real
+        commonsense_module.encode_texts = tokenizer_module.encode_texts = real
     assert 0 < alone.num_truncated_train < len(alone._train) and alone.num_skipped  # the counts are not trivial
     root, r0, r1 = two_ranks[None]
     assert r0["built"] == r1["built"] == {"train": True, "test": True}
