@@ -41,6 +41,7 @@ rows are built (``EncodeAhead``).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -245,21 +246,27 @@ class CommonsenseDataModule(LightningDataModule):
         enc, ws = self._encoding(), self.hparams.reference_whitespace
         prompts = self._prompt_tokens()
 
-        def texts_of(chunk: list[dict[str, str]]) -> list[str]:
-            texts = prompts.texts([r["instruction"] for r in chunk])
-            if ws:  # the reference's ids: the whole prompt + output string at once
-                texts += [build_train_prompt(r["instruction"], r["output"], reference_whitespace=True) for r in chunk]
-            return texts
+        def chunks() -> Iterator[tuple[list[dict[str, str]], list[str], list[str], list[str]]]:
+            """Each chunk with its instructions, what its prompts tokenize, and its other texts: the distinct
+            outputs (clean template; a handful of "the correct answer is ..." strings) or, with
+            ``reference_whitespace``, the whole prompt + output strings (the reference's ids)."""
+            for start in range(0, len(records), _CHUNK):
+                chunk = records[start: start + _CHUNK]
+                instructions = [r["instruction"] for r in chunk]
+                rest = [build_train_prompt(r["instruction"], r["output"], reference_whitespace=True) for r in chunk] \
+                    if ws else list(dict.fromkeys(r["output"] for r in chunk))
+                yield chunk, instructions, prompts.texts(instructions), rest
 
-        chunks = (records[start: start + _CHUNK] for start in range(0, len(records), _CHUNK))
-        for chunk, encoded in EncodeAhead(self.tokenizer).map(chunks, texts_of):
-            prompt_ids = drop_bos(prompts.ids([r["instruction"] for r in chunk], encoded[: len(chunk)]), enc.bos)
+        # every text of a chunk goes to the worker: an encoder call from this thread would wait behind its chunk
+        for (chunk, instructions, texts, rest), encoded in EncodeAhead(self.tokenizer).map(
+                chunks(), lambda item: item[2] + item[3]):
+            prompt_ids = prompts.ids(instructions, texts, encoded[: len(chunk)], enc.bos)
             if ws:
-                text_ids = drop_bos(encoded[len(chunk):], enc.bos)
+                parts = [(text,) for text in drop_bos(encoded[len(chunk):], enc.bos)]
             else:
-                output_ids = token_ids(self.tokenizer, [r["output"] for r in chunk], enc.bos)
-                text_ids = [p + o for p, o in zip(prompt_ids, output_ids)]
-            for text, prompt in zip(text_ids, prompt_ids):
+                output_ids = dict(zip(rest, drop_bos(encoded[len(chunk):], enc.bos)))
+                parts = [(prompt, output_ids[r["output"]]) for prompt, r in zip(prompt_ids, chunk)]
+            for text, prompt in zip(parts, prompt_ids):
                 ids, untrained, truncated = train_example(text, len(prompt), enc, self.hparams.train_on_inputs,
                                                           self.hparams.add_eos)
                 truncated_count += truncated
@@ -289,8 +296,8 @@ class CommonsenseDataModule(LightningDataModule):
         if ws:
             prompt_ids = token_ids(self.tokenizer, [build_eval_prompt(i, True) for i in instructions], enc.bos)
         else:
-            encoded = encode_texts(self.tokenizer, prompts.texts(instructions))
-            prompt_ids = drop_bos(prompts.ids(instructions, encoded), enc.bos)
+            texts = prompts.texts(instructions)
+            prompt_ids = prompts.ids(instructions, texts, encode_texts(self.tokenizer, texts), enc.bos)
         for (task, path, index, record), ids in zip(mine, prompt_ids, strict=True):
             ids = eval_prompt(ids, enc, task, index, path)
             meta["longest"] = max(meta["longest"] or (0, "", 0), (len(ids), task, index))

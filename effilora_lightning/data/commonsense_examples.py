@@ -8,6 +8,7 @@ when EOS is kept); batches follow the contract of ``batch``.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,23 +123,32 @@ class PromptTokens:
         self.parts = (head_ids, tail_ids)
         whole = encode_texts(tokenizer, [build_train_prompt(p, "") for p in _PROBES])
         if [head_ids + ids + tail_ids for ids in encode_texts(tokenizer, list(_PROBES))] != whole:
-            self.parts = None
+            self.parts = None  # never seen: the proof above holds for LLaMA-3's pre-tokenizer
 
     def texts(self, instructions: list[str]) -> list[str]:
-        """What to tokenize for these prompts: the instruction alone where the split is exact, else the prompt."""
-        ws = self.reference_whitespace
-        return [i if self._splits(i) else build_train_prompt(i, "", reference_whitespace=ws) for i in instructions]
+        """What to tokenize for these prompts: the instruction itself (the same object) where the split is exact,
+        else the whole prompt."""
+        ws, parts = self.reference_whitespace, self.parts
+        return [i if parts is not None and _ends_pre_tokens(i) else build_train_prompt(i, "", reference_whitespace=ws)
+                for i in instructions]
 
-    def ids(self, instructions: list[str], encoded: list[list[int]]) -> list[list[int]]:
-        """The prompts' ids from ``encoded``, the ids of ``texts(instructions)``."""
+    def ids(self, instructions: list[str], texts: list[str], encoded: list[list[int]], bos: int | None
+            ) -> list[list[int]]:
+        """The prompts' ids without BOS (``drop_bos``) from ``encoded``, the ids of ``texts`` =
+        ``texts(instructions)``."""
         if self.parts is None:
-            return encoded
-        head, tail = self.parts
-        return [head + ids + tail if self._splits(i) else ids for i, ids in zip(instructions, encoded, strict=True)]
+            return drop_bos(encoded, bos)
+        head, tail = self.parts  # HEAD starts with the preamble: no BOS to drop
+        return [[*head, *ids, *tail] if text is instruction else drop_bos([ids], bos)[0]
+                for instruction, text, ids in zip(instructions, texts, encoded, strict=True)]
 
-    def _splits(self, instruction: str) -> bool:
-        first, last = instruction[:1], instruction[-1:]
-        return self.parts is not None and first.isascii() and not first.isspace() and last.isascii() and last.isalnum()
+
+def _ends_pre_tokens(instruction: str) -> bool:
+    """Whether an instruction starts with a character that is not whitespace and ends with an ASCII letter or digit
+    (the edges where LLaMA-3's pre-tokenizer always ends a pre-token; ASCII, to stay inside what Python and the Rust
+    regex agree on)."""
+    first, last = instruction[:1], instruction[-1:]
+    return first.isascii() and not first.isspace() and last.isascii() and last.isalnum()
 
 
 def _pretokenizes_as_llama3(tokenizer: PreTrainedTokenizerBase) -> bool:
@@ -158,20 +168,25 @@ def _pretokenizes_as_llama3(tokenizer: PreTrainedTokenizerBase) -> bool:
                         for t in spec.get("added_tokens", [])))
 
 
-def train_example(text: list[int], prompt_len: int, enc: Encoding, train_on_inputs: bool,
+def train_example(parts: Sequence[list[int]], prompt_len: int, enc: Encoding, train_on_inputs: bool,
                   add_eos: bool) -> tuple[list[int], int, bool]:
     """Build <bos> text <eos>; return its ids, how many leading positions are untrained, and whether it was cut
     at cutoff_len.
 
-    ``text`` is the prompt + output ids without BOS, ``prompt_len`` how many of them are prompt. Every position
-    is trained (the reference trains on the prompt too); with ``train_on_inputs=False`` BOS and the first
-    ``prompt_len`` positions are not (-100 labels). EOS is kept only when the whole sequence fits.
+    ``parts`` joined are the prompt + output ids without BOS (given in parts so that they are copied once, into
+    the row), ``prompt_len`` how many of them are prompt. Every position is trained (the reference trains on the
+    prompt too); with ``train_on_inputs=False`` BOS and the first ``prompt_len`` positions are not (-100
+    labels). EOS is kept only when the whole sequence fits.
     """
-    head = [enc.bos] if enc.bos is not None else []
-    ids = head + text + ([enc.eos] if add_eos and enc.eos is not None else [])
+    ids = [enc.bos] if enc.bos is not None else []
+    first = len(ids) + prompt_len
+    for part in parts:
+        ids += part
+    if add_eos and enc.eos is not None:
+        ids.append(enc.eos)
     truncated = len(ids) > enc.cutoff_len
-    ids = ids[: enc.cutoff_len]
-    return ids, 0 if train_on_inputs else min(len(head) + prompt_len, len(ids)), truncated
+    del ids[enc.cutoff_len:]
+    return ids, 0 if train_on_inputs else min(first, len(ids)), truncated
 
 
 def eval_prompt(prompt: list[int], enc: Encoding, task: str, index: int, path: Path) -> list[int]:

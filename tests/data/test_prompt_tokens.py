@@ -9,25 +9,26 @@ from pathlib import Path
 import pytest
 from tokenizers import AddedToken
 
-from effilora_lightning.data.commonsense_examples import PromptTokens, _pretokenizes_as_llama3
+from effilora_lightning.data.commonsense_examples import PromptTokens, _pretokenizes_as_llama3, drop_bos
 from effilora_lightning.data.commonsense_prompts import build_train_prompt
 from effilora_lightning.data.tokenizer import encode_texts, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "data/checkpoints/tiny-llama"
 
-EDGES = [" starts with a space", "ends with a question?", "ends with a space ", "ends with a newline\n",
+EDGES = ["<|begin_of_text|> spelled out", " starts with a space", "ends with a question?", "ends with a space ", "ends with a newline\n",
          "\nstarts with a newline", "<|eot_id|> opens it", "ends in a special <|eot_id|>", "digits 1234567",
          "accented é", "Ünïcode start", "x", "emoji 😀", "tab\tthen end\t", "(parenthesis)", "it's", "'s start",
          "Answer format: true/false", "two\n\nparagraphs end"]
 
 
 def whole_ids(tokenizer, instructions: list[str]) -> list[list[int]]:
-    return encode_texts(tokenizer, [build_train_prompt(i, "") for i in instructions])
+    return drop_bos(encode_texts(tokenizer, [build_train_prompt(i, "") for i in instructions]), tokenizer.bos_token_id)
 
 
 def split_ids(prompts: PromptTokens, tokenizer, instructions: list[str]) -> list[list[int]]:
-    return prompts.ids(instructions, encode_texts(tokenizer, prompts.texts(instructions)))
+    texts = prompts.texts(instructions)
+    return prompts.ids(instructions, texts, encode_texts(tokenizer, texts), bos=tokenizer.bos_token_id)
 
 
 def bundled_instructions() -> list[str]:
@@ -41,8 +42,8 @@ def test_llama3_prompts_split_where_exact_and_give_the_whole_prompts_ids(llama3_
     instructions = bundled_instructions() + EDGES
     assert split_ids(prompts, llama3_tokenizer, instructions) == whole_ids(llama3_tokenizer, instructions)
     texts = prompts.texts(instructions)
-    assert all(t == i for t, i in zip(texts[:400], instructions[:400]))  # every real instruction goes alone
-    assert sum(t == i for t, i in zip(texts[400:], EDGES)) == 7  # the other 11 edge cases go whole
+    assert all(t is i for t, i in zip(texts[:400], instructions[:400]))  # every real instruction goes alone
+    assert sum(t is i for t, i in zip(texts[400:], EDGES)) == 8  # the other 11 edge cases go whole
 
 
 def test_the_edge_rule_is_what_keeps_it_exact(llama3_tokenizer):
