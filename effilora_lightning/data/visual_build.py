@@ -20,7 +20,6 @@ from effilora_lightning.data.batch import IGNORE_INDEX
 from effilora_lightning.data.chat_templates import ConversationTemplate
 from effilora_lightning.data.conversation import (
     RenderedConversations,
-    encode_prompts,
     encoded_conversations,
     render_conversations,
 )
@@ -121,18 +120,23 @@ class SplitBuilder:
                 continue  # named by _check_record below
         check_images([p for ps in paths.values() for p in ps], hp.image_check == "decode", built.images_checked)
         checked = [(i, *c) for i, r in records if (c := self._check_record(r, i, path, built, paths)) is not None]
-        rendered = render_conversations([c[3] for c in checked], self.template, self.tokenizer)
-        return _Prepared(checked, rendered, fraction)
+        turns = [c[3] for c in checked]
+        rendered = render_conversations(turns, self.template, self.tokenizer)
+        prompts = render_conversations([conv[:-1] for conv in turns], self.template, self.tokenizer) \
+            if built.prompts is not None else None
+        return _Prepared(checked, rendered, prompts, fraction)
 
     def _finish_batch(self, ready: _Prepared, encoded: list[Any], built: _SplitBuild) -> None:
         """The Python half after tokenization (``encoded``: the (ids, offsets) of ``ready``'s texts): labels,
         mismatches, length checks, the generation prompts, and the rows written."""
         hp, checked = self.hparams, ready.checked
-        turns, num_images, names = [c[3] for c in checked], [len(c[2]) for c in checked], [c[1] for c in checked]
-        encoded = encoded_conversations(ready.rendered, encoded, self.tokenizer, self.template, num_images)
-        prompts = encode_prompts(turns, self.template, self.tokenizer, num_images=num_images, sample_ids=names,
-                                 checked=True) if built.prompts is not None else [None] * len(checked)
-        for (index, name, images, _), enc, prompt in zip(checked, encoded, prompts, strict=True):
+        num_images, whole = [len(c[2]) for c in checked], len(ready.rendered.texts)
+        conversations = encoded_conversations(ready.rendered, encoded[:whole], self.tokenizer, self.template,
+                                              num_images)
+        prompts = [p.input_ids for p in encoded_conversations(ready.prompts, encoded[whole:], self.tokenizer,
+                                                              self.template, num_images, check=False)] \
+            if ready.prompts is not None else [None] * len(checked)
+        for (index, name, images, turns), enc, prompt in zip(checked, conversations, prompts, strict=True):
             built.mismatch.add(name, enc.mismatch)
             if enc.mismatch is not None:
                 continue
@@ -142,8 +146,8 @@ class SplitBuilder:
                 continue
             built.tokens.add(enc.input_ids[:length], list(map(IGNORE_INDEX.__ne__, enc.labels[:length])))
             if built.prompts is not None:
-                built.prompts.add(prompt[0], [False] * len(prompt[0]))
-                built.answers.append(prompt[1])
+                built.prompts.add_masked(prompt, len(prompt))
+                built.answers.append(turns[-1]["value"])  # the reference answer: the last reply
             built.sample_ids.append(index)
             built.names.append(name)
             built.images.append([str(p) for p in images])
@@ -211,10 +215,12 @@ class _Prepared:
 
     checked: list[tuple[int, str, tuple[Path, ...], list[dict[str, str]]]]
     rendered: RenderedConversations
+    prompts: RenderedConversations | None  # generation splits: each conversation without its last reply
     fraction: float
 
     def texts(self) -> list[str]:
-        return self.rendered.texts
+        """Everything the batch tokenizes, in one call: the conversations' pieces, then the prompts'."""
+        return self.rendered.texts + (self.prompts.texts if self.prompts is not None else [])
 
 
 def _fitted_length(input_ids: list[int], labels: list[int], max_length: int, whole: bool) -> int | None:
