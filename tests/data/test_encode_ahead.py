@@ -138,3 +138,17 @@ def test_load_tokenizer_of_the_tiny_model_is_fast():  # the builds above run the
     if not (TINY / "tokenizer.json").is_file():
         pytest.skip("data/checkpoints/tiny-llama not built")
     assert load_tokenizer(TINY).is_fast
+
+
+@pytest.mark.skipif(not (TINY / "tokenizer.json").is_file(), reason="data/checkpoints/tiny-llama not built")
+def test_a_bad_record_in_a_later_batch_still_names_itself_and_stops_the_worker(tmp_path, monkeypatch):
+    records = json.loads((LLAVA / "llava_train.json").read_text())[:40]
+    records[33]["image"] = "gone/missing.png"  # batch 5 of 7: the worker is encoding while it is checked
+    (tmp_path / "broken.json").write_text(json.dumps(records))
+    monkeypatch.setattr(visual_build, "_CHUNK", 6)
+    dm = VisualInstructionDataModule(str(tmp_path / "broken.json"), str(LLAVA), str(TINY), template="llama3",
+                                     image_size=64, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match=rf"sample '{records[33]['id']}': image not found: .*gone/missing\.png"):
+        dm.setup("fit")
+    assert not [t for t in threading.enumerate() if t.name.startswith("effilora-encode")]  # no worker left behind
+    assert not list((tmp_path / "cache").rglob("*.bin"))  # and no half entry
