@@ -114,6 +114,8 @@ def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str], offsets: 
     ``offsets=True``: ``(ids, character offsets)`` per text, special tokens matched in the text whatever the
     tokenizer's ``split_special_tokens`` (the conversation encoder checks for message text that became one).
     """
+    if not texts:  # (a batch whose records were all skipped; a tokenizer without offsets renders none)
+        return []
     backend = _backend(tokenizer, offsets)
     if backend is None:
         if not offsets:
