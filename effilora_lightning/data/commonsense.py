@@ -266,8 +266,8 @@ class CommonsenseDataModule(LightningDataModule):
             else:
                 output_ids = dict(zip(rest, drop_bos(encoded[len(chunk):], enc.bos)))
                 parts = [(prompt, output_ids[r["output"]]) for prompt, r in zip(prompt_ids, chunk)]
-            for text, prompt in zip(parts, prompt_ids):
-                ids, untrained, truncated = train_example(text, len(prompt), enc, self.hparams.train_on_inputs,
+            for row_parts, prompt in zip(parts, prompt_ids, strict=True):
+                ids, untrained, truncated = train_example(row_parts, len(prompt), enc, self.hparams.train_on_inputs,
                                                           self.hparams.add_eos)
                 truncated_count += truncated
                 if untrained == len(ids):
