@@ -83,6 +83,7 @@ __all__ = [
     "get_template",
     "reference_turns",
     "render_conversations",
+    "render_prompts",
     "validate_conversation",
 ]
 
@@ -253,6 +254,13 @@ def render_conversations(turns: Sequence[list[dict[str, str]]], template: Conver
     return RenderedConversations(turns, pieces)
 
 
+def render_prompts(turns: Sequence[list[dict[str, str]]], template: ConversationTemplate, tokenizer: Any
+                   ) -> RenderedConversations:
+    """``render_conversations`` of each conversation's generation prompt: the turns without the last reply (the
+    reference answer), up to and including the assistant header."""
+    return render_conversations([conv[:-1] for conv in turns], template, tokenizer)
+
+
 def encoded_conversations(rendered: RenderedConversations, encoded: Sequence[Any], tokenizer: Any,
                           template: ConversationTemplate, num_images: Sequence[int], check: bool = True
                           ) -> list[EncodedConversation]:
@@ -359,8 +367,10 @@ def encode_prompts(
     A prompt is the conversation without its last reply, rendered: the same segments as the whole
     conversation's before that reply."""
     turns = _conversation_turns(conversations, num_images, sample_ids, checked)
-    encoded = _encode_checked([conv[:-1] for conv in turns], tokenizer, template, check=False)
-    return [(ids, conv[-1]["value"]) for (ids, _, _), conv in zip(encoded, turns, strict=True)]
+    rendered = render_prompts(turns, template, tokenizer)
+    encoded = encode_texts(tokenizer, rendered.texts, offsets=True) if rendered.pieces else []
+    return [(e.input_ids, conv[-1]["value"]) for e, conv in zip(
+        encoded_conversations(rendered, encoded, tokenizer, template, num_images, check=False), turns, strict=True)]
 
 
 def encode_prompt(

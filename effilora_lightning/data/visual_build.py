@@ -22,6 +22,7 @@ from effilora_lightning.data.conversation import (
     RenderedConversations,
     encoded_conversations,
     render_conversations,
+    render_prompts,
 )
 from effilora_lightning.data.conversation_checks import MismatchCounter, reference_turns, validate_conversation
 from effilora_lightning.data.images import BadRecordError, check_images, image_paths, raise_for
@@ -122,8 +123,7 @@ class SplitBuilder:
         checked = [(i, *c) for i, r in records if (c := self._check_record(r, i, path, built, paths)) is not None]
         turns = [c[3] for c in checked]
         rendered = render_conversations(turns, self.template, self.tokenizer)
-        prompts = render_conversations([conv[:-1] for conv in turns], self.template, self.tokenizer) \
-            if built.prompts is not None else None
+        prompts = render_prompts(turns, self.template, self.tokenizer) if built.prompts is not None else None
         return _Prepared(checked, rendered, prompts, fraction)
 
     def _finish_batch(self, ready: _Prepared, encoded: list[Any], built: _SplitBuild) -> None:
