@@ -93,7 +93,7 @@ class Arm:
     """One row: an adapter and, for EffiLoRA, how the Reducer picks the B that train."""
 
     name: str
-    kind: str  # lora | effilora
+    kind: str  # lora | effilora | hydralora | lily
     keep_ratio: float = 1.0
     importance: str = "taylor"  # taylor | grad_norm | random
     selection: str = "sample"  # sample | random
@@ -117,6 +117,8 @@ ARMS = [  # in priority order: a run cut short has the first arms of every seed 
     Arm("effilora_k0.5_revive", "effilora", 0.5, revive=True, lr_from="effilora_k1.0"),
     Arm("effilora_k0.5_module", "effilora", 0.5, granularity="module", lr_from="effilora_k1.0"),
     Arm("effilora_k0.5_tuned", "effilora", 0.5),  # keep 0.5 with a search of its own: is keep 1.0's rate unfair?
+    Arm("hydralora", "hydralora"),  # the other methods under the same interface, each with a search of its own
+    Arm("lily", "lily"),
 ]
 CORE = ("lora", "effilora_k1.0", "effilora_k0.5", "effilora_k0.5_random", "effilora_k0.25", "effilora_k0.25_random",
         "effilora_k0.5_detach", "effilora_k0.5_prop")  # every seed of these first, seed by seed; then the rest
@@ -138,6 +140,11 @@ QUESTIONS = [
     ("module vs layer units, keep 0.5", "effilora_k0.5_module", "effilora_k0.5"),
     ("detach vs plain, keep 0.5", "effilora_k0.5_detach", "effilora_k0.5"),
     ("detach keep 0.5 vs LoRA", "effilora_k0.5_detach", "lora"),
+    ("HydraLoRA vs LoRA", "hydralora", "lora"),
+    ("Lily vs LoRA", "lily", "lora"),
+    ("EffiLoRA keep 1.0 vs HydraLoRA", "effilora_k1.0", "hydralora"),
+    ("EffiLoRA keep 1.0 vs Lily", "effilora_k1.0", "lily"),
+    ("keep 0.5 vs Lily", "effilora_k0.5", "lily"),
 ]
 
 
@@ -158,11 +165,17 @@ class Study(q1.Study):
 
 
 def adapter_config(arm: Arm, study: Study, seed: int) -> Any:
-    from effilora_lightning import EffiLoRAConfig, LoRAConfig
+    """Rank 8 on TARGETS, alpha 2 x rank; HydraLoRA and Lily with their defaults (4 B heads; 4 local A and
+    4 global B, no scale), as in the first round."""
+    from effilora_lightning import EffiLoRAConfig, HydraLoRAConfig, LilyConfig, LoRAConfig
 
     common = {"rank": study.rank, "target_modules": list(TARGETS), "seed": seed, "alpha": 2.0 * study.rank}
     if arm.kind == "lora":
         return LoRAConfig(**common)
+    if arm.kind == "hydralora":
+        return HydraLoRAConfig(**common)
+    if arm.kind == "lily":
+        return LilyConfig(**{k: v for k, v in common.items() if k != "alpha"})
     extra = {"detach_frozen": True} if arm.detach else {}  # only named when asked: runs before the option exists
     return EffiLoRAConfig(**common, **extra)
 
