@@ -4,7 +4,7 @@ Logged every ``log_every_n_steps`` optimizer steps, straight to the Trainer's lo
 Trainer's), over the window since the last log point:
 
     perf/tokens_per_sec     non-padding tokens (attention_mask sum) of all ranks / seconds
-    perf/samples_per_sec    samples of all ranks / seconds
+    perf/samples_per_sec    samples of all ranks (a packed batch's num_samples) / seconds
     perf/step_time_sec      seconds / optimizer steps
     perf/peak_memory_mb     CUDA peak allocated (else the process's peak RSS), the MAX over ranks
     perf/mfu                training FLOP/s over (peak FLOP/s of one device x world size), when the peak is known
@@ -148,7 +148,7 @@ class _Meter:
             return
         n = mask.sum() if mask is not None else torch.tensor(ids.numel(), device=ids.device)
         self.tokens = n if self.tokens is None else self.tokens + n  # on device: no sync
-        self.samples += ids.shape[0]
+        self.samples += batch["num_samples"] if isinstance(batch, dict) and "num_samples" in batch else ids.shape[0]
 
     def flush(self, pl_module: pl.LightningModule, flops_per_token: float) -> dict[str, float]:
         device = pl_module.device

@@ -20,6 +20,12 @@ padded sequence length, P the padded prompt length, N the images in the batch, S
                                                                     run: a distributed evaluation counts each id
                                                                     once (the distributed sampler pads with
                                                                     duplicates; ``metrics.TaskAccuracy``)
+    position_ids           LongTensor (R, W)         packed loss    only in a PACKED loss batch (``pack``): R rows of
+                                                                    W columns, each row several whole samples whose
+                                                                    positions restart at 0; the model gets these
+                                                                    instead of attention_mask (which stays, 1 on
+                                                                    tokens, for counting)
+    num_samples            int                       packed loss    the samples packed into the R rows
     images                 FloatTensor (N, 3, S, S)  visual         normalised; N = image_counts.sum(), may be 0
     image_counts           LongTensor (B,)           visual         sample b owns the next image_counts[b] images
     sample_name            list[str] (B)             visual         the record's own "id", for messages and reports
@@ -29,6 +35,11 @@ and a generation from its prompt). A generation-only batch (commonsense evaluati
 ``input_ids`` / ``attention_mask`` and has no ``labels``: there is no full sequence to put there, and the keys
 read the same as Hugging Face's ``generate`` inputs. ``generation_prompt(batch)`` returns the prompt of either
 kind, ``is_generation_batch(batch)`` tells them apart; never use the dataloader index or a key of one task.
+
+A packed loss batch (``pack``, commonsense ``pack_sequences``) has no padding inside a sample's attention: Hugging
+Face's models read the restarts of ``position_ids`` as sample boundaries when ``attention_mask`` is None (SDPA and
+eager build a block-diagonal causal mask, FlashAttention-2 runs variable-length), so each sample sees only itself
+and the loss and gradients are the padded batch's (tested). ``num_samples(batch)`` counts the samples of either kind.
 
 Visual batches carry ``sample_id`` in training too (the record's index in its file); commonsense loss batches
 carry none.
@@ -43,8 +54,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["IGNORE_INDEX", "IMAGE_TOKEN_INDEX", "generation_prompt", "is_generation_batch", "is_loss_batch", "pad",
-           "pad_mask"]
+__all__ = ["IGNORE_INDEX", "IMAGE_TOKEN_INDEX", "generation_prompt", "is_generation_batch", "is_loss_batch",
+           "is_packed", "model_inputs", "num_samples", "pack", "pack_rows", "packed_rows", "pad", "pad_mask"]
 
 IGNORE_INDEX = -100
 """Label of a position that is not trained on (PyTorch's cross-entropy default ``ignore_index``)."""
@@ -106,3 +117,115 @@ def pad(seqs: Sequence[Tensor | np.ndarray | Sequence[int]], value: float, side:
 def pad_mask(seqs: Sequence[Tensor | np.ndarray | Sequence[int]], side: Literal["left", "right"]) -> Tensor:
     """The attention mask of ``pad(seqs, ..., side)``: (B, max t_i) int64, 1 on the tokens, 0 on the padding."""
     return pad([torch.ones(len(s), dtype=torch.long) for s in seqs], 0, side)
+
+
+def is_packed(batch: Mapping[str, Any]) -> bool:
+    """True for a packed loss batch (``pack``): rows of several samples, told apart by ``position_ids``."""
+    return "position_ids" in batch
+
+
+def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of a Hugging Face causal LM's forward for a (padded or packed) loss batch.
+
+    Packed: ``position_ids`` and no ``attention_mask`` (HF reads sample boundaries from the position restarts only
+    when the mask is None), and ``use_cache=False`` (with a cache the boundaries are not looked for and every
+    sample would attend to the ones before it in its row).
+    """
+    if is_packed(batch):
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def num_samples(batch: Mapping[str, Any]) -> int:
+    """Samples in a loss batch: its rows, or a packed batch's ``num_samples`` (a Python int, no host sync)."""
+    return int(batch["num_samples"]) if is_packed(batch) else int(batch["input_ids"].shape[0])
+
+
+def pack_rows(lengths: Sequence[int], width: int | None = None) -> list[list[int]]:
+    """Samples (by index) per row: first-fit decreasing into rows of at most ``width`` tokens (default: the
+    longest sample). Deterministic in ``lengths``.
+
+    Raises:
+        ValueError: a sample longer than ``width``.
+    """
+    if not lengths:
+        return []
+    longest = max(lengths)
+    width = longest if width is None else width
+    if longest > width:
+        raise ValueError(f"a {longest}-token sample does not fit a packed row of {width} tokens")
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        row = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if row is None:
+            rows.append([])
+            room.append(width)
+            row = len(rows) - 1
+        rows[row].append(i)
+        room[row] -= lengths[i]
+    return rows
+
+
+def packed_rows(lengths: Sequence[int], width: int | None = None, tries: int = 32) -> list[list[int]]:
+    """``pack_rows`` at the row width, between the longest sample and ``width``, whose (rows x fullest row)
+    is smallest: the fewest positions to compute. First-fit decreasing is poor when samples are a little over
+    half a row (one per row); a row a little wider takes two. ``tries`` widths evenly spaced, the longest
+    sample's first (which alone never pads more than a right-padded batch); ties go to the narrower."""
+    if not lengths:
+        return []
+    longest = max(lengths)
+    width = longest if width is None else width
+    step = max(1, (width - longest) // tries)
+    best: tuple[int, list[list[int]]] | None = None
+    for w in range(longest, width + 1, step):
+        rows = pack_rows(lengths, w)
+        area = len(rows) * max(sum(lengths[i] for i in row) for row in rows)
+        if best is None or area < best[0]:
+            best = (area, rows)
+    return best[1]
+
+
+def pack(ids: Sequence[np.ndarray | Sequence[int]], labels: Sequence[np.ndarray | Sequence[int]], pad_id: int,
+         width: int | None = None) -> dict[str, Any]:
+    """A packed loss batch of samples ``ids[i]`` / ``labels[i]`` (see the module docstring): rows of at most
+    ``width`` tokens (default: the longest sample; the DataModule passes ``cutoff_len``), laid out by
+    ``packed_rows``; the batch is as wide as its fullest row.
+
+    Returns ``input_ids``, ``labels``, ``position_ids`` and ``attention_mask``, each (R, W), and ``num_samples``. Every sample's first
+    label is IGNORE_INDEX: in its row it would be predicted from the previous sample's last token (a padded batch
+    never uses position 0's label either, so the loss is the same). The row's tail after its last sample is
+    ``pad_id`` with IGNORE_INDEX labels and mask 0; its positions continue the last sample's, so the tail joins
+    that sample's block (only the tail attends to it) and every 0 in ``position_ids`` is a sample start.
+
+    Raises:
+        ValueError: no samples, a sample whose ids and labels differ in length, or one longer than ``width``.
+    """
+    if not ids:
+        raise ValueError("pack needs at least one sample")
+    arrays = [np.asarray(x, dtype=np.int64) for x in ids]
+    targets = [np.asarray(y, dtype=np.int64) for y in labels]
+    for i, (x, y) in enumerate(zip(arrays, targets, strict=True)):
+        if x.shape != y.shape:
+            raise ValueError(f"sample {i} of the batch: {x.shape[0]} ids but {y.shape[0]} labels")
+    lengths = [len(x) for x in arrays]
+    rows = packed_rows(lengths, width)
+    width = max(sum(lengths[i] for i in row) for row in rows)  # (R, W): W is the fullest row
+    out_ids = np.full((len(rows), width), pad_id, dtype=np.int64)  # (R, W)
+    out_labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
+    positions = np.zeros((len(rows), width), dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for r, members in enumerate(rows):
+        col = 0
+        for i in members:
+            n = len(arrays[i])
+            out_ids[r, col: col + n] = arrays[i]
+            out_labels[r, col: col + n] = targets[i]
+            out_labels[r, col] = IGNORE_INDEX
+            positions[r, col: col + n] = np.arange(n)
+            mask[r, col: col + n] = 1
+            col += n
+        positions[r, col:] = np.arange(n, n + width - col)  # the tail continues the last sample
+    return {"input_ids": torch.from_numpy(out_ids), "labels": torch.from_numpy(out_labels),
+            "position_ids": torch.from_numpy(positions), "attention_mask": torch.from_numpy(mask),
+            "num_samples": len(arrays)}

@@ -76,8 +76,8 @@ from effilora_lightning.data.tokenizer import EncodeAhead, encode_texts, load_to
 __all__ = ["SAMPLE_ID_STRIDE", "CommonsenseDataModule", "RecordError", "is_generation_batch", "read_records"]
 
 _CHUNK = 8192  # records tokenized per tokenizer call in setup
-_NOT_IN_KEY = ("batch_size", "eval_batch_size", "num_workers", "group_by_length", "length_group_batches", "data_path",
-               "dataset_dir")  # settings that change no token (the files are keyed by their digests)
+_NOT_IN_KEY = ("batch_size", "eval_batch_size", "num_workers", "group_by_length", "length_group_batches",
+               "pack_sequences", "pack_width", "data_path", "dataset_dir")  # settings that change no token (the files are keyed by their digests)
 
 SAMPLE_ID_STRIDE = 10_000_000
 """sample_id = task index * SAMPLE_ID_STRIDE + record index (test sets are far smaller than the stride)."""
@@ -109,6 +109,12 @@ class CommonsenseDataModule(LightningDataModule):
         group_by_length: training batches of similar lengths (shuffled windows of ``length_group_batches``
             global batches, each sorted by length) instead of a plain shuffle: far less padding.
         length_group_batches: batches per length-sorted window (Hugging Face's megabatch: 50).
+        pack_sequences: loss batches (training and validation loss) packed several samples to a row of at
+            most ``pack_width`` tokens, each attending only to itself (``batch.pack``): the same samples per step
+            and the same loss and gradients as padded batches, with next to no padding. (SDPA and eager still
+            compute each row's attention over the whole row, masked; FlashAttention-2 skips the masked part.) Unlike ``group_by_length`` it keeps the batch's task mix
+            (length-grouped batches are one task each, which costs accuracy: BENCHMARKS.md). Needs a model that
+            reads packed ``position_ids`` (Hugging Face's LLaMA with SDPA, eager or FlashAttention-2).
         cache_dir: where tokenized splits are cached (``token_cache``); None: ``default_cache_dir()``.
         use_cache: False tokenizes at every setup and writes nothing.
 
@@ -139,6 +145,8 @@ class CommonsenseDataModule(LightningDataModule):
         seed: int = 42,
         group_by_length: bool = False,
         length_group_batches: int = 50,
+        pack_sequences: bool = False,
+        pack_width: int | None = None,
         cache_dir: str | None = None,
         use_cache: bool = True,
     ) -> None:
@@ -153,6 +161,9 @@ class CommonsenseDataModule(LightningDataModule):
             _check_positive(max_test_samples_per_task=max_test_samples_per_task)
         if max_eval_prompt_len is not None:
             _check_positive(max_eval_prompt_len=max_eval_prompt_len)
+        if pack_width is not None and pack_width < cutoff_len:
+            raise ValueError(f"pack_width={pack_width} is shorter than cutoff_len={cutoff_len}: a sequence of "
+                             "cutoff_len tokens would fit no packed row. Use pack_width >= cutoff_len, or null.")
         if on_bad_record not in ("error", "skip"):
             raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
         self.data_path, self.dataset_dir = Path(data_path), Path(dataset_dir)
@@ -329,8 +340,13 @@ class CommonsenseDataModule(LightningDataModule):
         sampler = self._order.sampler(getattr(self, "trainer", None), len(self._train), hp.batch_size, hp.seed,
                                       lengths, batches_per_window=hp.length_group_batches)
         return DataLoader(self._train, batch_size=self.hparams.batch_size, sampler=sampler,
-                          collate_fn=partial(collate_train, pad_id=self.tokenizer.pad_token_id),
+                          collate_fn=self._collate_loss(),
                           num_workers=self.hparams.num_workers)
+
+    def _collate_loss(self) -> partial:
+        hp = self.hparams
+        width = (hp.pack_width or hp.cutoff_len) if hp.pack_sequences else None
+        return partial(collate_train, pad_id=self.tokenizer.pad_token_id, pack_width=width)
 
     def state_dict(self) -> dict[str, int]:
         """Where training stands in the epoch, so that a resumed run continues the same data order."""
@@ -346,7 +362,7 @@ class CommonsenseDataModule(LightningDataModule):
         loaders = []
         if self._val:
             loaders.append(DataLoader(self._val, batch_size=self.hparams.batch_size, shuffle=False,
-                                      collate_fn=partial(collate_train, pad_id=self.tokenizer.pad_token_id),
+                                      collate_fn=self._collate_loss(),
                                       num_workers=self.hparams.num_workers))
         cap = self.hparams.val_generation_samples_per_task
         tasks = self._test.tasks

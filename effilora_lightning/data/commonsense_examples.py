@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from effilora_lightning.data.batch import IGNORE_INDEX, pad, pad_mask
+from effilora_lightning.data.batch import IGNORE_INDEX, pack, pad, pad_mask
 from effilora_lightning.data.commonsense_prompts import ANSWER_PATTERNS, build_train_prompt
 from effilora_lightning.data.records import RecordError, read_records
 from effilora_lightning.data.token_cache import TokenRows
@@ -206,9 +206,13 @@ def eval_prompt(prompt: list[int], enc: Encoding, task: str, index: int, path: P
     return ids
 
 
-def collate_train(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """A loss batch (``batch`` module): right-padded with the pad id, -100 in labels, 0 in attention_mask."""
+def collate_train(examples: list[dict[str, Any]], pad_id: int, pack_width: int | None = None) -> dict[str, Any]:
+    """A loss batch (``batch`` module): right-padded with the pad id, -100 in labels, 0 in attention_mask; or,
+    given ``pack_width``, the same samples packed into rows of at most that many tokens (``batch.pack``: the
+    same loss, next to no padding)."""
     ids = [e["input_ids"] for e in examples]
+    if pack_width is not None:
+        return pack(ids, [e["labels"] for e in examples], pad_id, pack_width)
     return {"input_ids": pad(ids, pad_id, "right"),  # (B, T)
             "attention_mask": pad_mask(ids, "right"),  # (B, T)
             "labels": pad([e["labels"] for e in examples], IGNORE_INDEX, "right")}  # (B, T)

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from ..adapters.export import check_safetensors_file
-from ..data.batch import generation_prompt, is_generation_batch
+from ..data.batch import generation_prompt, is_generation_batch, model_inputs, num_samples
 from ..data.commonsense_prompts import TASKS, extract_answer
 from .evaluation import GenerationEvalModule
 
@@ -81,11 +81,11 @@ class CausalLMModule(GenerationEvalModule):
         return self.model(**batch)
 
     def _lm_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.lm_loss(batch["labels"], input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return self.lm_loss(batch["labels"], **model_inputs(batch))  # padded or packed (``data.batch``)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._lm_loss(batch)
-        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch["input_ids"].shape[0])
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=num_samples(batch))
         self.log_padding_fraction(batch)
         return loss
 
@@ -94,8 +94,7 @@ class CausalLMModule(GenerationEvalModule):
             self.score(batch, self.val_accuracy)
             return
         loss = self._lm_loss(batch)
-        self.log("val_loss", loss, prog_bar=True, sync_dist=True, add_dataloader_idx=False,
-                 batch_size=batch["input_ids"].shape[0])
+        self.log("val_loss", loss, prog_bar=True, sync_dist=True, add_dataloader_idx=False, batch_size=num_samples(batch))
 
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self.score(batch, self.test_accuracy)
