@@ -249,10 +249,12 @@ def test_grouping_accuracy_smoke_pairs_the_two_orders(tmp_path: Path) -> None:
     """benchmarks/grouping_accuracy.py: one seed, both orders through the CLI, both accuracies, a paired diff."""
     bench = _load("grouping_accuracy")
     before = set(ROOT.iterdir())
-    result = bench.main(["--smoke", "--seeds", "0", "--json", str(tmp_path / "g.json")])
+    result = bench.main(["--smoke", "--seeds", "0", "--batchings", "grouped", "packed", "--json",
+                         str(tmp_path / "g.json")])
     assert set(ROOT.iterdir()) == before  # nothing written into the repository
-    assert [r["grouped"] for r in result["rows"]] == [False, True]
+    assert [r["batching"] for r in result["rows"]] == ["random", "grouped", "packed"]
     for r in result["rows"]:
         assert set(r["choice"]) == set(r["generation"]) and 0 <= r["choice"]["average"] <= 1
-    by = {r["grouped"]: 100 * r["choice"]["average"] for r in result["rows"]}
-    assert result["choice"]["per_seed"] == pytest.approx([by[True] - by[False]])
+    by = {r["batching"]: 100 * r["choice"]["average"] for r in result["rows"]}
+    assert result["choice"]["per_seed"] == pytest.approx([by["grouped"] - by["random"]])
+    assert result["paired"]["packed"]["choice"]["per_seed"] == pytest.approx([by["packed"] - by["random"]])
