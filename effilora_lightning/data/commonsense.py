@@ -345,7 +345,7 @@ class CommonsenseDataModule(LightningDataModule):
 
     def _collate_loss(self) -> partial:
         hp = self.hparams
-        width = (hp.pack_width or hp.cutoff_len) if hp.pack_sequences else None
+        width = (hp.pack_width or 2 * hp.cutoff_len) if hp.pack_sequences else None
         return partial(collate_train, pad_id=self.tokenizer.pad_token_id, pack_width=width)
 
     def state_dict(self) -> dict[str, int]:

