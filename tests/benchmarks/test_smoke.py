@@ -268,7 +268,8 @@ def test_padding_smoke_counts_and_times_every_batching(tmp_path: Path) -> None:
     result = bench.main(["--records", "400", "--batch-sizes", "8", "--rounds", "3", "--steps", "1",
                          "--workdir", str(tmp_path / "work"), "--out", str(out)])
     fractions = result["padding_fraction"]["8"]
-    assert set(fractions) == {"random", "grouped", "packed"}
+    assert set(fractions) == {"random", "grouped", "packed", "packed_width_1x", "packed_width_2x", "packed_width_4x"}
+    assert fractions["packed"] == fractions["packed_width_2x"]  # the default pack_width
     assert fractions["packed"] < fractions["random"] and fractions["grouped"] < fractions["random"]
     timed = result["timed"]["8"]
     assert len(timed["packed"]["ratios"]) == len(timed["grouped"]["ratios"]) == 3
