@@ -40,8 +40,10 @@ import numpy as np
 __all__ = ["CACHE_VERSION", "EntryBuilder", "TokenRows", "TokenRowsWriter", "cache_key", "default_cache_dir",
            "file_digest", "load_or_build", "tokenizer_digest"]
 
-CACHE_VERSION = 2  # 2: visual sample_ids are record indices, the string ids are "names"
-"""Bumped whenever what the DataModules write into an entry changes meaning."""
+CACHE_VERSION = 3
+"""Bumped whenever what the DataModules write into an entry changes meaning. 2: visual sample_ids are record
+indices, the string ids are "names"; 3: a visual ``val_set_size`` split is drawn over the records that parse
+(skipped JSON Lines lines had shifted it and shrunk the held-out part)."""
 
 _TOKENIZER_FILE_PREFIXES = ("tokenizer", "special_tokens_map", "added_tokens", "vocab", "merges", "spiece")
 

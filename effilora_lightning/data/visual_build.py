@@ -8,6 +8,7 @@ sample keeps its record's index in the file as its integer ``sample_id`` and the
 from __future__ import annotations
 
 import time
+from array import array
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -53,12 +54,17 @@ class SplitBuilder:
 
     def _count(self, path: str) -> tuple[int, set[int], int]:
         """(records, held-out record indices, JSON lines skipped) of ``path``: one pass over the file, the first
-        time this builder is asked."""
+        time this builder is asked.
+
+        The split is drawn over the positions of the records that parse (as the commonsense module draws it
+        over its list) and mapped back to their indices in the file, which count the skipped lines too: a
+        skipped line is in neither part, and the held-out part has ``val_set_size`` records however many
+        lines were skipped."""
         if path not in self._counts:
             stream = RecordStream(path, self.hparams.on_bad_record)
-            count = sum(1 for _ in stream)
-            held = set(seeded_split(count, self.hparams.val_set_size, self.hparams.seed).held_out)
-            self._counts[path] = (count, held, stream.skipped)
+            indices = array("q", (index for index, _ in stream))  # 8 bytes a record: 5 MB for 665k
+            positions = seeded_split(len(indices), self.hparams.val_set_size, self.hparams.seed).held_out
+            self._counts[path] = (len(indices), {indices[p] for p in positions}, stream.skipped)
         return self._counts[path]
 
     def build(self, split: str, path: str, part: str, generation: bool, entry: EntryBuilder,

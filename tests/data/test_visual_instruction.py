@@ -200,6 +200,23 @@ def test_val_set_size_split_is_seeded_and_disjoint(dataset):
     assert sorted(ids(a, "train") + ids(a, "val")) == ["img-a", "img-c", "txt-b"]
 
 
+def test_val_set_size_split_counts_only_the_records_that_parse(dataset):
+    """Skipped JSON Lines lines are in neither part; the held-out part still has val_set_size records, the
+    ones at the seeded positions among the records that parse (as the commonsense split draws it)."""
+    from effilora_lightning.data.split import seeded_split
+
+    good = [{"id": f"r{i}", "conversations": turn(f"Question {i}?", f"answer {i}")} for i in range(6)]
+    lines = [json.dumps(good[0]), "{bad", json.dumps(good[1]), json.dumps(good[2]), "nope", *map(json.dumps, good[3:])]
+    (dataset / "gappy.jsonl").write_text("\n".join(lines) + "\n")
+    for seed in range(6):
+        dm = module(dataset, "gappy.jsonl", val_data_path=None, val_set_size=3, seed=seed, on_bad_record="skip",
+                    use_cache=False)
+        names = {s: sorted(x.name for x in dm.datasets[s].samples) for s in ("train", "val")}
+        want = sorted(f"r{p}" for p in seeded_split(6, 3, seed).held_out)
+        assert names["val"] == want, seed
+        assert sorted(names["train"] + names["val"]) == sorted(r["id"] for r in good)
+
+
 def test_a_split_file_is_read_once_to_count_and_once_per_part(dataset, monkeypatch):
     """val_set_size splits one file into train and held-out parts: the count pass runs once, not per part."""
     from effilora_lightning.data import records
