@@ -8,7 +8,7 @@ when EOS is kept); batches follow the contract of ``batch``.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,12 +20,12 @@ from transformers import PreTrainedTokenizerBase
 
 from effilora_lightning.data.batch import IGNORE_INDEX, pack, pad, pad_mask
 from effilora_lightning.data.commonsense_prompts import ANSWER_PATTERNS, build_train_prompt
-from effilora_lightning.data.records import RecordError, read_records
+from effilora_lightning.data.records import RecordError, RecordStream
 from effilora_lightning.data.token_cache import TokenRows
 from effilora_lightning.data.tokenizer import encode_texts
 
 __all__ = ["LLAMA3_SPLIT", "Encoding", "LossRows", "PromptRows", "PromptTokens", "collate_generate", "collate_train", "drop_bos", "eval_prompt",
-           "load_records", "record_problem", "token_ids", "train_example"]
+           "UsableRecords", "load_records", "record_problem", "token_ids", "train_example"]
 
 
 def record_problem(record: Any, required: tuple[str, ...], task: str | None = None) -> str | None:
@@ -48,23 +48,51 @@ def record_problem(record: Any, required: tuple[str, ...], task: str | None = No
     return None
 
 
+class UsableRecords:
+    """The usable (index, record) pairs of a file, parsed as they are read (``records.RecordStream``): memory
+    holds one chunk of text, not the file's records (170k commonsense records are ~400 MB as Python objects).
+    Iterate once per pass; after a whole pass, ``read`` counts the records parsed and ``skipped`` those dropped
+    (JSON Lines lines that do not parse and invalid records)."""
+
+    def __init__(self, path: Path, required: tuple[str, ...], on_bad_record: str, task: str | None = None) -> None:
+        self.path, self.required, self.on_bad_record, self.task = path, required, on_bad_record, task
+        self.read = self.skipped = 0
+
+    def __iter__(self) -> Iterator[tuple[int, dict[str, str]]]:
+        stream = RecordStream(self.path, self.on_bad_record)
+        invalid = read = 0
+        for index, record in stream:
+            read += 1
+            problem = record_problem(record, self.required, self.task)
+            if problem is None:
+                yield index, record
+            elif self.on_bad_record == "error":
+                raise RecordError(f"{self.path}: record {index}: {problem}. Fix the record or pass "
+                                  "on_bad_record='skip'.")
+            else:
+                invalid += 1
+        self.read, self.skipped = read, stream.skipped + invalid
+
+    def count(self) -> int:
+        """Usable records (one pass); raises when there are none."""
+        usable = sum(1 for _ in self)
+        if not usable:
+            self.raise_empty()
+        return usable
+
+    def raise_empty(self) -> None:
+        raise RecordError(f"{self.path}: no usable records ({self.read} read, {self.skipped} skipped)")
+
+
 def load_records(
     path: Path, required: tuple[str, ...], on_bad_record: str, task: str | None = None
 ) -> tuple[list[tuple[int, dict[str, str]]], int]:
     """Read and validate a file; return the usable (index, record) pairs and how many were skipped."""
-    records, skipped = read_records(path, on_bad_record)
-    usable = []
-    for index, record in records:
-        problem = record_problem(record, required, task)
-        if problem is None:
-            usable.append((index, record))
-        elif on_bad_record == "error":
-            raise RecordError(f"{path}: record {index}: {problem}. Fix the record or pass on_bad_record='skip'.")
-        else:
-            skipped += 1
-    if not usable:
-        raise RecordError(f"{path}: no usable records ({len(records)} read, {skipped} skipped)")
-    return usable, skipped
+    usable = UsableRecords(path, required, on_bad_record, task)
+    records = list(usable)
+    if not records:
+        usable.raise_empty()
+    return records, usable.skipped
 
 
 @dataclass(frozen=True)
