@@ -3,7 +3,8 @@ commonsense tasks. Everything task-agnostic (building, injecting, sharding, opti
 checkpoints, export, the selection and monitor callbacks) is FineTuneModule's; this module adds:
 
     build_base_model     load from a local directory (never a download) or build from a config dict
-    training_step        teacher-forced loss (labels already -100 where they must not count)
+    training_step        teacher-forced loss (labels already -100 where they must not count); before the
+                         first packed batch's loss, a check that the model keeps packed samples apart
     validation_step      loss batches -> val_loss; generation batches -> per-task accuracy
     test_step            generation on every eval task -> per-task table and average
 
@@ -21,7 +22,7 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from ..adapters.export import check_safetensors_file
-from ..data.batch import generation_prompt, is_generation_batch, model_inputs, num_samples
+from ..data.batch import generation_prompt, is_generation_batch, is_packed, model_inputs, num_samples
 from ..data.commonsense_prompts import TASKS, extract_answer
 from .evaluation import GenerationEvalModule
 
@@ -63,6 +64,31 @@ def load_causal_lm(
     return AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
 
 
+def check_keeps_packed_samples_apart(model: Any, input_ids: torch.Tensor, atol: float = 1e-3) -> None:
+    """Raise unless ``model`` computes a sample packed after another as it computes the sample alone.
+
+    Packed batches (``data.batch.pack``) rely on Hugging Face's masking reading sample boundaries from the
+    ``position_ids`` restarts; a model or transformers version that does not would let every sample attend to
+    the ones before it in its row, silently. Two short pieces of the batch's own tokens, one forward each, no
+    gradient: run by every rank on its first packed batch (the same collectives on each, under FSDP)."""
+    ids = input_ids.flatten()[:5].view(1, -1)
+    if ids.shape[1] < 5:
+        return
+    second = ids[:, 3:]
+    positions = torch.tensor([[0, 1, 2, 0, 1]], device=ids.device)
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits[:, 3:].float()
+        alone = model(input_ids=second, position_ids=positions[:, 3:], use_cache=False).logits.float()
+    if not torch.allclose(packed, alone, atol=atol, rtol=1e-2):
+        gap = float((packed - alone).abs().max())
+        impl = getattr(getattr(model, "config", None), "_attn_implementation", "?")
+        raise ValueError(
+            f"pack_sequences: this model (attn_implementation={impl!r}) does not keep packed samples apart: a "
+            f"sample's logits change by up to {gap:.3g} when another precedes it in the row. Use a Hugging Face "
+            "model whose attention reads packed position_ids (LLaMA with sdpa, eager or flash_attention_2, "
+            "transformers >= 4.53), or set data.pack_sequences: false.")
+
+
 class CausalLMModule(GenerationEvalModule):
     """Adapter fine-tuning of a causal LM, with generation-based accuracy on the commonsense tasks.
 
@@ -81,6 +107,9 @@ class CausalLMModule(GenerationEvalModule):
         return self.model(**batch)
 
     def _lm_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if is_packed(batch) and not self.__dict__.get("_packing_checked"):  # the first packed batch, once
+            check_keeps_packed_samples_apart(self.language_model(self.model), batch["input_ids"])
+            self.__dict__["_packing_checked"] = True
         return self.lm_loss(batch["labels"], **model_inputs(batch))  # padded or packed (``data.batch``)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

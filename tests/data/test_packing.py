@@ -228,3 +228,34 @@ def test_training_on_packed_batches_is_training_on_padded_ones(tmp_path):
     assert got_history == want_history
     for g, w in zip(got_params, want_params, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_the_packing_check_passes_a_model_that_keeps_samples_apart(tiny_llama, attn):
+    from effilora_lightning.models.causal_lm import check_keeps_packed_samples_apart
+
+    check_keeps_packed_samples_apart(tiny_llama(layers=2, attn_implementation=attn), torch.arange(3, 20).view(1, -1))
+
+
+def test_the_packing_check_refuses_a_model_that_lets_them_mix(tiny_llama, monkeypatch):
+    """As a transformers without packed-sequence masks would (every sample seeing the ones before it)."""
+    import transformers.masking_utils as masking
+
+    from effilora_lightning.models.causal_lm import check_keeps_packed_samples_apart
+
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)
+    with pytest.raises(ValueError, match=r"pack_sequences: this model \(attn_implementation='sdpa'\) does not keep "
+                                         r"packed samples apart.*data.pack_sequences: false"):
+        check_keeps_packed_samples_apart(tiny_llama(layers=2), torch.arange(3, 20).view(1, -1))
+
+
+def test_the_first_packed_training_step_runs_the_check_once(tmp_path, monkeypatch):
+    import effilora_lightning.models.causal_lm as causal_lm
+
+    calls = []
+    real = causal_lm.check_keeps_packed_samples_apart
+    monkeypatch.setattr(causal_lm, "check_keeps_packed_samples_apart", lambda *a: calls.append(1) or real(*a))
+    _fit(tmp_path, packed=True)
+    assert calls == [1]
+    _fit(tmp_path / "padded", packed=False)
+    assert calls == [1]
