@@ -47,6 +47,7 @@ carry none.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -147,11 +148,11 @@ def pack_rows(lengths: Sequence[int], num_rows: int) -> list[list[int]]:
     if not 1 <= num_rows <= max(len(lengths), 1):
         raise ValueError(f"pack_rows needs 1 <= num_rows <= {len(lengths)} samples, got {num_rows}")
     rows: list[list[int]] = [[] for _ in range(num_rows)]
-    fill = [0] * num_rows
+    fill = [(0, r) for r in range(num_rows)]  # a heap of (tokens, row): the least-filled row first
     for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        r = min(range(num_rows), key=lambda r: (fill[r], r))
+        tokens, r = heapq.heappop(fill)
         rows[r].append(i)
-        fill[r] += lengths[i]
+        heapq.heappush(fill, (tokens + lengths[i], r))
     return rows
 
 
@@ -159,7 +160,8 @@ def packed_rows(lengths: Sequence[int], width: int | None = None) -> list[list[i
     """The rows of a packed batch: ``pack_rows`` at the row count whose (rows x fullest row) is smallest, rows
     of at most ``width`` tokens (default: the longest sample). One sample per row (the right-padded batch) is
     always a candidate, so packing never computes more positions than padding; ties go to the narrower rows
-    (less attention per row).
+    (less attention per row). Row counts are tried upward from the fewest that can hold the tokens until
+    (rows x longest sample) reaches the best found, which no more rows can beat.
 
     Raises:
         ValueError: a sample longer than ``width``.
@@ -170,14 +172,16 @@ def packed_rows(lengths: Sequence[int], width: int | None = None) -> list[list[i
     width = longest if width is None else width
     if longest > width:
         raise ValueError(f"a {longest}-token sample does not fit a packed row of {width} tokens")
-    best: tuple[tuple[int, int], list[list[int]]] | None = None
-    for num_rows in range(-(-total // width), len(lengths) + 1):
+    best: tuple[tuple[int, int], list[list[int]]] = ((len(lengths) * longest, longest), [[i] for i in
+                                                                                      range(len(lengths))])
+    for num_rows in range(-(-total // width), len(lengths)):
+        if num_rows * longest > best[0][0]:
+            break
         rows = pack_rows(lengths, num_rows)
         fullest = max(sum(lengths[i] for i in row) for row in rows)
         key = (num_rows * fullest, fullest)
-        if fullest <= width and (best is None or key < best[0]):
+        if fullest <= width and key < best[0]:
             best = (key, rows)
-    assert best is not None  # one sample per row always fits
     return best[1]
 
 
@@ -187,9 +191,9 @@ def pack(ids: Sequence[np.ndarray | Sequence[int]], labels: Sequence[np.ndarray 
     ``width`` tokens (default: the longest sample; the DataModule passes ``pack_width``), laid out by
     ``packed_rows``; the batch is as wide as its fullest row.
 
-    Returns ``input_ids``, ``labels``, ``position_ids`` and ``attention_mask``, each (R, W), and ``num_samples``. Every sample's first
-    label is IGNORE_INDEX: in its row it would be predicted from the previous sample's last token (a padded batch
-    never uses position 0's label either, so the loss is the same). The row's tail after its last sample is
+    Returns ``input_ids``, ``labels``, ``position_ids`` and ``attention_mask``, each (R, W), and ``num_samples``.
+    Every sample's first label is IGNORE_INDEX: in its row it would be predicted from the previous sample's last
+    token (a padded batch never uses position 0's label either, so the loss is the same). The row's tail after its last sample is
     ``pad_id`` with IGNORE_INDEX labels and mask 0; its positions continue the last sample's, so the tail joins
     that sample's block (only the tail attends to it) and every 0 in ``position_ids`` is a sample start.
 

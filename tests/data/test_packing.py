@@ -39,7 +39,7 @@ def test_rows_are_balanced_longest_first_to_the_least_filled_row():
 
 def test_the_row_count_is_the_one_with_fewest_positions():
     lengths = [60, 70, 55, 65]  # just over half of 128: one per row at width 70 (4 x 70 = 280 positions)
-    assert packed_rows(lengths) == [[1], [3], [0], [2]]
+    assert packed_rows(lengths) == [[0], [1], [2], [3]]
     assert packed_rows(lengths, width=128) == [[1, 2], [3, 0]]  # 2 rows of 125 = 250 positions
     assert packed_rows([9, 3, 14, 5, 5, 2, 11, 7], width=20) == [[2], [6, 1], [0, 4], [7, 3, 5]]  # 4 x 14, full
     assert packed_rows([3, 3, 2], width=100) == [[0, 1, 2]]  # 1 x 8 beats 3 x 3
@@ -259,3 +259,16 @@ def test_the_first_packed_training_step_runs_the_check_once(tmp_path, monkeypatc
     assert calls == [1]
     _fit(tmp_path / "padded", packed=False)
     assert calls == [1]
+
+
+def test_packing_a_large_batch_stays_cheap():
+    """Row counts stop once no more rows can beat the best: 256 samples pack in well under a second."""
+    import time
+
+    lengths = np.random.default_rng(0).integers(30, 250, 256).tolist()
+    start = time.perf_counter()
+    rows = packed_rows(lengths, width=512)
+    assert time.perf_counter() - start < 0.5
+    assert sorted(i for row in rows for i in row) == list(range(256))
+    fullest = max(sum(lengths[i] for i in row) for row in rows)
+    assert fullest <= 512 and sum(lengths) / (len(rows) * fullest) > 0.95
