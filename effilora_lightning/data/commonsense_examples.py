@@ -7,7 +7,6 @@ when EOS is kept); batches follow the contract of ``batch``.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +19,12 @@ from transformers import PreTrainedTokenizerBase
 
 from effilora_lightning.data.batch import IGNORE_INDEX, pack, pad, pad_mask
 from effilora_lightning.data.commonsense_prompts import ANSWER_PATTERNS, build_train_prompt
+from effilora_lightning.data.fast_bpe import pretokenizes_as_llama3
 from effilora_lightning.data.records import RecordError, RecordStream
 from effilora_lightning.data.token_cache import TokenRows
 from effilora_lightning.data.tokenizer import encode_texts
 
-__all__ = ["LLAMA3_SPLIT", "Encoding", "LossRows", "PromptRows", "PromptTokens", "collate_generate", "collate_train", "drop_bos", "eval_prompt",
+__all__ = ["Encoding", "LossRows", "PromptRows", "PromptTokens", "collate_generate", "collate_train", "drop_bos", "eval_prompt",
            "UsableRecords", "load_records", "record_problem", "token_ids", "train_example"]
 
 
@@ -119,10 +119,6 @@ def drop_bos(token_rows: list[list[int]], bos: int | None) -> list[list[int]]:
     return [ids[1:] if bos is not None and ids[:1] == [bos] else ids for ids in token_rows]
 
 
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                r"\s*[\r\n]+|\s+(?!\S)|\s+")
-"""LLaMA-3's pre-tokenizer regex (tokenizer.json: a Split, "Isolated", before a ByteLevel without its own regex)."""
-
 _PROBES = ("Please choose: a/b", "x", "Hello, world 2024", "ends in 12345", "tab\tinside and\n\nnew lines ok",
            "'s own", "(brackets) ok", "über straße 9", "<|eot_id|> text", "Answer format: true/false")
 """Instructions checked at construction: the head + instruction + tail split must give the whole prompt's ids."""
@@ -132,7 +128,7 @@ class PromptTokens:
     """Ids of clean-template prompts, tokenizing only what differs between records.
 
     A clean prompt is ``HEAD + instruction + TAIL`` (``commonsense_prompts``). A tokenizer that pre-tokenizes as
-    LLaMA-3's does (``LLAMA3_SPLIT``, then byte-level; no normalizer; no added token that strips whitespace or
+    LLaMA-3's does (``fast_bpe.LLAMA3_SPLIT``, then byte-level; no normalizer; no added token that strips whitespace or
     holds a newline) never lets a pre-token cross the instruction's edges when the instruction starts with a
     non-space character (HEAD ends in ":\n", which ends a pre-token) and ends with an ASCII letter or digit (then
     TAIL's "\n\n" starts one): BPE works inside pre-tokens, so ids(prompt) == ids(HEAD) + ids(instruction) +
@@ -144,7 +140,7 @@ class PromptTokens:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, reference_whitespace: bool) -> None:
         self.reference_whitespace = reference_whitespace
         self.parts: tuple[list[int], list[int]] | None = None
-        if reference_whitespace or not _pretokenizes_as_llama3(tokenizer):
+        if reference_whitespace or not pretokenizes_as_llama3(tokenizer):
             return
         head, tail = build_train_prompt("\0", "").split("\0")
         head_ids, tail_ids = encode_texts(tokenizer, [head, tail])
@@ -177,23 +173,6 @@ def _ends_pre_tokens(instruction: str) -> bool:
     regex agree on)."""
     first, last = instruction[:1], instruction[-1:]
     return first.isascii() and not first.isspace() and last.isascii() and last.isalnum()
-
-
-def _pretokenizes_as_llama3(tokenizer: PreTrainedTokenizerBase) -> bool:
-    """Whether ``tokenizer`` is a Rust BPE with LLaMA-3's pre-tokenizer and nothing that acts across it (see
-    ``PromptTokens``), read from its serialized form."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or not getattr(tokenizer, "is_fast", False) or getattr(tokenizer, "split_special_tokens", False):
-        return False
-    spec = json.loads(backend.to_str())
-    steps = (spec.get("pre_tokenizer") or {}).get("pretokenizers") or []
-    return (spec.get("normalizer") is None and spec["model"].get("type") == "BPE" and len(steps) == 2
-            and steps[0] == {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated",
-                             "invert": False}
-            and steps[1].get("type") == "ByteLevel" and not steps[1].get("add_prefix_space")
-            and not steps[1].get("use_regex")
-            and not any(t["lstrip"] or t["rstrip"] or t["single_word"] or "\n" in t["content"]
-                        for t in spec.get("added_tokens", [])))
 
 
 def train_example(parts: Sequence[list[int]], prompt_len: int, enc: Encoding, train_on_inputs: bool,

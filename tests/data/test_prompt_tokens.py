@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from tokenizers import AddedToken
 
-from effilora_lightning.data.commonsense_examples import PromptTokens, _pretokenizes_as_llama3, drop_bos
+from effilora_lightning.data.commonsense_examples import PromptTokens, drop_bos
 from effilora_lightning.data.commonsense_prompts import build_train_prompt
+from effilora_lightning.data.fast_bpe import pretokenizes_as_llama3
 from effilora_lightning.data.tokenizer import encode_texts, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,7 +76,7 @@ def test_other_tokenizers_and_the_reference_whitespace_tokenize_whole_prompts(sp
 def test_an_added_token_that_strips_whitespace_turns_the_split_off(llama3_tokenizer, tmp_path):
     llama3_tokenizer.save_pretrained(tmp_path)
     tokenizer = load_tokenizer(tmp_path)
-    assert _pretokenizes_as_llama3(tokenizer)
+    assert pretokenizes_as_llama3(tokenizer)
     tokenizer.add_tokens([AddedToken("<stripper>", lstrip=True)])
-    assert not _pretokenizes_as_llama3(tokenizer)
+    assert not pretokenizes_as_llama3(tokenizer)
     assert PromptTokens(tokenizer, False).parts is None
