@@ -277,6 +277,7 @@ class CommonsenseDataModule(LightningDataModule):
         Python lists of ids exist at once; returns how many were cut and dropped fully masked."""
         truncated_count, fully_masked = 0, 0
         enc, ws = self._encoding(), self.hparams.reference_whitespace
+        train_on_inputs, add_eos = self.hparams.train_on_inputs, self.hparams.add_eos  # (read once, not per row)
         prompts = self._prompt_tokens()
 
         def chunks() -> Iterator[tuple[list[dict[str, str]], list[str], list[str], list[str]]]:
@@ -299,8 +300,7 @@ class CommonsenseDataModule(LightningDataModule):
                 output_ids = dict(zip(rest, drop_bos(encoded[len(chunk):], enc.bos)))
                 parts = [(prompt, output_ids[r["output"]]) for prompt, r in zip(prompt_ids, chunk)]
             for row_parts, prompt in zip(parts, prompt_ids, strict=True):
-                ids, untrained, truncated = train_example(row_parts, len(prompt), enc, self.hparams.train_on_inputs,
-                                                          self.hparams.add_eos)
+                ids, untrained, truncated = train_example(row_parts, len(prompt), enc, train_on_inputs, add_eos)
                 truncated_count += truncated
                 if untrained == len(ids):
                     fully_masked += 1  # the prompt filled cutoff_len: nothing left to learn from

@@ -24,12 +24,15 @@ tokenizer that fails a check, nothing changes.
 from __future__ import annotations
 
 import json
+import re
 import weakref
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-__all__ = ["LLAMA3_SPLIT", "FastBPE", "fast_bpe", "pretokenizes_as_llama3"]
+__all__ = ["LLAMA3_SPLIT", "FastBPE", "Offsets", "fast_bpe", "pretokenizes_as_llama3"]
 
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -84,33 +87,85 @@ def _read(tokenizer: PreTrainedTokenizerBase) -> tuple[bool, FastBPE | None]:
 
 
 class FastBPE:
-    """Encodes plain text with tiktoken and everything else with a Hugging Face Rust tokenizer (see module)."""
+    """Encodes ASCII text with tiktoken, added tokens (LLaMA-3's specials) matched in it as the Hugging Face
+    tokenizer matches them, and hands every other text to a fallback (see module)."""
 
-    def __init__(self, encoding: Any, added_prefixes: tuple[str, ...]) -> None:
+    def __init__(self, encoding: Any, added: dict[str, int], matches_added: bool, lengths: np.ndarray) -> None:
         self._encode = encoding.encode_ordinary  # releases the GIL while it runs
-        self._added_prefixes = added_prefixes
+        self._added = added  # content -> id of every added token
+        # leftmost-longest, as the tokenizer's Aho-Corasick match; None: added tokens in text go to the fallback
+        self._added_re = re.compile("|".join(map(re.escape, sorted(added, key=len, reverse=True)))) \
+            if added and matches_added else None
+        self._prefixes = tuple(dict.fromkeys(content[:2] for content in added))
+        self._lengths = lengths  # (vocab,) characters of each token in ASCII text
 
-    def plain(self, text: str) -> bool:
-        """Whether tiktoken may encode ``text``: ASCII, and no added token could start in it (anything that is not
-        a string goes to the Hugging Face tokenizer, which raises its own error)."""
-        return isinstance(text, str) and text.isascii() and not any(p in text for p in self._added_prefixes)
+    def fast(self, text: Any) -> bool:
+        """Whether ``text`` is encoded here: ASCII (anything that is not a string goes to the fallback, where the
+        Hugging Face tokenizer raises its own error), and no added token in it unless they can be matched here."""
+        return isinstance(text, str) and text.isascii() and (
+            self._added_re is not None or not any(p in text for p in self._prefixes))
 
-    def encode(self, texts: list[str], backend: Any) -> list[list[int]]:
-        """Ids of ``texts`` without special tokens added: tiktoken's for plain texts, ``backend.encode_batch``'s
-        (a ``tokenizers.Tokenizer`` that matches special tokens in text) for the others."""
-        ids: list[Any] = []
+    def encode(self, texts: list[Any], fallback: Callable[[list[Any]], list[Any]], offsets: bool = False
+               ) -> list[Any]:
+        """``encode_texts``' result for ``texts``: ids, or ``(ids, character offsets)`` with ``offsets``, of the
+        texts encoded here, and ``fallback(others)``'s for the others, in order."""
+        out: list[Any] = []
         rest: list[int] = []
         for i, text in enumerate(texts):
-            if self.plain(text):
-                ids.append(self._encode(text))
+            if self.fast(text):
+                ids = self._ids(text)
+                out.append((ids, Offsets(np.cumsum(self._lengths[np.asarray(ids, np.int64)]))) if offsets else ids)
             else:
-                ids.append(None)
+                out.append(None)
                 rest.append(i)
         if rest:
-            for i, encoding in zip(rest, backend.encode_batch([texts[i] for i in rest], add_special_tokens=False),
-                                   strict=True):
-                ids[i] = encoding.ids
+            for i, encoded in zip(rest, fallback([texts[i] for i in rest]), strict=True):
+                out[i] = encoded
+        return out
+
+    def _ids(self, text: str) -> list[int]:
+        """tiktoken's ids of the text between added tokens, the added tokens' own ids where they are."""
+        if self._added_re is None or not any(p in text for p in self._prefixes):
+            return self._encode(text)
+        ids: list[int] = []
+        start = 0
+        for match in self._added_re.finditer(text):
+            if match.start() > start:
+                ids += self._encode(text[start:match.start()])
+            ids.append(self._added[match.group()])
+            start = match.end()
+        if start < len(text):
+            ids += self._encode(text[start:])
         return ids
+
+
+class Offsets(Sequence[tuple[int, int]]):
+    """The (start, end) character offsets of a text's tokens, from their ends (the tokens of ASCII text cover it
+    end to end): what the Hugging Face tokenizer returns as Python tuples, made on demand (the conversation
+    encoder bisects a few of them per piece; ~1 % of them are ever read)."""
+
+    __slots__ = ("_ends",)
+
+    def __init__(self, ends: np.ndarray) -> None:
+        self._ends = ends  # (tokens,) int64
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, k: Any) -> Any:
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        if k < 0:
+            k += len(self._ends)
+        if not 0 <= k < len(self._ends):
+            raise IndexError(k)
+        return (int(self._ends[k - 1]) if k else 0, int(self._ends[k]))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and list(self) == [tuple(o) for o in other]
+
+    def __repr__(self) -> str:
+        return f"Offsets({list(self)!r})"
 
 
 def _spec(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any] | None:
@@ -153,13 +208,23 @@ def _make(tokenizer: PreTrainedTokenizerBase, spec: dict[str, Any]) -> FastBPE |
     if len(ranks) != len(vocab):
         return None
     encoding = tiktoken.Encoding("effilora-fast-bpe", pat_str=LLAMA3_SPLIT, mergeable_ranks=ranks, special_tokens={})
-    added = tuple(dict.fromkeys(t["content"][:2] for t in spec.get("added_tokens", [])))
-    fast = FastBPE(encoding, added)
+    added_tokens = spec.get("added_tokens", [])
+    added = {t["content"]: t["id"] for t in added_tokens}
+    lengths = np.zeros(max([*ranks.values(), *added.values()]) + 1, np.int64)
+    for token, rank in ranks.items():
+        lengths[rank] = len(token)  # bytes = characters in ASCII text
+    for content, token_id in added.items():
+        lengths[token_id] = len(content)
+    # one match over all added tokens is the tokenizer's when none is normalized (no normalizer either way)
+    fast = FastBPE(encoding, added, not any(t.get("normalized") for t in added_tokens), lengths)
     reference = tokenizer.backend_tokenizer
     if reference.encode_special_tokens:  # match special tokens in text, as ``encode_texts`` does before it encodes
         reference.encode_special_tokens = False
-    probes = list(_PROBES)
-    if [e.ids for e in reference.encode_batch(probes, add_special_tokens=False)] != fast.encode(probes, reference):
+    probes = [*_PROBES, *(f"a{c}b {c}{c}" for c in [c for c in added if c.isascii()][:3])]
+    def hugging_face(texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        return [(e.ids, e.offsets) for e in reference.encode_batch(texts, add_special_tokens=False)]
+
+    if fast.encode(probes, hugging_face, offsets=True) != hugging_face(probes):
         return None
     return fast
 

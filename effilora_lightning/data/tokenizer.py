@@ -121,8 +121,8 @@ def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str], offsets: 
     ``offsets=True``: ``(ids, character offsets)`` per text, special tokens matched in the text whatever the
     tokenizer's ``split_special_tokens`` (the conversation encoder checks for message text that became one).
 
-    Without offsets, a call of at least ``_FAST_MIN`` texts encodes LLaMA-3's plain text with tiktoken where
-    ``fast_bpe`` proved it gives the same ids (``data/fast_bpe.py``): a cold build's encoder time / 3.5.
+    A call of at least ``_FAST_MIN`` texts encodes LLaMA-3's ASCII text with tiktoken where ``fast_bpe`` proved
+    that it gives the same ids and offsets (``data/fast_bpe.py``): a cold build's encoder time / 3.5.
     """
     if not texts:  # (a batch whose records were all skipped; a tokenizer without offsets renders none)
         return []
@@ -134,9 +134,10 @@ def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str], offsets: 
         return [(ids, [tuple(o) for o in offs])
                 for ids, offs in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)]
     _match_specials(backend)
-    fast = fast_bpe(tokenizer) if not offsets and len(texts) >= _FAST_MIN else None
+    fast = fast_bpe(tokenizer) if len(texts) >= _FAST_MIN else None
     if fast is not None:
-        return fast.encode(texts, backend)
+        return fast.encode(texts, lambda rest: _unpack(backend.encode_batch(rest, add_special_tokens=False), offsets),
+                           offsets)
     return _unpack(backend.encode_batch(texts, add_special_tokens=False), offsets)
 
 
@@ -162,7 +163,7 @@ class EncodeAhead:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, offsets: bool = False) -> None:
         self.tokenizer, self.offsets = tokenizer, offsets
         self._backend = _backend(tokenizer, offsets)
-        self._fast = fast_bpe(tokenizer) if self._backend is not None and not offsets else None
+        self._fast = fast_bpe(tokenizer) if self._backend is not None else None
 
     def map(self, items: Iterable[T], texts_of: Callable[[T], list[str]]) -> Iterator[tuple[T, list[Any]]]:
         """Yield ``(item, encode_texts(tokenizer, texts_of(item), offsets))`` for each item, in order.
@@ -176,11 +177,12 @@ class EncodeAhead:
             return
         worker = Tokenizer.from_str(self._backend.to_str())
         worker.encode_special_tokens = False
-        fast = self._fast
+        fast, offsets = self._fast, self.offsets
 
         def encode(texts: list[str]) -> list[Any]:  # in the worker thread: Rust, the GIL released
-            if fast is not None:  # ids already (tiktoken; the worker's copy for text that is not plain)
-                return fast.encode(texts, worker)
+            if fast is not None:  # tiktoken, and the worker's copy for the texts it leaves
+                return fast.encode(texts, lambda rest: _unpack(worker.encode_batch(rest, add_special_tokens=False),
+                                                               offsets), offsets)
             return worker.encode_batch(texts, add_special_tokens=False)
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="effilora-encode") as pool:

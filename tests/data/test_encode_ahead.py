@@ -16,7 +16,6 @@ import effilora_lightning.data.commonsense as commonsense
 import effilora_lightning.data.tokenizer as tokenizer_module
 import effilora_lightning.data.visual_build as visual_build
 from effilora_lightning.data.commonsense import CommonsenseDataModule
-from effilora_lightning.data.fast_bpe import fast_bpe
 from effilora_lightning.data.tokenizer import EncodeAhead, encode_texts, load_tokenizer
 from effilora_lightning.data.visual_instruction import VisualInstructionDataModule
 
@@ -26,7 +25,7 @@ LLAVA = ROOT / "data/datasets/llava"
 COMMONSENSE = ROOT / "data/datasets/commonsense"
 
 BATCHES = [["Hello world<|eot_id|>", "two words"], ["<|start_header_id|>user<|end_header_id|>\n\nHi"],
-           [], ["a", "b c", "<|eot_id|><|eot_id|>"], ["last one"]]
+           [], ["a", "b c", "<|eot_id|><|eot_id|>", "naïve<|eot_id|>"], ["last one"]]
 
 
 class _Recording:
@@ -51,8 +50,12 @@ class _Recording:
 
 
 @pytest.mark.parametrize("offsets", [False, True])
-def test_the_worker_thread_encodes_ahead_and_yields_encode_texts_ids_in_order(llama3_tokenizer, monkeypatch, offsets):
+@pytest.mark.parametrize("tiktoken", [False, True])
+def test_the_worker_thread_encodes_ahead_and_yields_encode_texts_ids_in_order(llama3_tokenizer, monkeypatch, offsets,
+                                                                               tiktoken):
     monkeypatch.setattr(tokenizer_module, "Tokenizer", _Recording)
+    if not tiktoken:
+        monkeypatch.setattr(tokenizer_module, "fast_bpe", lambda tokenizer: None)
     _Recording.threads = []
     drawn = []
 
@@ -66,8 +69,8 @@ def test_the_worker_thread_encodes_ahead_and_yields_encode_texts_ids_in_order(ll
         assert drawn[-1] == min(n + 1, len(BATCHES) - 1)  # the next item was drawn (and submitted) before this one came
         got.append(encoded)
     assert got == [encode_texts(llama3_tokenizer, texts, offsets) for texts in BATCHES]
-    fast = None if offsets else fast_bpe(llama3_tokenizer)  # tiktoken for plain text, the worker's copy for the rest
-    assert len(_Recording.threads) == (len(BATCHES) if fast is None else 3)  # the 3 batches holding special tokens
+    # tiktoken encodes the ASCII texts, specials included; the worker's copy of the Rust tokenizer the non-ASCII one
+    assert len(_Recording.threads) == (1 if tiktoken else len(BATCHES))
     assert all(name.startswith("effilora-encode") for name in _Recording.threads)
     first_ids = got[0][0][0] if offsets else got[0][0]
     assert first_ids[-1] == llama3_tokenizer.convert_tokens_to_ids("<|eot_id|>")  # special text matched as the token
