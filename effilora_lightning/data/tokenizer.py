@@ -148,7 +148,7 @@ class EncodeAhead:
     core, the others idle). The Rust encoder releases the GIL, so encoding batch k + 1 while Python finishes
     batch k hides the encoder's time behind the Python work where there is a core for each. The worker encodes
     with its OWN copy of the Rust tokenizer (0.5 s to make for LLaMA-3's, made only when there is a second
-    batch): the caller's own tokenizer calls set flags on the shared object (``encode_special_tokens``), which
+    batch and, where tiktoken encodes (``fast_bpe``), only once a text is left to the Rust tokenizer): the caller's own tokenizer calls set flags on the shared object (``encode_special_tokens``), which
     would race the worker's. The ids are ``encode_texts``' (the same tokenizer state and flags).
 
     Without a Rust tokenizer (or with ``split_special_tokens`` and no ``offsets``), every batch is encoded in
@@ -175,15 +175,20 @@ class EncodeAhead:
                 if item is not _DONE:
                     yield item, encode_texts(self.tokenizer, texts_of(item), self.offsets)
             return
-        worker = Tokenizer.from_str(self._backend.to_str())
-        worker.encode_special_tokens = False
+        serialized, copies = self._backend.to_str(), []  # (read here: the caller may set flags on it meanwhile)
         fast, offsets = self._fast, self.offsets
+
+        def worker() -> Tokenizer:  # the worker's own Rust tokenizer; with tiktoken, made only if a text needs it
+            if not copies:
+                copies.append(Tokenizer.from_str(serialized))
+                copies[0].encode_special_tokens = False
+            return copies[0]
 
         def encode(texts: list[str]) -> list[Any]:  # in the worker thread: Rust, the GIL released
             if fast is not None:  # tiktoken, and the worker's copy for the texts it leaves
-                return fast.encode(texts, lambda rest: _unpack(worker.encode_batch(rest, add_special_tokens=False),
+                return fast.encode(texts, lambda rest: _unpack(worker().encode_batch(rest, add_special_tokens=False),
                                                                offsets), offsets)
-            return worker.encode_batch(texts, add_special_tokens=False)
+            return worker().encode_batch(texts, add_special_tokens=False)
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="effilora-encode") as pool:
             pending = [(first, pool.submit(encode, texts_of(first)))]
