@@ -28,6 +28,7 @@ from .token_cache import (
     TokenRows,
     _build_into,
     _load_entry,
+    _move_into_place,
     _remove_dead_writers,
     _temporary,
     cache_key,
@@ -88,10 +89,7 @@ def _assemble(parts: list[Path], final: Path, merge: Callable[[list[dict[str, An
         for name in names:
             _concatenate(parts, tmp, name)
         (tmp / "meta.json").write_text(json.dumps({**meta, "rows": names}))
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another node's builder got there first (shared file system)
-            shutil.rmtree(tmp, ignore_errors=True)
+        _move_into_place(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -103,14 +101,14 @@ def _part_path(final: Path, shard: Shard) -> Path:
 
 def _build_part(final: Path, build: Callable[[EntryBuilder, Shard], dict[str, Any]], shard: Shard) -> None:
     """This rank's part, written beside its place and renamed into it (a complete part left by a killed run of
-    the same key holds the same rows: it is kept)."""
+    the same key, or written meanwhile by another job building it, holds the same rows: it is kept)."""
     part = _part_path(final, shard)
     _remove_dead_writers(part)
     if part.is_dir():
         return
     tmp = _temporary(part)
     _build_into(tmp, lambda entry: build(entry, shard))
-    os.rename(tmp, part)
+    _move_into_place(tmp, part)
 
 
 def _agreed(agree: Agree, error: Exception | None, what: str) -> None:
@@ -164,7 +162,8 @@ def load_or_build_sharded(
                 for part in parts:
                     shutil.rmtree(part, ignore_errors=True)
             except Exception as err:  # noqa: BLE001 - raised on every rank below
-                error = err
+                if not final.is_dir():  # (else another job of this key assembled it and removed the parts meanwhile)
+                    error = err
         _agreed(agree, error, f"assembling {final} from its parts")
     if not final.is_dir():
         raise RuntimeError(f"token cache entry {final} is missing after it was built: does every rank of this "

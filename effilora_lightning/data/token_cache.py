@@ -215,6 +215,18 @@ def _build_into(directory: Path, build: Callable[[EntryBuilder], dict[str, Any]]
         raise
 
 
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Rename the finished directory ``tmp`` to ``final`` in one step. Where another process got there first (an
+    independent job on this host or a node on a shared file system, building the same key: the same bytes),
+    theirs is kept and ``tmp`` dropped; any other failure raises."""
+    try:
+        os.rename(tmp, final)  # atomic: the directory appears whole or not at all
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not final.is_dir():
+            raise
+
+
 def _temporary(final: Path) -> Path:
     """Where a writer of ``final`` writes: named by its pid and host so that a dead writer's can be found."""
     return final.parent / f"{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{socket.gethostname()}"
@@ -250,10 +262,7 @@ def load_or_build(
         _remove_dead_writers(final)
         tmp = _temporary(final)
         _build_into(tmp, build)
-        try:
-            os.rename(tmp, final)  # atomic: the entry appears whole or not at all
-        except OSError:  # another node's builder got there first (shared file system)
-            shutil.rmtree(tmp, ignore_errors=True)
+        _move_into_place(tmp, final)
         built = True
     if barrier is not None:
         barrier()

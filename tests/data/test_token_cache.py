@@ -347,3 +347,33 @@ def test_an_error_on_one_rank_stops_both_and_leaves_no_entry(two_ranks, fail_on)
     assert "cannot tokenize" in results[fail_on]["error"]
     assert "another rank failed" in results[1 - fail_on]["error"]
     assert not [p for p in (root / "cache").iterdir() if ".part" not in p.name]  # no entry, whole or half
+
+
+def _job_building_with_another(cache_dir: str, barrier, results) -> None:
+    """One independent job (its own one-rank node) building entry "k"; ``barrier``: both jobs are mid-build."""
+    from effilora_lightning.data.node_build import load_or_build_sharded
+
+    def build(entry, shard):
+        barrier.wait(timeout=60)
+        entry.rows("train").add_masked([7, 8, 9], 1)
+        return {"rows_built": 1}
+
+    rows, meta, _ = load_or_build_sharded(cache_dir, "k", build, lambda metas: metas[0])
+    results.put((list(rows["train"].ids_of(0)), meta))
+
+
+def test_two_jobs_building_the_same_entry_at_once_both_get_it(tmp_path):
+    """Two runs on one host with one cache dir (two benchmark workers did this and the second crashed renaming its
+    part onto the first's): whoever renames second keeps the first's identical bytes and goes on."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    jobs = [ctx.Process(target=_job_building_with_another, args=(str(tmp_path), barrier, results)) for _ in range(2)]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join(timeout=120)
+    assert [job.exitcode for job in jobs] == [0, 0]
+    assert [results.get(timeout=5) for _ in jobs] == [([7, 8, 9], {"rows_built": 1, "rows": ["train"]})] * 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k"]  # no part or temporary directory left behind
