@@ -152,3 +152,23 @@ def test_with_a_normalized_added_token_text_holding_added_tokens_goes_to_the_rus
     texts = _llava_texts(llama3_tokenizer) + ["x<|mine|>y"] * 70
     want = [(e.ids, e.offsets) for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
     assert encode_texts(tokenizer, texts, offsets=True) == want
+
+
+def test_a_batch_is_one_tiktoken_call_and_a_text_holding_the_separator_is_left_to_the_rust_tokenizer(
+        llama3_tokenizer, monkeypatch):
+    fast = fast_bpe(llama3_tokenizer)
+    calls = []
+    real = fast._encoding.encode
+    monkeypatch.setattr(fast._encoding, "encode", lambda text, **kw: calls.append(text) or real(text, **kw))
+    texts = ["one", "", "two<|eot_id|>", f"has the {fast_bpe_module._SEP} in it", "three  "] * 20
+    backend = llama3_tokenizer.backend_tokenizer
+    handed_on = []
+
+    def fallback(rest):
+        handed_on.extend(rest)
+        return [(e.ids, e.offsets) for e in backend.encode_batch(rest, add_special_tokens=False)]
+
+    want = [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
+    assert fast.encode(texts, fallback, offsets=True) == want
+    assert len(calls) == 1  # the 80 other texts, joined
+    assert len(handed_on) == 20 and all(fast_bpe_module._SEP in t for t in handed_on)
