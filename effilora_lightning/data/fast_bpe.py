@@ -131,7 +131,7 @@ class FastBPE:
             for k, (i, text) in enumerate(zip(mine, batch)):
                 stop = ids.index(self._sep_id, start) if k + 1 < len(mine) else len(ids)
                 row = ids[start:stop]
-                out[i] = (row, Offsets(ends[start:stop] - base)) if ends is not None else row
+                out[i] = (row, Offsets.covering(ends[start:stop] - base)) if ends is not None else row
                 start, base = stop + 1, base + len(text) + len(self._sep)
         rest = [i for i, encoded in enumerate(out) if encoded is None]
         if rest:
@@ -141,26 +141,42 @@ class FastBPE:
 
 
 class Offsets(Sequence[tuple[int, int]]):
-    """The (start, end) character offsets of a text's tokens, from their ends (the tokens of ASCII text cover it
-    end to end): what the Hugging Face tokenizer returns as Python tuples, made on demand (the conversation
-    encoder bisects a few of them per piece; ~1 % of them are ever read)."""
+    """The (start, end) character offsets of a text's tokens as two arrays: what the Hugging Face tokenizer returns
+    as a list of tuples, for a search over all of a piece's special tokens and reply ranges in one
+    ``np.searchsorted`` (``conversation``), and each tuple made only if it is read."""
 
-    __slots__ = ("_ends",)
+    __slots__ = ("ends", "starts")
 
-    def __init__(self, ends: np.ndarray) -> None:
-        self._ends = ends  # (tokens,) int64
+    def __init__(self, starts: np.ndarray, ends: np.ndarray) -> None:
+        self.starts, self.ends = starts, ends  # (tokens,) int64 each
+
+    @classmethod
+    def covering(cls, ends: np.ndarray) -> Offsets:
+        """Tokens that cover their text end to end (ASCII text), from their ends."""
+        starts = np.empty_like(ends)
+        starts[:1] = 0
+        starts[1:] = ends[:-1]
+        return cls(starts, ends)
+
+    @classmethod
+    def of(cls, pairs: Sequence[tuple[int, int]]) -> Offsets:
+        """From the tokenizer's (start, end) pairs (a list of tuples, or Offsets already)."""
+        if isinstance(pairs, Offsets):
+            return pairs
+        both = np.asarray(pairs, np.int64).reshape(-1, 2)
+        return cls(both[:, 0], both[:, 1])
 
     def __len__(self) -> int:
-        return len(self._ends)
+        return len(self.ends)
 
     def __getitem__(self, k: Any) -> Any:
         if isinstance(k, slice):
             return [self[i] for i in range(*k.indices(len(self)))]
         if k < 0:
-            k += len(self._ends)
-        if not 0 <= k < len(self._ends):
+            k += len(self.ends)
+        if not 0 <= k < len(self.ends):
             raise IndexError(k)
-        return (int(self._ends[k - 1]) if k else 0, int(self._ends[k]))
+        return (int(self.starts[k]), int(self.ends[k]))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Sequence) and list(self) == [tuple(o) for o in other]
