@@ -47,8 +47,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from effilora_lightning.data.batch import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from effilora_lightning.data.chat_templates import (
     LLAMA3,
@@ -61,7 +59,7 @@ from effilora_lightning.data.chat_templates import (
 )
 from effilora_lightning.data.conversation_checks import MismatchCounter, reference_turns, validate_conversation
 from effilora_lightning.data.conversation_render import IMAGE_TOKEN, Piece, Segment, render, render_pieces
-from effilora_lightning.data.fast_bpe import Offsets
+from effilora_lightning.data.fast_bpe import Offsets, PairOffsets
 from effilora_lightning.data.tokenizer import encode_texts
 
 __all__ = [
@@ -100,39 +98,36 @@ class EncodedConversation:
     """Why the ids cannot be trusted to spell the rendered text (None: they can, or the check was skipped)."""
 
 
-def _trained_labels(ids: list[int], offsets: Offsets, trained: list[tuple[int, int]]) -> tuple[list[int], bool]:
+def _trained_labels(ids: list[int], offsets: Offsets | PairOffsets, trained: list[tuple[int, int]]) -> tuple[list[int], bool]:
     """-100 except on tokens that cover a trained character; also whether every trained range got a token.
-    Offsets are non-decreasing, so the ranges' first and last tokens are one search over all of them, not a loop
-    over tokens: range [first, stop) trains the tokens ending after ``first`` and starting before ``stop``."""
+    Offsets are non-decreasing, so each range is two bisections, not a loop over tokens: range [first, stop)
+    trains the tokens that end after ``first`` and start before ``stop``."""
     labels = [IGNORE_INDEX] * len(ids)
-    if not trained:
-        return labels, True
-    firsts, stops = np.asarray(trained, np.int64).T  # (R,) each
-    begins = np.searchsorted(offsets.ends, firsts, side="right").tolist()
-    finals = np.searchsorted(offsets.starts, stops, side="left").tolist()
-    for i, j in zip(begins, finals):
+    covered = True
+    for first, stop in trained:
+        i, j = offsets.ending_after(first), offsets.starting_from(stop)
         labels[i:j] = ids[i:j]
-    return labels, all(j > i for i, j in zip(begins, finals))
+        covered &= j > i
+    return labels, covered
 
 
-def _only_template_specials(ids: list[int], offsets: Offsets, expected: list[tuple[int, tuple[int, int]]],
+def _only_template_specials(ids: list[int], offsets: Offsets | PairOffsets, expected: list[tuple[int, tuple[int, int]]],
                             added: set[int]) -> bool:
     """Whether the piece's tokens with an id of ``added`` (what the tokenizer matches in raw text) are exactly
     ``expected``, the (id, (start, end)) of each template special in text order: no message text turned into a
     special token. The answer of ``[(i, o) for i, o in zip(ids, offsets) if i in added] == expected``, without
-    that Python loop over every token: the added ids are counted in C, then every expected one is found by one
-    search of the sorted starts; the loop runs only where the search cannot decide."""
+    that Python loop over every token: the added ids are counted in C, then each expected one is found by
+    bisection of the sorted starts; the loop runs only where the bisection cannot decide."""
     if sum(map(added.__contains__, ids)) != len(expected):
         return False
-    if not expected:
+    last = -1
+    for token_id, span in expected:
+        k = offsets.starting_from(span[0])
+        if k <= last or k == len(offsets) or offsets[k] != span or ids[k] != token_id or token_id not in added:
+            break
+        last = k
+    else:
         return True
-    want_ids = [token_id for token_id, _ in expected]
-    spans = np.asarray([span for _, span in expected], np.int64)  # (S, 2)
-    at = np.searchsorted(offsets.starts, spans[:, 0], side="left")  # (S,) the first token starting there
-    if at[-1] < len(ids) and np.all(at[1:] > at[:-1]) and all(t in added for t in want_ids):
-        if np.array_equal(offsets.starts[at], spans[:, 0]) and np.array_equal(offsets.ends[at], spans[:, 1]) \
-                and [ids[k] for k in at.tolist()] == want_ids:
-            return True
     return [(i, tuple(o)) for i, o in zip(ids, offsets) if i in added] == expected
 
 
@@ -150,7 +145,7 @@ def _encode_whole(samples: Sequence[list[Piece]], encoded: Sequence[tuple[list[i
         input_ids, labels, clean, covered = [], [], True, True
         for n, piece in enumerate(pieces):
             ids, pairs = next(rows)
-            offsets = Offsets.of(pairs)  # (tiktoken's are already)
+            offsets = Offsets.of(pairs)  # (tiktoken's are Offsets already; the tokenizer's searched in place)
             if clean:
                 expected = [(special_ids.get(token) or special_ids.setdefault(
                     token, special_id(tokenizer, token, template)), (s, e)) for s, e, token in piece.specials]

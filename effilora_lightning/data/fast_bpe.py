@@ -26,7 +26,9 @@ for any tokenizer that fails a check, nothing changes.
 
 from __future__ import annotations
 
+import bisect
 import json
+import operator
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -34,7 +36,7 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-__all__ = ["LLAMA3_SPLIT", "FastBPE", "Offsets", "fast_bpe", "pretokenizes_as_llama3"]
+__all__ = ["LLAMA3_SPLIT", "FastBPE", "Offsets", "PairOffsets", "fast_bpe", "pretokenizes_as_llama3"]
 
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -126,12 +128,14 @@ class FastBPE:
         if mine:
             batch = [texts[i] for i in mine]
             ids = self._encoding.encode(self._sep.join(batch), allowed_special=self._allowed, disallowed_special=())
-            ends = np.cumsum(self._lengths[np.asarray(ids, np.int64)]) if offsets else None  # (tokens,)
+            if offsets:  # the joined text's: its tokens cover it end to end
+                ends = np.cumsum(self._lengths[np.asarray(ids, np.int64)]).tolist()
+                starts = [0, *ends[:-1]]
             start = base = 0
             for k, (i, text) in enumerate(zip(mine, batch)):
                 stop = ids.index(self._sep_id, start) if k + 1 < len(mine) else len(ids)
                 row = ids[start:stop]
-                out[i] = (row, Offsets.covering(ends[start:stop] - base)) if ends is not None else row
+                out[i] = (row, Offsets(starts, ends, start, stop, base)) if offsets else row
                 start, base = stop + 1, base + len(text) + len(self._sep)
         rest = [i for i, encoded in enumerate(out) if encoded is None]
         if rest:
@@ -141,48 +145,73 @@ class FastBPE:
 
 
 class Offsets(Sequence[tuple[int, int]]):
-    """The (start, end) character offsets of a text's tokens as two arrays: what the Hugging Face tokenizer returns
-    as a list of tuples, for a search over all of a piece's special tokens and reply ranges in one
-    ``np.searchsorted`` (``conversation``), and each tuple made only if it is read."""
+    """The (start, end) character offsets of a text's tokens, as the Hugging Face tokenizer gives them (a list of
+    tuples), held as two int lists that may be shared by every text of a batch (tokens ``lo:hi`` of them, their
+    characters counted from ``base``): no per-token Python object is made, and the conversation encoder finds
+    a character's token by one C-level bisection of a list."""
 
-    __slots__ = ("ends", "starts")
+    __slots__ = ("_base", "_ends", "_hi", "_lo", "_starts")
 
-    def __init__(self, starts: np.ndarray, ends: np.ndarray) -> None:
-        self.starts, self.ends = starts, ends  # (tokens,) int64 each
+    def __init__(self, starts: list[int], ends: list[int], lo: int = 0, hi: int | None = None, base: int = 0
+                 ) -> None:
+        self._starts, self._ends, self._lo, self._base = starts, ends, lo, base
+        self._hi = len(ends) if hi is None else hi
 
-    @classmethod
-    def covering(cls, ends: np.ndarray) -> Offsets:
-        """Tokens that cover their text end to end (ASCII text), from their ends."""
-        starts = np.empty_like(ends)
-        starts[:1] = 0
-        starts[1:] = ends[:-1]
-        return cls(starts, ends)
+    @staticmethod
+    def of(pairs: Sequence[tuple[int, int]]) -> Offsets | PairOffsets:
+        """Offsets already, or the tokenizer's own (start, end) pairs searched where they are (``PairOffsets``)."""
+        return pairs if isinstance(pairs, (Offsets, PairOffsets)) else PairOffsets(pairs)
 
-    @classmethod
-    def of(cls, pairs: Sequence[tuple[int, int]]) -> Offsets:
-        """From the tokenizer's (start, end) pairs (a list of tuples, or Offsets already)."""
-        if isinstance(pairs, Offsets):
-            return pairs
-        both = np.asarray(pairs, np.int64).reshape(-1, 2)
-        return cls(both[:, 0], both[:, 1])
+    def ending_after(self, char: int) -> int:
+        """The first token whose end is after ``char`` (offsets are non-decreasing)."""
+        return bisect.bisect_right(self._ends, char + self._base, self._lo, self._hi) - self._lo
+
+    def starting_from(self, char: int) -> int:
+        """The first token whose start is ``char`` or after."""
+        return bisect.bisect_left(self._starts, char + self._base, self._lo, self._hi) - self._lo
 
     def __len__(self) -> int:
-        return len(self.ends)
+        return self._hi - self._lo
 
     def __getitem__(self, k: Any) -> Any:
         if isinstance(k, slice):
             return [self[i] for i in range(*k.indices(len(self)))]
         if k < 0:
-            k += len(self.ends)
-        if not 0 <= k < len(self.ends):
+            k += len(self)
+        if not 0 <= k < len(self):
             raise IndexError(k)
-        return (int(self.starts[k]), int(self.ends[k]))
+        return (self._starts[self._lo + k] - self._base, self._ends[self._lo + k] - self._base)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Sequence) and list(self) == [tuple(o) for o in other]
 
     def __repr__(self) -> str:
         return f"Offsets({list(self)!r})"
+
+
+class PairOffsets(Sequence[tuple[int, int]]):
+    """``Offsets``' searches over the Hugging Face tokenizer's list of (start, end) tuples, in place (a bisection
+    with a key: nothing is copied per token)."""
+
+    __slots__ = ("_pairs",)
+
+    def __init__(self, pairs: Sequence[tuple[int, int]]) -> None:
+        self._pairs = pairs
+
+    def ending_after(self, char: int) -> int:
+        return bisect.bisect_right(self._pairs, char, key=_END)
+
+    def starting_from(self, char: int) -> int:
+        return bisect.bisect_left(self._pairs, char, key=_START)
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def __getitem__(self, k: Any) -> Any:
+        return [tuple(p) for p in self._pairs[k]] if isinstance(k, slice) else tuple(self._pairs[k])
+
+
+_START, _END = operator.itemgetter(0), operator.itemgetter(1)
 
 
 def _spec(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any] | None:

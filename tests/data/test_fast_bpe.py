@@ -172,3 +172,17 @@ def test_a_batch_is_one_tiktoken_call_and_a_text_holding_the_separator_is_left_t
     assert fast.encode(texts, fallback, offsets=True) == want
     assert len(calls) == 1  # the 80 other texts, joined
     assert len(handed_on) == 20 and all(fast_bpe_module._SEP in t for t in handed_on)
+
+
+def test_offsets_searches_answer_as_the_tokenizers_pairs_do(llama3_tokenizer):
+    from effilora_lightning.data.fast_bpe import Offsets, PairOffsets
+
+    texts = _llava_texts(llama3_tokenizer)[:300]
+    want = [e.offsets for e in llama3_tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
+    for text, (_, got), pairs in zip(texts, encode_texts(llama3_tokenizer, texts, offsets=True), want, strict=True):
+        assert isinstance(got, Offsets) and Offsets.of(got) is got
+        reference = Offsets.of(pairs)
+        assert isinstance(reference, PairOffsets)
+        for char in range(len(text) + 2):
+            assert got.ending_after(char) == reference.ending_after(char)
+            assert got.starting_from(char) == reference.starting_from(char)
