@@ -150,11 +150,11 @@ class Offsets(Sequence[tuple[int, int]]):
     characters counted from ``base``): no per-token Python object is made, and the conversation encoder finds
     a character's token by one C-level bisection of a list."""
 
-    __slots__ = ("_base", "_ends", "_hi", "_lo", "_starts")
+    __slots__ = ("_char0", "_ends", "_hi", "_lo", "_starts")
 
     def __init__(self, starts: list[int], ends: list[int], lo: int = 0, hi: int | None = None, base: int = 0
                  ) -> None:
-        self._starts, self._ends, self._lo, self._base = starts, ends, lo, base
+        self._starts, self._ends, self._lo, self._char0 = starts, ends, lo, base
         self._hi = len(ends) if hi is None else hi
 
     @staticmethod
@@ -164,11 +164,11 @@ class Offsets(Sequence[tuple[int, int]]):
 
     def ending_after(self, char: int) -> int:
         """The first token whose end is after ``char`` (offsets are non-decreasing)."""
-        return bisect.bisect_right(self._ends, char + self._base, self._lo, self._hi) - self._lo
+        return bisect.bisect_right(self._ends, char + self._char0, self._lo, self._hi) - self._lo
 
     def starting_from(self, char: int) -> int:
         """The first token whose start is ``char`` or after."""
-        return bisect.bisect_left(self._starts, char + self._base, self._lo, self._hi) - self._lo
+        return bisect.bisect_left(self._starts, char + self._char0, self._lo, self._hi) - self._lo
 
     def __len__(self) -> int:
         return self._hi - self._lo
@@ -180,7 +180,7 @@ class Offsets(Sequence[tuple[int, int]]):
             k += len(self)
         if not 0 <= k < len(self):
             raise IndexError(k)
-        return (self._starts[self._lo + k] - self._base, self._ends[self._lo + k] - self._base)
+        return (self._starts[self._lo + k] - self._char0, self._ends[self._lo + k] - self._char0)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Sequence) and list(self) == [tuple(o) for o in other]
