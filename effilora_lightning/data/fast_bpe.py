@@ -101,7 +101,8 @@ class FastBPE:
     pre-token crosses it, as none crosses the ends of separately encoded texts) and split at the separator's id
     after. One call releases the GIL once for the whole batch: a call per text would hand the GIL back and forth
     with the thread building rows in Python (setup's worker thread, ``tokenizer.EncodeAhead``), which serialized
-    the two threads and made the 665k LLaVA build 1.7x slower than the Rust tokenizer's batch call.
+    the two threads: the 665k LLaVA build took 361 s that way, against 354 s with the Rust tokenizer's batch call
+    and 315 s with one tiktoken call per batch (BENCHMARKS.md).
     """
 
     def __init__(self, encoding: Any, sep: str, matches_added: bool, prefixes: tuple[str, ...],
