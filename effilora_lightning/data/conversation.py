@@ -43,6 +43,7 @@ Rules (the reference's, except where marked "ours"):
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -117,18 +118,14 @@ def _only_template_specials(ids: list[int], offsets: Offsets | PairOffsets, expe
     ``expected``, the (id, (start, end)) of each template special in text order: no message text turned into a
     special token. The answer of ``[(i, o) for i, o in zip(ids, offsets) if i in added] == expected``, without
     that Python loop over every token: the added ids are counted in C, then each expected one is found by
-    bisection of the sorted starts; the loop runs only where the bisection cannot decide."""
-    if sum(map(added.__contains__, ids)) != len(expected):
+    bisection of the sorted starts (``holds``); the loop runs only where the bisection cannot decide."""
+    if sum(map(added.__contains__, ids)) != len(expected) or not added.issuperset(map(_ID, expected)):
         return False
-    last = -1
-    for token_id, span in expected:
-        k = offsets.starting_from(span[0])
-        if k <= last or k == len(offsets) or offsets[k] != span or ids[k] != token_id or token_id not in added:
-            break
-        last = k
-    else:
-        return True
-    return [(i, tuple(o)) for i, o in zip(ids, offsets) if i in added] == expected
+    return offsets.holds(ids, expected) or \
+        [(i, tuple(o)) for i, o in zip(ids, offsets) if i in added] == expected
+
+
+_ID = operator.itemgetter(0)
 
 
 def _encode_whole(samples: Sequence[list[Piece]], encoded: Sequence[tuple[list[int], Sequence[tuple[int, int]]]],

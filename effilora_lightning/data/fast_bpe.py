@@ -171,6 +171,18 @@ class Offsets(Sequence[tuple[int, int]]):
         """The first token whose start is ``char`` or after."""
         return bisect.bisect_left(self._starts, char + self._char0, self._lo, self._hi) - self._lo
 
+    def holds(self, ids: Sequence[int], expected: Sequence[tuple[int, tuple[int, int]]]) -> bool:
+        """Whether each (id, (start, end)) of ``expected``, in order, is one token here, at increasing positions
+        (``ids``: these tokens' ids). False also where a bisection cannot tell (two tokens starting at one
+        character): the caller then compares token by token. One call per text, each span one bisection."""
+        starts, ends, lo, hi, char0, last = self._starts, self._ends, self._lo, self._hi, self._char0, -1
+        for token_id, (start, end) in expected:
+            k = bisect.bisect_left(starts, start + char0, lo, hi)
+            if k <= last or k == hi or starts[k] != start + char0 or ends[k] != end + char0 or ids[k - lo] != token_id:
+                return False
+            last = k
+        return True
+
     def __len__(self) -> int:
         return self._hi - self._lo
 
@@ -204,6 +216,16 @@ class PairOffsets(Sequence[tuple[int, int]]):
 
     def starting_from(self, char: int) -> int:
         return bisect.bisect_left(self._pairs, char, key=_START)
+
+    def holds(self, ids: Sequence[int], expected: Sequence[tuple[int, tuple[int, int]]]) -> bool:
+        """``Offsets.holds`` over the pairs."""
+        pairs, last = self._pairs, -1
+        for token_id, span in expected:
+            k = bisect.bisect_left(pairs, span[0], key=_START)
+            if k <= last or k == len(pairs) or tuple(pairs[k]) != span or ids[k] != token_id:
+                return False
+            last = k
+        return True
 
     def __len__(self) -> int:
         return len(self._pairs)

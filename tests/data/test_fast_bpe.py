@@ -186,3 +186,21 @@ def test_offsets_searches_answer_as_the_tokenizers_pairs_do(llama3_tokenizer):
         for char in range(len(text) + 2):
             assert got.ending_after(char) == reference.ending_after(char)
             assert got.starting_from(char) == reference.starting_from(char)
+
+
+def test_holds_finds_each_expected_token_or_says_it_cannot():
+    """``holds``: True exactly when every (id, span) expected is a token, in order; False where the bisection of
+    the starts lands elsewhere (an empty token starting where the wanted one does), for both offset kinds."""
+    from effilora_lightning.data.fast_bpe import Offsets, PairOffsets
+
+    ids, pairs = [7, 9, 7, 5], [(0, 3), (3, 5), (5, 8), (8, 8)]
+    shifted = Offsets([100, *(s + 10 for s, _ in pairs)], [100, *(e + 10 for _, e in pairs)], lo=1, base=10)
+    for offsets in (Offsets([s for s, _ in pairs], [e for _, e in pairs]), PairOffsets(pairs), shifted):
+        assert offsets.holds(ids, [(7, (0, 3)), (7, (5, 8))])
+        assert offsets.holds(ids, [])
+        assert not offsets.holds(ids, [(7, (5, 8)), (7, (0, 3))])  # out of order
+        assert not offsets.holds(ids, [(9, (0, 3))])  # another id there
+        assert not offsets.holds(ids, [(7, (0, 2))])  # another span
+        assert not offsets.holds(ids, [(5, (9, 9))])  # past the last token
+    empty_first = PairOffsets([(0, 0), (0, 3)])
+    assert not empty_first.holds([1, 7], [(7, (0, 3))])  # the bisection finds the empty token: cannot tell
