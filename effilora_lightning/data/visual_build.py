@@ -36,6 +36,7 @@ from effilora_lightning.data.tokenizer import EncodeAhead
 __all__ = ["SplitBuilder"]
 
 _CHUNK = 1024  # records tokenized per tokenizer call in setup
+_STASH_MAX = 20_000  # held-out records a train build keeps for the held-out build (a few MB for LLaVA's)
 _WHOLE = Shard()  # a build that is not split
 
 
@@ -47,6 +48,9 @@ class SplitBuilder:
     def __init__(self, hparams: Any, template: ConversationTemplate, tokenizer: Any) -> None:
         self.hparams, self.template, self.tokenizer = hparams, template, tokenizer
         self._counts: dict[str, tuple[int, set[int], int]] = {}
+        self._held_records: dict[str, list[tuple[int, Any]]] = {}
+        """Per file: the held-out records a train build streamed past, so that the held-out build that follows in
+        the same setup reads them from here, not by a third pass over the file (after the count's and train's)."""
 
     def held_out(self, path: str) -> set[int]:
         """Record indices of the seeded validation split of ``path`` (one pass to count the records)."""
@@ -73,16 +77,23 @@ class SplitBuilder:
         returns its meta (errors or counts, see the module docstring), which ``merge`` joins with the other
         parts'."""
         stream, held, wanted, json_skipped = RecordStream(path, self.hparams.on_bad_record), None, None, None
+        stash = None
         if part != "all" or shard.count > 1:  # the slice needs the count: one pass first
             count, held, json_skipped = self._count(path)
             if part == "all":
                 held = None
             wanted = range(len(held) if part == "held_out" else count - len(held or ()))
             wanted = shard.of(wanted)
+            if part == "train" and len(held) <= _STASH_MAX:
+                stash = self._held_records.setdefault(path, [])
+                stash.clear()
+            elif part == "held_out" and len(self._held_records.get(path, ())) == len(held):
+                stream = self._held_records.pop(path)  # every held-out record, in file order
         built = _SplitBuild(split, Counter(total=0), MismatchCounter(split=split), entry.rows("tokens"),
                             entry.rows("prompts") if generation else None)
         progress = _Progress(split, path)
-        prepared = (self._prepare_batch(batch, path, built) for batch in _batches(stream, held, part, wanted))
+        batches = _batches(stream, held, part, wanted, stash)
+        prepared = (self._prepare_batch(batch, path, built) for batch in batches)
         for ready, encoded in EncodeAhead(self.tokenizer, offsets=True).map(prepared, _Prepared.texts):
             self._finish_batch(ready, encoded, built)
             progress.update(built.stats["total"], ready.fraction)
@@ -118,11 +129,10 @@ class SplitBuilder:
         records, fraction = batch
         hp = self.hparams
         built.stats["total"] += len(records)
-        folder = Path(hp.image_folder)
-        paths: dict[int, tuple[Path, ...]] = {}
+        paths: dict[int, tuple[str, ...]] = {}
         for index, record in records:
             try:
-                paths[index] = image_paths(record, "", folder, hp.allow_images_outside_folder)
+                paths[index] = image_paths(record, "", hp.image_folder, hp.allow_images_outside_folder)
             except (ValueError, AttributeError):
                 continue  # named by _check_record below
         check_images([p for ps in paths.values() for p in ps], hp.image_check == "decode", built.images_checked)
@@ -156,7 +166,7 @@ class SplitBuilder:
                 built.answers.append(turns[-1]["value"])  # the reference answer: the last reply
             built.sample_ids.append(index)
             built.names.append(name)
-            built.images.append([str(p) for p in images])
+            built.images.append(list(images))
 
     @staticmethod
     def _finish(built: _SplitBuild, json_skipped: int) -> dict[str, Any]:
@@ -167,19 +177,18 @@ class SplitBuilder:
                              "examples": built.mismatch.examples}}
 
     def _check_record(self, record: Any, index: int, path: str, built: _SplitBuild,
-                      paths: dict[int, tuple[Path, ...]]) -> tuple[str, tuple[Path, ...], list[dict[str, str]]] | None:
+                      paths: dict[int, tuple[str, ...]]) -> tuple[str, tuple[str, ...], list[dict[str, str]]] | None:
         """Conversation structure and image files of one record: (sample id, images, turns), None when
         skipped (counted), or an error naming the sample id (and the image path). ``paths``: the record's
         image paths where ``image_paths`` gave them (it raises again here, naming the sample, where not)."""
         hp = self.hparams
-        sample_id = str(record.get("id", f"{Path(path).name}#{index}")) if isinstance(record, dict) \
-            else f"{Path(path).name}#{index}"
+        sample_id = str(record["id"]) if isinstance(record, dict) and "id" in record else f"{Path(path).name}#{index}"
         try:
             if not isinstance(record, dict):
                 raise BadRecordError("bad_record", f"sample {sample_id!r}: record {index} is a "
                                      f"{type(record).__name__}, expected an object with 'conversations'")
             images = paths[index] if index in paths else \
-                image_paths(record, sample_id, Path(hp.image_folder), hp.allow_images_outside_folder)
+                image_paths(record, sample_id, hp.image_folder, hp.allow_images_outside_folder)
             conversations, dropped = reference_turns(record.get("conversations"))
             validate_conversation(sample_id, conversations, len(images))
             for image in images:
@@ -194,13 +203,15 @@ class SplitBuilder:
         return sample_id, images, conversations
 
 
-def _batches(stream: RecordStream, held: set[int] | None, part: str, wanted: range | None
-             ) -> Iterator[tuple[list[tuple[int, Any]], float]]:
+def _batches(stream: RecordStream | list[tuple[int, Any]], held: set[int] | None, part: str, wanted: range | None,
+             stash: list[tuple[int, Any]] | None = None) -> Iterator[tuple[list[tuple[int, Any]], float]]:
     """The (index, record) pairs of the part's slice, ``_CHUNK`` at a time, each batch with the fraction of the
-    slice (of the file when there is no slice) read so far."""
+    slice (of the file when there is no slice) read so far. ``stash`` collects the held-out records passed by."""
     batch, position = [], -1
     for index, record in stream:
         if held is not None and (index in held) != (part == "held_out"):
+            if stash is not None:
+                stash.append((index, record))
             continue
         position += 1
         if wanted is not None and position not in wanted:
@@ -219,7 +230,7 @@ def _batches(stream: RecordStream, held: set[int] | None, part: str, wanted: ran
 class _Prepared:
     """A batch between its two halves: the checked records (index, sample id, images, turns), rendered."""
 
-    checked: list[tuple[int, str, tuple[Path, ...], list[dict[str, str]]]]
+    checked: list[tuple[int, str, tuple[str, ...], list[dict[str, str]]]]
     rendered: RenderedConversations
     prompts: RenderedConversations | None  # generation splits: each conversation without its last reply
     fraction: float
@@ -262,7 +273,7 @@ class _SplitBuild:
     names: list[str] = field(default_factory=list)  # the record's "id"
     images: list[list[str]] = field(default_factory=list)
     answers: list[str] = field(default_factory=list)
-    images_checked: dict[Path, BadRecordError | None] = field(default_factory=dict)
+    images_checked: dict[str, BadRecordError | None] = field(default_factory=dict)
 
 
 class _Progress:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -217,8 +218,10 @@ def test_val_set_size_split_counts_only_the_records_that_parse(dataset):
         assert sorted(names["train"] + names["val"]) == sorted(r["id"] for r in good)
 
 
-def test_a_split_file_is_read_once_to_count_and_once_per_part(dataset, monkeypatch):
-    """val_set_size splits one file into train and held-out parts: the count pass runs once, not per part."""
+def test_a_split_file_is_read_twice_for_both_parts_and_the_held_out_part_is_the_same(dataset, monkeypatch, tmp_path):
+    """val_set_size splits one file into train and held-out parts: one pass counts, one builds the train part and
+    keeps the held-out records it passes for the held-out build. When the train part comes from the cache, the
+    held-out build reads the file itself, and gets the same samples."""
     from effilora_lightning.data import records
 
     reads: list[str] = []
@@ -226,7 +229,20 @@ def test_a_split_file_is_read_once_to_count_and_once_per_part(dataset, monkeypat
     monkeypatch.setattr(records.RecordStream, "__iter__", lambda self: (reads.append(self.path.name), real(self))[1])
     dm = module(dataset, val_data_path=None, val_set_size=1, use_cache=False)
     assert len(dm.datasets["train"]) == 2 and len(dm.datasets["val"]) == 1
-    assert reads == ["train.json"] * 3  # count, train part, held-out part (the test split is the val split)
+    assert reads == ["train.json"] * 2  # count, train part (the held-out part: kept; the test split is the val split)
+
+    cache = tmp_path / "cache"
+    module(dataset, val_data_path=None, val_set_size=1, cache_dir=str(cache))
+    val_entries = [e for e in cache.iterdir() if e.is_dir() and json.loads((e / "meta.json").read_text())["answers"]]
+    assert len(val_entries) == 1
+    shutil.rmtree(val_entries[0])  # the train part stays cached, the held-out part is built again
+    reads.clear()
+    again = module(dataset, val_data_path=None, val_set_size=1, cache_dir=str(cache))
+    assert reads == ["train.json"] * 2 and again.built_cache == {"train": False, "val": True}  # count, held-out part
+    want, got = dm.datasets["val"], again.datasets["val"]
+    assert len(want) == len(got) == 1 and got.names == want.names and got.answers == want.answers
+    for key in ("input_ids", "labels", "prompt_input_ids"):
+        assert torch.equal(got[0][key], want[0][key]), key
 
 
 def _lengths_and_modalities(n: int = 103) -> tuple[list[int], list[bool]]:
