@@ -23,6 +23,7 @@ On a node of N ranks the ranks split a cold build: ``node_build.py``.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -218,12 +219,14 @@ def _build_into(directory: Path, build: Callable[[EntryBuilder], dict[str, Any]]
 def _move_into_place(tmp: Path, final: Path) -> None:
     """Rename the finished directory ``tmp`` to ``final`` in one step. Where another process got there first (an
     independent job on this host or a node on a shared file system, building the same key: the same bytes),
-    theirs is kept and ``tmp`` dropped; any other failure raises."""
+    theirs is kept and ``tmp`` dropped; any other failure raises. "There first" is the rename's own answer
+    (ENOTEMPTY / EEXIST), not a later look: that copy may be gone already when it was a part that the other job
+    has assembled into its entry and removed meanwhile."""
     try:
         os.rename(tmp, final)  # atomic: the directory appears whole or not at all
-    except OSError:
+    except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not final.is_dir():
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST) and not final.is_dir():
             raise
 
 

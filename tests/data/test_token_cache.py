@@ -3,6 +3,7 @@ together (each its part) into what one process writes."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -377,3 +378,25 @@ def test_two_jobs_building_the_same_entry_at_once_both_get_it(tmp_path):
     assert [job.exitcode for job in jobs] == [0, 0]
     assert [results.get(timeout=5) for _ in jobs] == [([7, 8, 9], {"rows_built": 1, "rows": ["train"]})] * 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["k"]  # no part or temporary directory left behind
+
+
+@pytest.mark.parametrize("code, raises", [(errno.ENOTEMPTY, False), (errno.EEXIST, False), (errno.EACCES, True)])
+def test_a_copy_that_landed_first_counts_even_when_it_is_gone_again(tmp_path, monkeypatch, code, raises):
+    """The race the two-job test hit once: the other job's part was in place when this job renamed (ENOTEMPTY),
+    then that job assembled its entry and removed the part before this job looked. The rename's answer decides:
+    another copy landed first, so this one is dropped and the build goes on; any other failure raises."""
+    from effilora_lightning.data import token_cache
+
+    tmp, final = tmp_path / "k.part0of1.tmp", tmp_path / "k.part0of1"
+    tmp.mkdir()
+
+    def rename(src, dst):
+        raise OSError(code, os.strerror(code), str(src), None, str(dst))
+
+    monkeypatch.setattr(token_cache.os, "rename", rename)
+    if raises:
+        with pytest.raises(OSError):
+            token_cache._move_into_place(tmp, final)
+    else:
+        token_cache._move_into_place(tmp, final)
+    assert not tmp.exists() and not final.exists()
