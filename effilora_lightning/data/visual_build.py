@@ -85,8 +85,7 @@ class SplitBuilder:
             wanted = range(len(held) if part == "held_out" else count - len(held or ()))
             wanted = shard.of(wanted)
             if part == "train" and len(held) <= _STASH_MAX:
-                stash = self._held_records.setdefault(path, [])
-                stash.clear()
+                stash = self._held_records[path] = []
             elif part == "held_out" and len(self._held_records.get(path, ())) == len(held):
                 stream = self._held_records.pop(path)  # every held-out record, in file order
         built = _SplitBuild(split, Counter(total=0), MismatchCounter(split=split), entry.rows("tokens"),
