@@ -120,6 +120,9 @@ class CommonsenseDataModule(LightningDataModule):
             reads packed ``position_ids`` (Hugging Face's LLaMA with SDPA, eager or FlashAttention-2).
         cache_dir: where tokenized splits are cached (``token_cache``); None: ``default_cache_dir()``.
         use_cache: False tokenizes at every setup and writes nothing.
+        build_workers: processes that tokenize a cold training file side by side, per rank (this one and forked
+            copies, ``node_build.build_pieces``); None: this rank's share of the CPUs, for files of at least
+            20,000 records per process. The cache bytes do not depend on it.
 
     Raises:
         ValueError: unknown eval task or invalid argument; ``RecordError`` (a ValueError) for bad data.
@@ -152,6 +155,7 @@ class CommonsenseDataModule(LightningDataModule):
         pack_width: int | None = None,
         cache_dir: str | None = None,
         use_cache: bool = True,
+        build_workers: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -164,6 +168,8 @@ class CommonsenseDataModule(LightningDataModule):
             _check_positive(max_test_samples_per_task=max_test_samples_per_task)
         if max_eval_prompt_len is not None:
             _check_positive(max_eval_prompt_len=max_eval_prompt_len)
+        if build_workers is not None:
+            _check_positive(build_workers=build_workers)
         if pack_width is not None and pack_width < cutoff_len:
             raise ValueError(f"pack_width={pack_width} is shorter than cutoff_len={cutoff_len}: a sequence of "
                              "cutoff_len tokens would fit no packed row. Use pack_width >= cutoff_len, or null.")
@@ -177,6 +183,7 @@ class CommonsenseDataModule(LightningDataModule):
         self.longest_eval_prompt: tuple[int, str, int] | None = None
         """(length in tokens with BOS, task, record index) of the longest generation prompt, after setup."""
         self.built_cache: dict[str, bool] = {}
+        self._usable_count: int | None = None
         """Per part ("train", "test"): whether this process tokenized it (False: read from the cache)."""
         self._train: LossRows | None = None
         self._val: LossRows | None = None
@@ -193,8 +200,9 @@ class CommonsenseDataModule(LightningDataModule):
             self.tokenizer = load_tokenizer(self.hparams.tokenizer_path, self.hparams.pad_token)
         if stage in (None, "fit", "validate") and self._train is None:
             data = file_digest(check_data_file(self.data_path))
+            self._usable_count = None
             rows, meta = load_or_build_for(self, "train", self._build_train_val, _NOT_IN_KEY, self._merge_train_val,
-                                           inputs={"data": data})
+                                           self._count_usable, inputs={"data": data})
             self._train, self._val = LossRows(rows["train"]), LossRows(rows["val"])
             self.num_truncated_train, self.num_fully_masked = meta["truncated"], meta["fully_masked"]
             self._note_skipped(self.data_path, meta["skipped"])
@@ -226,6 +234,14 @@ class CommonsenseDataModule(LightningDataModule):
         tok, hp = self.tokenizer, self.hparams
         return Encoding(tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, hp.cutoff_len, hp.max_eval_prompt_len)
 
+    def _count_usable(self) -> int:
+        """Usable records of the training file: one pass, once per setup (forked build pieces inherit it)."""
+        if self._usable_count is None:
+            self._usable_count = UsableRecords(self.data_path, ("instruction", "output", "answer"),
+                                               self.hparams.on_bad_record).count()
+            release_freed_memory()  # the count pass parsed every record
+        return self._usable_count
+
     def _build_train_val(self, entry: EntryBuilder, shard: Shard) -> dict[str, Any]:
         """Validate the training file, split off the seeded validation records, tokenize ``shard``'s slice of
         each into ``entry``'s rows "train" and "val"; returns the counts (``_merge_train_val`` sums the parts').
@@ -234,8 +250,7 @@ class CommonsenseDataModule(LightningDataModule):
         depends on their number), the second tokenizes the training records a chunk at a time as they are
         read and keeps the ``val_set_size`` held-out ones for last."""
         usable = UsableRecords(self.data_path, ("instruction", "output", "answer"), self.hparams.on_bad_record)
-        count, val_size = usable.count(), self.hparams.val_set_size
-        release_freed_memory()  # the count pass parsed every record
+        count, val_size = self._count_usable(), self.hparams.val_set_size
         if val_size >= count:
             raise ValueError(f"val_set_size={val_size} leaves no training records: {self.data_path} has "
                              f"{count} usable records")

@@ -64,6 +64,9 @@ class BadRecordError(ValueError):
         super().__init__(message)
         self.kind = kind
 
+    def __reduce__(self) -> tuple[type[BadRecordError], tuple[str, str]]:
+        return type(self), (self.kind, str(self))  # (pickled from a build process: the default passes only args)
+
 
 def check_image(sample_id: str, path: str | os.PathLike[str], decode: bool = True) -> None:
     """The file exists and decodes (`decode=False`: its header parses), else a BadRecordError naming both."""

@@ -154,10 +154,11 @@ class EncodeAhead:
     Without a Rust tokenizer (or with ``split_special_tokens`` and no ``offsets``), every batch is encoded in
     the caller's thread, by ``encode_texts``.
 
-    Why a thread and not a process pool (``datasets.map(num_proc=...)``): the encoder already runs on every
+    Why a thread and not a process pool here (``datasets.map(num_proc=...)``): the encoder already runs on every
     core; worker processes would pickle records and ids across pipes and each load the tokenizer, to
     parallelize the one part that is already parallel. The serial part is Python, which the ranks of a node
-    split between them (``node_build``).
+    split between them, and each rank between forked copies of itself (``node_build``: no pickling, each piece
+    writes its own rows), each with its own ``EncodeAhead``.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, offsets: bool = False) -> None:

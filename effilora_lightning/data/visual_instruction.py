@@ -98,6 +98,9 @@ class VisualInstructionDataModule(pl.LightningDataModule):
         system_prompt: replaces the template's system prompt ("" drops the system block; None keeps it).
         cache_dir: where checked and tokenized splits are cached (`token_cache`); None: `default_cache_dir()`.
         use_cache: False checks and tokenizes at every setup and writes nothing.
+        build_workers: processes that check and tokenize a cold split side by side, per rank (this one and
+            forked copies, `node_build.build_pieces`); None: this rank's share of the CPUs, for splits of at
+            least 20,000 records per process. The cache bytes do not depend on it.
     """
 
     def __init__(
@@ -127,6 +130,7 @@ class VisualInstructionDataModule(pl.LightningDataModule):
         image_check: Literal["decode", "header"] = "decode",
         cache_dir: str | None = None,
         use_cache: bool = True,
+        build_workers: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -179,7 +183,7 @@ class VisualInstructionDataModule(pl.LightningDataModule):
         key_inputs = {"data": file_digest(check_data_file(path)), "part": part, "generation": generation}
         rows, meta = load_or_build_for(self, split, functools.partial(builder.build, split, path, part, generation),
                                        _NOT_IN_KEY, functools.partial(builder.merge, split, path, generation),
-                                       inputs=key_inputs, image_folder=os.path.abspath(hp.image_folder),
+                                       functools.partial(builder.records_in, path, part), inputs=key_inputs, image_folder=os.path.abspath(hp.image_folder),
                                        template=asdict(self.template))
         self.datasets[split] = VisualInstructionDataset(
             rows["tokens"], meta["sample_ids"], meta["names"], meta["images"], hp.image_size, hp.image_mean, hp.image_std,
@@ -246,6 +250,8 @@ def _check_args(hp: Any) -> None:
         problems.append(f"max_mismatch_ratio must be in [0, 1], got {hp.max_mismatch_ratio}")
     if hp.val_data_path and hp.val_set_size:
         problems.append("give val_data_path or val_set_size, not both")
+    if hp.build_workers is not None and hp.build_workers < 1:
+        problems.append(f"build_workers must be >= 1 or null (one per CPU share), got {hp.build_workers}")
     if min(hp.image_size, hp.max_length, hp.batch_size, hp.eval_batch_size) < 1 or hp.val_set_size < 0:
         problems.append("image_size, max_length, batch_size and eval_batch_size must be >= 1, val_set_size >= 0")
     if len(hp.image_mean) != 3 or len(hp.image_std) != 3 or min(hp.image_std) <= 0:
