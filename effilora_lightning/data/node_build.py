@@ -25,9 +25,9 @@ then, each piece starts its own, and Python's logging locks are renewed in a for
 from __future__ import annotations
 
 import json
-import math
 import multiprocessing
 import os
+import pickle
 import shutil
 import socket
 import tempfile
@@ -210,10 +210,9 @@ class _ForkedPiece:
         try:
             error = self._errors.recv()
         except EOFError:
-            error = None
             self.process.join()
             raise RuntimeError(f"token cache: the process building {self.directory.name} of {self.directory.parent} "
-                               f"(records {self.piece.index + 1}/{self.piece.count} of the split) died with exit "
+                               f"(slice {self.piece.index + 1} of {self.piece.count} of the records) died with exit "
                                f"code {self.process.exitcode} before it finished (killed for memory? set "
                                "build_workers=1 to build in one process)") from None
         finally:
@@ -244,8 +243,6 @@ def _build_piece(errors: Any, directory: Path, build: Callable[[EntryBuilder, Sh
 def _sendable(error: BaseException) -> BaseException:
     """``error`` itself where it survives pickling (the parent raises the very type and message), else a
     RuntimeError carrying its type, message and traceback."""
-    import pickle
-
     try:
         pickle.loads(pickle.dumps(error))
         return error
@@ -270,7 +267,7 @@ def build_pieces(shard: Shard, workers: int | None, records: Callable[[], int] |
         workers = max(1, min(MAX_AUTO_WORKERS, len(os.sched_getaffinity(0)) // (cpu_sharers or shard.count)))
         if workers > 1:
             per_rank = records() / shard.count if records is not None else 0
-            workers = max(1, min(workers, math.floor(per_rank / MIN_RECORDS_PER_PIECE)))
+            workers = max(1, min(workers, int(per_rank // MIN_RECORDS_PER_PIECE)))
     elif workers > 1 and records is not None:
         records()
     return shard.split(workers) if workers > 1 else [shard]
