@@ -218,6 +218,8 @@ def test_data_setup_smoke_has_every_figure(tmp_path: Path) -> None:
                 assert isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, (name, phase, key)
             assert _finite_positive(s[f"{phase}_setup_s"]) and _finite_positive(s[f"{phase}_peak_rss_mib"]), name
         assert s["peak_rss_mib"] >= s["cold_rss_after_import_mib"] > 0 and s["peak_rss_anon_sampled_mib"] > 0, name
+        # 300 records never fork a build piece: the tree's Pss is the rank's own, below its RSS peak
+        assert 0 < s["peak_pss_with_pieces_mib"] <= s["peak_rss_mib"], name
         assert s["targets"]["target_records"] == data_setup.TARGETS[name]["records"]
         for key in ("cold_setup_s", "warm_setup_s", "peak_rss_gib"):
             check = s["targets"][key]
@@ -243,6 +245,36 @@ def test_data_setup_two_ranks_split_the_cold_build(tmp_path: Path) -> None:
         assert r["setup_cpu_s"] == pytest.approx(sum(p["setup_cpu_s"] for p in r["per_rank"]))
         assert r["setup_s"] == max(p["setup_s"] for p in r["per_rank"])
         assert all(p["setup_cpu_s"] > 0 for p in r["per_rank"])
+
+
+def test_tree_pss_counts_a_forked_childs_private_memory_once() -> None:
+    """The rank + pieces memory figure: a forked child that writes 256 MiB of its own adds ~256 MiB to the tree's
+    Pss, and the pages it merely shares with the parent after the fork add nothing (Pss splits them)."""
+    import multiprocessing
+
+    data_setup = _load("data_setup")
+    shared = bytearray(128 << 20)  # 128 MiB the child inherits and only reads
+    shared[::4096] = b"x" * len(shared[::4096])
+    ctx = multiprocessing.get_context("fork")
+    ready, done = ctx.Event(), ctx.Event()
+
+    def hold() -> None:
+        assert shared[4096] == ord("x")
+        own = bytearray(256 << 20)
+        own[::4096] = b"y" * len(own[::4096])  # touched: resident, private to the child
+        ready.set()
+        done.wait(30)
+
+    before = data_setup._tree_pss_mib()
+    child = ctx.Process(target=hold)
+    child.start()
+    try:
+        assert ready.wait(30)
+        during = data_setup._tree_pss_mib()
+    finally:
+        done.set()
+        child.join(30)
+    assert 230 < during - before < 300, (before, during)
 
 
 def test_grouping_accuracy_smoke_pairs_the_two_orders(tmp_path: Path) -> None:
