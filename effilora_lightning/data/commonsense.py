@@ -79,6 +79,9 @@ from effilora_lightning.data.tokenizer import EncodeAhead, encode_texts, load_to
 __all__ = ["SAMPLE_ID_STRIDE", "CommonsenseDataModule", "RecordError", "is_generation_batch", "read_records"]
 
 _CHUNK = 2048  # records tokenized per tokenizer call in setup (8192: 180 MB more peak RSS on the 170k file)
+MIN_RECORDS_PER_PIECE = 200_000
+"""``build_workers=None`` forks a commonsense build piece only for this many records per piece: every piece parses
+the whole file, and on 2 CPUs 170k records built in 15-17 s in one process, 15-21 s in two (BENCHMARKS.md)."""
 _NOT_IN_KEY = ("batch_size", "eval_batch_size", "num_workers", "group_by_length", "length_group_batches",
                "pack_sequences", "pack_width", "data_path", "dataset_dir")  # settings that change no token (the files are keyed by their digests)
 
@@ -122,7 +125,9 @@ class CommonsenseDataModule(LightningDataModule):
         use_cache: False tokenizes at every setup and writes nothing.
         build_workers: processes that tokenize a cold training file side by side, per rank (this one and forked
             copies, ``node_build.build_pieces``); None: this rank's share of the CPUs, for files of at least
-            20,000 records per process. The cache bytes do not depend on it.
+            ``MIN_RECORDS_PER_PIECE`` (200,000) records per process: each piece reads the whole file and a
+            record tokenizes so fast that at 170k records 2 pieces were no faster on 2 CPUs and took 420 MiB more
+            (BENCHMARKS.md). The cache bytes do not depend on it.
 
     Raises:
         ValueError: unknown eval task or invalid argument; ``RecordError`` (a ValueError) for bad data.
@@ -202,7 +207,7 @@ class CommonsenseDataModule(LightningDataModule):
             data = file_digest(check_data_file(self.data_path))
             self._usable_count = None
             rows, meta = load_or_build_for(self, "train", self._build_train_val, _NOT_IN_KEY, self._merge_train_val,
-                                           self._count_usable, inputs={"data": data})
+                                           self._count_usable, MIN_RECORDS_PER_PIECE, inputs={"data": data})
             self._train, self._val = LossRows(rows["train"]), LossRows(rows["val"])
             self.num_truncated_train, self.num_fully_masked = meta["truncated"], meta["fully_masked"]
             self._note_skipped(self.data_path, meta["skipped"])

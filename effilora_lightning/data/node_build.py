@@ -252,12 +252,12 @@ def _sendable(error: BaseException) -> BaseException:
 
 
 def build_pieces(shard: Shard, workers: int | None, records: Callable[[], int] | None = None,
-                 cpu_sharers: int | None = None) -> list[Shard]:
+                 cpu_sharers: int | None = None, min_per_piece: int = MIN_RECORDS_PER_PIECE) -> list[Shard]:
     """How this rank builds its ``shard`` of a cold part: the pieces that processes build side by side.
 
     ``workers``: how many (1: this process alone); ``None`` picks: the CPUs this process may run on, divided by
     the ranks that share them (``cpu_sharers``, default the node's ranks, ``shard.count``), at most
-    ``MAX_AUTO_WORKERS``, and at most one piece per ``MIN_RECORDS_PER_PIECE`` of this shard's records
+    ``MAX_AUTO_WORKERS``, and at most one piece per ``min_per_piece`` of this shard's records
     (``records()``: the whole part's; without it: 1). ``records`` is called before any fork, so that what it
     reads (a count of the file) is the forked processes' too.
     """
@@ -267,7 +267,7 @@ def build_pieces(shard: Shard, workers: int | None, records: Callable[[], int] |
         workers = max(1, min(MAX_AUTO_WORKERS, len(os.sched_getaffinity(0)) // (cpu_sharers or shard.count)))
         if workers > 1:
             per_rank = records() / shard.count if records is not None else 0
-            workers = max(1, min(workers, int(per_rank // MIN_RECORDS_PER_PIECE)))
+            workers = max(1, min(workers, int(per_rank // min_per_piece)))
     elif workers > 1 and records is not None:
         records()
     return shard.split(workers) if workers > 1 else [shard]
@@ -293,13 +293,14 @@ def load_or_build_sharded(
     workers: int | None = 1,
     records: Callable[[], int] | None = None,
     cpu_sharers: int | None = None,
+    min_per_piece: int = MIN_RECORDS_PER_PIECE,
 ) -> tuple[dict[str, TokenRows], dict[str, Any], bool]:
     """The entry ``key``, built when missing by the ranks of a node together (see the module docstring).
 
     ``build(entry, shard)`` writes the rows of ``shard``'s slice of the records and returns their meta;
     ``merge(metas)`` turns the parts' metas, in order, into the entry's (and raises for what is wrong with the
     whole split). ``shard`` is this rank's part on its node, ``agree`` the collective over every rank (each
-    rank calls it the same number of times); ``workers``, ``records`` and ``cpu_sharers``: how many processes
+    rank calls it the same number of times); ``workers``, ``records``, ``cpu_sharers``, ``min_per_piece``: how many processes
     build this rank's part side by side (``build_pieces``). ``cache_dir=None`` builds everything into a private temporary
     directory, removed at once (the memory maps keep the rows). Returns the rows, the meta and whether this
     process tokenized (its part of) them.
@@ -307,14 +308,14 @@ def load_or_build_sharded(
     if cache_dir is None:
         with tempfile.TemporaryDirectory(prefix="effilora-tokens-") as private:
             return load_or_build_sharded(private, key, build, merge, workers=workers, records=records,
-                                         cpu_sharers=shard.count)  # every rank builds it all, on its CPU share
+                                         cpu_sharers=shard.count, min_per_piece=min_per_piece)  # every rank builds it all, on its CPU share
     final = Path(cache_dir) / key
     built = False
     if agree(not final.is_dir(), False):  # some rank lacks it: every rank builds its part
         error = None
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
-            _build_part(final, build, shard, build_pieces(shard, workers, records, cpu_sharers))
+            _build_part(final, build, shard, build_pieces(shard, workers, records, cpu_sharers, min_per_piece))
         except Exception as err:  # noqa: BLE001 - raised on every rank below
             error = err
         _agreed(agree, error, f"tokenizing its part of {final}")
@@ -357,6 +358,7 @@ def load_or_build_on_node(
     merge: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None,
     workers: int | None = 1,
     records: Callable[[], int] | None = None,
+    min_per_piece: int = MIN_RECORDS_PER_PIECE,
 ) -> tuple[dict[str, TokenRows], dict[str, Any], bool]:
     """The entry for a DataModule's setup. With ``merge``: ``load_or_build_sharded``, the node's ranks each
     tokenizing their part (in ``build_pieces(workers, records)`` side by side). Without: local rank 0 of each
@@ -365,7 +367,7 @@ def load_or_build_on_node(
     shard, agree = _node_of(trainer)
     if merge is not None:
         return load_or_build_sharded(cache_dir, key, build, merge, shard=shard, agree=agree, workers=workers,
-                                     records=records)
+                                     records=records, min_per_piece=min_per_piece)
     if agree is _alone:
         return load_or_build(cache_dir, key, build)
     error, result = None, None
@@ -379,7 +381,8 @@ def load_or_build_on_node(
 
 def load_or_build_for(datamodule: Any, part: str, build: Callable[..., dict[str, Any]], not_in_key: Iterable[str],
                       merge: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None,
-                      records: Callable[[], int] | None = None, **key_parts: Any
+                      records: Callable[[], int] | None = None, min_per_piece: int = MIN_RECORDS_PER_PIECE,
+                      **key_parts: Any
                       ) -> tuple[dict[str, TokenRows], dict[str, Any]]:
     """One part of a DataModule through the cache, the one way both DataModules key and load their entries.
 
@@ -389,14 +392,14 @@ def load_or_build_for(datamodule: Any, part: str, build: Callable[..., dict[str,
     ``cache_dir``, ``use_cache``), a loaded ``tokenizer`` and a ``built_cache`` dict, where whether this process
     built the part is recorded. With ``merge`` the ranks of a node split the build (``load_or_build_sharded``:
     ``build(entry, shard)``), each in ``hparams.build_workers`` processes side by side (``build_pieces``, which
-    ``records`` informs); without, ``build(entry)`` runs on local rank 0 alone."""
+    ``records`` and ``min_per_piece`` inform); without, ``build(entry)`` runs on local rank 0 alone."""
     hp = datamodule.hparams
     ignored = {*not_in_key, "cache_dir", "use_cache", "tokenizer_path", "build_workers"}  # (same bytes however built)
     key = cache_key(owner=f"{type(datamodule).__name__}.{part}", settings={k: v for k, v in hp.items() if k not in ignored},
                     tokenizer=tokenizer_digest(hp.tokenizer_path), pad=datamodule.tokenizer.pad_token, **key_parts)
     cache_dir = (hp.cache_dir or default_cache_dir()) if hp.use_cache else None
     rows, meta, built = load_or_build_on_node(getattr(datamodule, "trainer", None), cache_dir, key, build, part,
-                                              merge, hp.get("build_workers", 1), records)
+                                              merge, hp.get("build_workers", 1), records, min_per_piece)
     datamodule.built_cache[part] = built
     if built:
         release_freed_memory()  # the build's garbage: ~0.5 GB a rank would otherwise train with

@@ -218,6 +218,30 @@ def test_commonsense_built_by_two_processes_is_what_one_process_writes(tmp_path,
     assert alone.num_truncated_train and alone.num_skipped
 
 
+def test_the_records_per_piece_threshold_is_the_callers(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert build_pieces(Shard(), None, lambda: 399_999, min_per_piece=200_000) == [Shard()]
+    assert build_pieces(Shard(), None, lambda: 400_000, min_per_piece=200_000) == Shard().split(2)
+
+
+def test_commonsense_auto_build_workers_uses_its_own_threshold(tmp_path, monkeypatch):
+    """build_workers=None: the commonsense threshold (200k records a piece, not the node default) decides; with it
+    lowered to 4 records the same tiny file is built by 8 CPUs' worth of processes, and writes the same bytes."""
+    from effilora_lightning.data import commonsense
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert commonsense.MIN_RECORDS_PER_PIECE > node_build.MIN_RECORDS_PER_PIECE
+    settings = {"eval_tasks": ["boolq"], "on_bad_record": "skip", "cutoff_len": 40, "val_set_size": 6}
+    _pids_of_builds(monkeypatch, CommonsenseDataModule, "_build_train_val", tmp_path / "pids")
+    CommonsenseDataModule(**_split_files(tmp_path), **settings, cache_dir=str(tmp_path / "c1")).setup("fit")
+    assert len(set((tmp_path / "pids").read_text().split())) == 1
+    monkeypatch.setattr(commonsense, "MIN_RECORDS_PER_PIECE", 4)
+    (tmp_path / "pids").unlink()
+    CommonsenseDataModule(**_split_files(tmp_path), **settings, cache_dir=str(tmp_path / "c2")).setup("fit")
+    assert len(set((tmp_path / "pids").read_text().split())) > 2
+    assert _entries(tmp_path / "c2") == _entries(tmp_path / "c1")
+
+
 @pytest.mark.parametrize("cls", ["commonsense", "llava"])
 def test_build_workers_below_one_is_refused_at_construction(tmp_path, cls):
     with pytest.raises(ValueError, match="build_workers must be >= 1"):
