@@ -37,7 +37,10 @@ so every child reported this (large) parent's figure; it is kept as ``ru_maxrss_
 ``wait4`` view too. Both count the shared pages of the libraries too: importing torch + lightning alone is ~950 MiB of
 VmRSS with the PyPI torch build, most of it file-backed and shared between ranks; so the RSS after the imports is
 reported, and the peak of RssAnon (private anonymous memory, what each extra rank really adds), sampled every
-50 ms by a thread of the child. CPU time (user + system) of setup is reported beside its wall time: a ratio above 1 means the setup
+50 ms by a thread of the child. With build pieces (``build_workers``) each forked piece shares the rank's pages
+after the fork, so their RSS figures overlap; ``peak_pss_with_pieces_mib`` is the peak of the Pss (proportional
+set size: shared pages split between the processes that map them) summed over the rank and its forked pieces,
+sampled every 0.2 s: the memory they really occupy together. CPU time (user + system) of setup is reported beside its wall time: a ratio above 1 means the setup
 ran on several cores (the tokenizers' batch encode does). Per repeat: the cache directory ``<workdir>/cache/<name>``
 is emptied, one cold run, one warm run. The DataModules are given ``cache_dir=<that directory>`` when their
 constructor accepts a ``cache_dir`` argument (checked with ``inspect.signature``); otherwise both runs measure
