@@ -40,9 +40,9 @@ reported, and the peak of RssAnon (private anonymous memory, what each extra ran
 50 ms by a thread of the child. With build pieces (``build_workers``) each forked piece shares the rank's pages
 after the fork, so their RSS figures overlap; ``peak_pss_with_pieces_mib`` is the peak of the Pss (proportional
 set size: shared pages split between the processes that map them) summed over the rank and its forked pieces,
-sampled every 0.2 s: the memory they really occupy together. CPU time (user + system) of setup is reported beside its wall time: a ratio above 1 means the setup
-ran on several cores (the tokenizers' batch encode does). Per repeat: the cache directory ``<workdir>/cache/<name>``
-is emptied, one cold run, one warm run. The DataModules are given ``cache_dir=<that directory>`` when their
+sampled every 0.2 s: the memory they really occupy together. CPU time (user + system) of setup is reported
+beside its wall time: a ratio above 1 means the setup ran on several cores (the tokenizers' batch encode does).
+Per repeat: the cache directory ``<workdir>/cache/<name>`` is emptied, one cold run, one warm run. The DataModules are given ``cache_dir=<that directory>`` when their
 constructor accepts a ``cache_dir`` argument (checked with ``inspect.signature``); otherwise both runs measure
 the uncached setup and the JSON says ``cache_dir_passed: false``. "Cold" means an empty token cache, not a cold
 OS page cache: the files were just written (or read by the previous run) and are in memory.
@@ -491,14 +491,16 @@ def _pss_mib(pid: int | str) -> float:
 
 
 def _tree_pss_mib() -> float:
-    """Pss of this process plus its direct children (the forked build pieces): their sum is the memory the rank
-    and its pieces really occupy together; RSS would count every page shared after the fork once per process."""
-    pid = os.getpid()
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        children = []
-    return _pss_mib(pid) + sum(_pss_mib(c) for c in children)
+    """Pss of this process plus its direct children (the forked build pieces, whichever thread forked them):
+    their sum is the memory the rank and its pieces really occupy together; RSS would count every page shared
+    after the fork once per process."""
+    children = set()
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            children.update((task / "children").read_text().split())
+        except OSError:  # a thread that ended meanwhile
+            pass
+    return _pss_mib("self") + sum(_pss_mib(c) for c in children)
 
 
 class AnonSampler(threading.Thread):

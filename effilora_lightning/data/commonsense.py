@@ -207,7 +207,8 @@ class CommonsenseDataModule(LightningDataModule):
             data = file_digest(check_data_file(self.data_path))
             self._usable_count = None
             rows, meta = load_or_build_for(self, "train", self._build_train_val, _NOT_IN_KEY, self._merge_train_val,
-                                           self._count_usable, MIN_RECORDS_PER_PIECE, inputs={"data": data})
+                                           self._count_usable, min_per_piece=MIN_RECORDS_PER_PIECE,
+                                           inputs={"data": data})
             self._train, self._val = LossRows(rows["train"]), LossRows(rows["val"])
             self.num_truncated_train, self.num_fully_masked = meta["truncated"], meta["fully_masked"]
             self._note_skipped(self.data_path, meta["skipped"])

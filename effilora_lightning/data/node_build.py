@@ -300,15 +300,16 @@ def load_or_build_sharded(
     ``build(entry, shard)`` writes the rows of ``shard``'s slice of the records and returns their meta;
     ``merge(metas)`` turns the parts' metas, in order, into the entry's (and raises for what is wrong with the
     whole split). ``shard`` is this rank's part on its node, ``agree`` the collective over every rank (each
-    rank calls it the same number of times); ``workers``, ``records``, ``cpu_sharers``, ``min_per_piece``: how many processes
-    build this rank's part side by side (``build_pieces``). ``cache_dir=None`` builds everything into a private temporary
+    rank calls it the same number of times); ``workers``, ``records``, ``cpu_sharers``, ``min_per_piece``: how
+    many processes build this rank's part side by side (``build_pieces``). ``cache_dir=None`` builds everything into a private temporary
     directory, removed at once (the memory maps keep the rows). Returns the rows, the meta and whether this
     process tokenized (its part of) them.
     """
     if cache_dir is None:
         with tempfile.TemporaryDirectory(prefix="effilora-tokens-") as private:
             return load_or_build_sharded(private, key, build, merge, workers=workers, records=records,
-                                         cpu_sharers=shard.count, min_per_piece=min_per_piece)  # every rank builds it all, on its CPU share
+                                         # every rank builds it all, on its CPU share
+                                         cpu_sharers=shard.count, min_per_piece=min_per_piece)
     final = Path(cache_dir) / key
     built = False
     if agree(not final.is_dir(), False):  # some rank lacks it: every rank builds its part
