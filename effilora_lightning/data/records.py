@@ -8,10 +8,11 @@ Every error names the file and, where there is one, the line or record, and says
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["RecordError", "check_data_file", "read_records"]
+__all__ = ["RecordError", "RecordStream", "check_data_file", "read_records", "records_at"]
 
 
 class RecordError(ValueError):
@@ -63,6 +64,9 @@ class RecordStream:
                  chunk_chars: int = 1 << 24) -> None:
         self.path, self.on_bad_record, self.chunk_chars = check_data_file(path), on_bad_record, chunk_chars
         self.skipped = 0
+        self.start = 0
+        """Where the record just yielded starts: its first character's offset in the file's text (``records_at``
+        reads it there again)."""
         self._size, self._consumed = max(1, self.path.stat().st_size), 0
 
     @property
@@ -83,21 +87,23 @@ class RecordStream:
             raise
 
     def _json_lines(self, f, head: str):
-        rest = head + f.readline()  # complete the last line of the first chunk
-        lines = (line for chunk in (rest.splitlines(), (line.rstrip("\n") for line in f)) for line in chunk)
+        lines = _lines(head + f.readline(), f)  # (the first chunk completed to its last line's end)
         index = 0
         for line_no, line in enumerate(lines, start=1):
+            start, self._consumed = self._consumed, self._consumed + len(line)
             if not line.strip():
                 continue
             try:
-                yield index, json.loads(line)
+                record = json.loads(line)
             except json.JSONDecodeError as err:
                 if self.on_bad_record == "error":
                     raise RecordError(f"{self.path}: record {index} (line {line_no}) is not valid JSON ({err.msg}); "
                                       "fix it or pass on_bad_record='skip'") from err
                 self.skipped += 1
+            else:
+                self.start = start + len(line) - len(line.lstrip(_JSON_SPACE))
+                yield index, record
             index += 1
-            self._consumed += len(line) + 1
 
     def _json_list(self, f, buf: str):
         decoder, index, lines_before, column_before, consumed_before = json.JSONDecoder(), 0, 0, 0, 0
@@ -110,27 +116,30 @@ class RecordStream:
                     return
                 try:
                     record, end = decoder.raw_decode(buf, pos)
-                    break
+                    if end < len(buf) or eof:  # (a number at the buffer's end may go on in the next chunk)
+                        break
                 except json.JSONDecodeError as err:
                     if eof:
                         line, column = lines_before + err.lineno, err.colno + (column_before if err.lineno == 1 else 0)
                         raise RecordError(f"{self.path}: not valid JSON (line {line}, column {column}: "
                                           f"{err.msg})") from err
-                    newline = buf.rfind("\n", 0, pos)  # the buffer will start at pos: where is that in its line?
-                    column_before = pos - newline - 1 if newline >= 0 else column_before + pos
-                    lines_before += buf.count("\n", 0, pos)
-                    consumed_before += pos
-                    more = f.read(self.chunk_chars)
-                    eof = not more
-                    buf, pos = buf[pos:] + more, 0
-            self._consumed = consumed_before + end
+                # the value is cut by the buffer's end (or may go on past it): read on
+                newline = buf.rfind("\n", 0, pos)  # the buffer will start at pos: where is that in its line?
+                column_before = pos - newline - 1 if newline >= 0 else column_before + pos
+                lines_before += buf.count("\n", 0, pos)
+                consumed_before += pos
+                more = f.read(self.chunk_chars)
+                eof = not more
+                buf, pos = buf[pos:] + more, 0
+            self.start, self._consumed = consumed_before + pos, consumed_before + end
             yield index, record
             index += 1
             pos = _skip_space(buf, end)
-            while pos >= len(buf) and not eof:
+            while pos >= len(buf) and not eof:  # (the spaces after a record may go on in the next chunk)
                 more = f.read(self.chunk_chars)
                 eof = not more
                 buf += more
+                pos = _skip_space(buf, pos)
             if pos < len(buf) and buf[pos] == ",":
                 pos += 1
             elif not (pos < len(buf) and buf[pos] == "]"):
@@ -139,7 +148,55 @@ class RecordStream:
                                   f"{index - 1})")
 
 
+def records_at(path: str | Path, located: Iterable[tuple[int, int]], chunk_chars: int = 1 << 24
+               ) -> Iterator[tuple[int, Any]]:
+    """The (record index, record) pairs at ``located``: (index, ``RecordStream.start``) pairs from an earlier
+    pass over the file, in file order. What lies between them is decoded from UTF-8 but not parsed (decoding is
+    ~20x faster than parsing), so a slice of a file, or records scattered over it, cost what they hold, not
+    what precedes them. Raises naming the record when the file changed since that pass."""
+    path, decoder = check_data_file(path), json.JSONDecoder()
+    with open(path, encoding="utf-8-sig") as f:  # the very text RecordStream read: the offsets are into it
+        buf, buf_start, eof = "", 0, False
+        for index, offset in located:
+            if offset < buf_start:
+                raise ValueError(f"records_at: record {index} at {offset} comes before the one read last; "
+                                 "give the records in file order")
+            while not eof and offset >= buf_start + len(buf):  # skip the text before the record
+                buf_start, buf = buf_start + len(buf), f.read(chunk_chars)
+                eof = not buf
+            pos = offset - buf_start
+            while True:
+                try:
+                    record, end = decoder.raw_decode(buf, pos)
+                    if end < len(buf) or eof:  # (at the buffer's end a number may go on in the next chunk)
+                        break
+                except json.JSONDecodeError:
+                    if eof:
+                        raise RecordError(f"{path}: record {index} is no longer where the first pass over the "
+                                          "file found it: the file changed while setup read it; run setup "
+                                          "again") from None
+                more = f.read(chunk_chars)
+                eof = not more
+                buf, buf_start, pos = buf[pos:] + more, buf_start + pos, 0
+            yield index, record
+
+
+_JSON_SPACE = " \t\r\n"  # what JSON allows around a value
+
+
+def _lines(head: str, f: Any) -> Iterator[str]:
+    """The lines of ``head`` and then of ``f``, each with its newline: split at "\\n" only, as reading the file
+    does (``str.splitlines`` would also split at U+2028 and other characters a JSON string may hold raw)."""
+    start = 0
+    while (end := head.find("\n", start)) >= 0:
+        yield head[start:end + 1]
+        start = end + 1
+    if start < len(head):
+        yield head[start:]
+    yield from f
+
+
 def _skip_space(text: str, pos: int) -> int:
-    while pos < len(text) and text[pos] in " \t\r\n":
+    while pos < len(text) and text[pos] in _JSON_SPACE:
         pos += 1
     return pos

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 
 from effilora_lightning.data.batch import IGNORE_INDEX
@@ -29,7 +30,7 @@ from effilora_lightning.data.conversation_checks import MismatchCounter, referen
 from effilora_lightning.data.fast_bpe import fast_bpe
 from effilora_lightning.data.images import BadRecordError, check_images, image_paths, raise_for
 from effilora_lightning.data.node_build import Shard
-from effilora_lightning.data.records import RecordError, RecordStream
+from effilora_lightning.data.records import RecordError, RecordStream, records_at
 from effilora_lightning.data.split import seeded_split
 from effilora_lightning.data.token_cache import EntryBuilder, TokenRowsWriter
 from effilora_lightning.data.tokenizer import EncodeAhead
@@ -37,8 +38,28 @@ from effilora_lightning.data.tokenizer import EncodeAhead
 __all__ = ["SplitBuilder"]
 
 _CHUNK = 1024  # records tokenized per tokenizer call in setup
-_STASH_MAX = 20_000  # held-out records a train build keeps for the held-out build (a few MB for LLaVA's)
 _WHOLE = Shard()  # a build that is not split
+
+
+@dataclass(frozen=True)
+class _FileCount:
+    """What the count's pass over a file found: for each record that parses, in file order, its index in the
+    file and where its text starts (``RecordStream.start``); the seeded validation split's record indices; the
+    JSON lines skipped. 16 bytes a record: 11 MB for llava_v1_5_mix665k."""
+
+    indices: np.ndarray  # (records,) int64
+    starts: np.ndarray  # (records,) int64
+    held: set[int]
+    skipped: int
+
+    def located(self, part: str, shard: Shard) -> list[tuple[int, int]]:
+        """(index, start) of ``shard``'s contiguous slice of part ``part``'s records, in file order."""
+        ordinals = np.arange(len(self.indices))
+        if part != "all":
+            is_held = np.isin(self.indices, np.fromiter(self.held, np.int64, len(self.held)))
+            ordinals = np.flatnonzero(is_held if part == "held_out" else ~is_held)
+        mine = shard.of(ordinals)
+        return list(zip(self.indices[mine].tolist(), self.starts[mine].tolist()))
 
 
 class SplitBuilder:
@@ -48,26 +69,19 @@ class SplitBuilder:
 
     def __init__(self, hparams: Any, template: ConversationTemplate, tokenizer: Any) -> None:
         self.hparams, self.template, self.tokenizer = hparams, template, tokenizer
-        self._counts: dict[str, tuple[int, set[int], int]] = {}
-        self._held_records: dict[str, list[tuple[int, Any]]] = {}
-        """Per file: the held-out records a train build streamed past, so that the held-out build that follows in
-        the same setup reads them from here, not by a third pass over the file (after the count's and train's)."""
+        self._counts: dict[str, _FileCount] = {}
 
     def records_in(self, path: str, part: str) -> int:
         """How many records part ``part`` ("all", "train", "held_out") of ``path`` has (the count's pass). Called
         before a build forks its pieces (``node_build.build_pieces``): the count and the tokenizer's tiktoken
         path (~4 s to make for LLaMA-3's) made here are every piece's without being made again."""
         fast_bpe(self.tokenizer)
-        count, held, _ = self._count(path)
-        return len(held) if part == "held_out" else count - len(held) if part == "train" else count
+        count = self._count(path)
+        held = len(count.held)
+        return held if part == "held_out" else len(count.indices) - held if part == "train" else len(count.indices)
 
-    def held_out(self, path: str) -> set[int]:
-        """Record indices of the seeded validation split of ``path`` (one pass to count the records)."""
-        return self._count(path)[1]
-
-    def _count(self, path: str) -> tuple[int, set[int], int]:
-        """(records, held-out record indices, JSON lines skipped) of ``path``: one pass over the file, the first
-        time this builder is asked.
+    def _count(self, path: str) -> _FileCount:
+        """The count's pass over ``path`` (``_FileCount``), the first time this builder is asked.
 
         The split is drawn over the positions of the records that parse (as the commonsense module draws it
         over its list) and mapped back to their indices in the file, which count the skipped lines too: a
@@ -75,37 +89,39 @@ class SplitBuilder:
         lines were skipped."""
         if path not in self._counts:
             stream = RecordStream(path, self.hparams.on_bad_record)
-            indices = array("q", (index for index, _ in stream))  # 8 bytes a record: 5 MB for 665k
+            indices, starts = array("q"), array("q")
+            for index, _ in stream:
+                indices.append(index)
+                starts.append(stream.start)
             positions = seeded_split(len(indices), self.hparams.val_set_size, self.hparams.seed).held_out
-            self._counts[path] = (len(indices), {indices[p] for p in positions}, stream.skipped)
+            self._counts[path] = _FileCount(np.frombuffer(indices, np.int64), np.frombuffer(starts, np.int64),
+                                            {indices[p] for p in positions}, stream.skipped)
         return self._counts[path]
 
     def build(self, split: str, path: str, part: str, generation: bool, entry: EntryBuilder,
               shard: Shard = _WHOLE) -> dict[str, Any]:
         """Check and tokenize ``shard``'s contiguous slice of the split's records batch by batch into ``entry``;
         returns its meta (errors or counts, see the module docstring), which ``merge`` joins with the other
-        parts'."""
-        stream, held, wanted, json_skipped = RecordStream(path, self.hparams.on_bad_record), None, None, None
-        stash = None
-        if part != "all" or shard.count > 1:  # the slice needs the count: one pass first
-            count, held, json_skipped = self._count(path)
-            if part == "all":
-                held = None
-            wanted = range(len(held) if part == "held_out" else count - len(held or ()))
-            wanted = shard.of(wanted)
-            if part == "train" and len(held) <= _STASH_MAX:
-                stash = self._held_records[path] = []
-            elif part == "held_out" and len(self._held_records.get(path, ())) == len(held):
-                stream = self._held_records.pop(path)  # every held-out record, in file order
+        parts'.
+
+        A whole file is parsed as it is read. A part of a split file, or a slice of one, needs the count's pass
+        first, which says where each record starts: the build then parses only its own records
+        (``records.records_at``), so a rank's slice, a build piece or the held-out records scattered over the
+        file cost what they hold, not a parse of every record before them."""
+        if part == "all" and shard.count == 1:
+            stream, total = RecordStream(path, self.hparams.on_bad_record), None
+        else:
+            count = self._count(path)
+            located = count.located(part, shard)
+            stream, total = records_at(path, located), len(located)
         built = _SplitBuild(split, Counter(total=0), MismatchCounter(split=split), entry.rows("tokens"),
                             entry.rows("prompts") if generation else None)
         progress = _Progress(split, path)
-        batches = _batches(stream, held, part, wanted, stash)
-        prepared = (self._prepare_batch(batch, path, built) for batch in batches)
+        prepared = (self._prepare_batch(batch, path, built) for batch in _batches(stream, total))
         for ready, encoded in EncodeAhead(self.tokenizer, offsets=True).map(prepared, _Prepared.texts):
             self._finish_batch(ready, encoded, built)
             progress.update(built.stats["total"], ready.fraction)
-        return self._finish(built, stream.skipped if json_skipped is None else json_skipped)
+        return self._finish(built, stream.skipped if total is None else count.skipped)
 
     def merge(self, split: str, path: str, generation: bool, parts: list[dict[str, Any]]) -> dict[str, Any]:
         """The split's meta from its parts' (in order), after the checks that need the whole split: counts
@@ -211,24 +227,15 @@ class SplitBuilder:
         return sample_id, images, conversations
 
 
-def _batches(stream: RecordStream | list[tuple[int, Any]], held: set[int] | None, part: str, wanted: range | None,
-             stash: list[tuple[int, Any]] | None = None) -> Iterator[tuple[list[tuple[int, Any]], float]]:
-    """The (index, record) pairs of the part's slice, ``_CHUNK`` at a time, each batch with the fraction of the
-    slice (of the file when there is no slice) read so far. ``stash`` collects the held-out records passed by."""
-    batch, position = [], -1
-    for index, record in stream:
-        if held is not None and (index in held) != (part == "held_out"):
-            if stash is not None:
-                stash.append((index, record))
-            continue
-        position += 1
-        if wanted is not None and position not in wanted:
-            if position >= wanted.stop:
-                break  # past this part's slice
-            continue
-        batch.append((index, record))
+def _batches(stream: Iterator[tuple[int, Any]], total: int | None) -> Iterator[tuple[list[tuple[int, Any]], float]]:
+    """The (index, record) pairs of ``stream``, ``_CHUNK`` at a time, each batch with the fraction read so far: of
+    the ``total`` records, or of the file (a ``RecordStream``) when there is no total."""
+    batch, seen = [], 0
+    for pair in stream:
+        batch.append(pair)
         if len(batch) == _CHUNK:
-            yield batch, stream.fraction if wanted is None else (position + 1 - wanted.start) / max(len(wanted), 1)
+            seen += len(batch)
+            yield batch, stream.fraction if total is None else seen / max(total, 1)
             batch = []
     if batch:
         yield batch, 1.0

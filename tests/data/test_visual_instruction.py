@@ -218,27 +218,39 @@ def test_val_set_size_split_counts_only_the_records_that_parse(dataset):
         assert sorted(names["train"] + names["val"]) == sorted(r["id"] for r in good)
 
 
-def test_a_split_file_is_read_twice_for_both_parts_and_the_held_out_part_is_the_same(dataset, monkeypatch, tmp_path):
-    """val_set_size splits one file into train and held-out parts: one pass counts, one builds the train part and
-    keeps the held-out records it passes for the held-out build. When the train part comes from the cache, the
-    held-out build reads the file itself, and gets the same samples."""
-    from effilora_lightning.data import records
+def test_a_split_file_is_parsed_once_and_each_part_reads_only_its_records(dataset, monkeypatch, tmp_path):
+    """val_set_size splits one file into train and held-out parts: one pass parses every record and notes where
+    each starts; each part then decodes only its own records there (``records_at``). When the train part comes
+    from the cache, the held-out build reads just its record, and gets the same samples."""
+    from effilora_lightning.data import records, visual_build
 
-    reads: list[str] = []
-    real = records.RecordStream.__iter__
-    monkeypatch.setattr(records.RecordStream, "__iter__", lambda self: (reads.append(self.path.name), real(self))[1])
+    parsed: list[str] = []
+    located: list[list[int]] = []
+    real_iter, real_at = records.RecordStream.__iter__, records.records_at
+    monkeypatch.setattr(records.RecordStream, "__iter__", lambda self: (parsed.append(self.path.name), real_iter(self))[1])
+
+    def records_at(path, where):
+        where = list(where)
+        located.append([index for index, _ in where])
+        return real_at(path, where)
+
+    monkeypatch.setattr(visual_build, "records_at", records_at)
     dm = module(dataset, val_data_path=None, val_set_size=1, use_cache=False)
     assert len(dm.datasets["train"]) == 2 and len(dm.datasets["val"]) == 1
-    assert reads == ["train.json"] * 2  # count, train part (the held-out part: kept; the test split is the val split)
+    held = [int(i) for i in dm.datasets["val"].sample_ids]
+    assert parsed == ["train.json"]  # the count (the test split is the val split)
+    assert located == [[i for i in range(3) if i not in held], held]  # train part, held-out part
 
     cache = tmp_path / "cache"
     module(dataset, val_data_path=None, val_set_size=1, cache_dir=str(cache))
     val_entries = [e for e in cache.iterdir() if e.is_dir() and json.loads((e / "meta.json").read_text())["answers"]]
     assert len(val_entries) == 1
     shutil.rmtree(val_entries[0])  # the train part stays cached, the held-out part is built again
-    reads.clear()
+    parsed.clear()
+    located.clear()
     again = module(dataset, val_data_path=None, val_set_size=1, cache_dir=str(cache))
-    assert reads == ["train.json"] * 2 and again.built_cache == {"train": False, "val": True}  # count, held-out part
+    assert parsed == ["train.json"] and located == [held]  # count, held-out part
+    assert again.built_cache == {"train": False, "val": True}
     want, got = dm.datasets["val"], again.datasets["val"]
     assert len(want) == len(got) == 1 and got.names == want.names and got.answers == want.answers
     for key in ("input_ids", "labels", "prompt_input_ids"):
