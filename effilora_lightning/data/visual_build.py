@@ -39,6 +39,7 @@ __all__ = ["SplitBuilder"]
 
 _CHUNK = 1024  # records tokenized per tokenizer call in setup
 _WHOLE = Shard()  # a build that is not split
+PROGRESS_EVERY_S = 10.0  # a build prints a progress line this often
 
 
 @dataclass(frozen=True)
@@ -116,11 +117,13 @@ class SplitBuilder:
             stream, total = records_at(path, located), len(located)
         built = _SplitBuild(split, Counter(total=0), MismatchCounter(split=split), entry.rows("tokens"),
                             entry.rows("prompts") if generation else None)
-        progress = _Progress(split, path)
+        progress = _Progress(split, path, "the file" if total is None else
+                             f"slice {shard.index + 1}/{shard.count}'s {total} records" if shard.count > 1 else
+                             f"its {total} records")
         prepared = (self._prepare_batch(batch, path, built) for batch in _batches(stream, total))
         for ready, encoded in EncodeAhead(self.tokenizer, offsets=True).map(prepared, _Prepared.texts):
             self._finish_batch(ready, encoded, built)
-            progress.update(built.stats["total"], ready.fraction)
+            progress.update(ready.read, ready.fraction)
         return self._finish(built, stream.skipped if total is None else count.skipped)
 
     def merge(self, split: str, path: str, generation: bool, parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -164,7 +167,7 @@ class SplitBuilder:
         turns = [c[3] for c in checked]
         rendered = render_conversations(turns, self.template, self.tokenizer)
         prompts = render_prompts(turns, self.template, self.tokenizer) if built.prompts is not None else None
-        return _Prepared(checked, rendered, prompts, fraction)
+        return _Prepared(checked, rendered, prompts, fraction, built.stats["total"])
 
     def _finish_batch(self, ready: _Prepared, encoded: list[Any], built: _SplitBuild) -> None:
         """The Python half after tokenization (``encoded``: the (ids, offsets) of ``ready``'s texts): labels,
@@ -248,7 +251,8 @@ class _Prepared:
     checked: list[tuple[int, str, tuple[str, ...], list[dict[str, str]]]]
     rendered: RenderedConversations
     prompts: RenderedConversations | None  # generation splits: each conversation without its last reply
-    fraction: float
+    fraction: float  # of the records to read, read up to the end of this batch
+    read: int  # records read up to the end of this batch (the encoder works one batch ahead of the rows)
 
     def texts(self) -> list[str]:
         """Everything the batch tokenizes, in one call: the conversations' pieces, then the prompts'."""
@@ -294,8 +298,8 @@ class _SplitBuild:
 class _Progress:
     """Setup of a large split prints a line every ``every`` seconds: records so far, records/s and an ETA."""
 
-    def __init__(self, split: str, path: str, every: float = 10.0) -> None:
-        self.split, self.path, self.every = split, path, every
+    def __init__(self, split: str, path: str, of: str) -> None:
+        self.split, self.path, self.of, self.every = split, path, of, PROGRESS_EVERY_S  # of: what the fraction is of
         self.start = self.last = time.monotonic()
 
     def update(self, records: int, fraction: float) -> None:
@@ -305,4 +309,4 @@ class _Progress:
         self.last, elapsed = now, now - self.start
         eta = elapsed * (1 - fraction) / fraction if fraction > 0 else float("nan")
         rank_zero_info(f"visual instruction {self.split} ({self.path}): {records} records checked and tokenized, "
-                       f"{records / elapsed:.0f} records/s, {fraction:.0%} of the file, about {eta:.0f} s to go")
+                       f"{records / elapsed:.0f} records/s, {fraction:.0%} of {self.of}, about {eta:.0f} s to go")

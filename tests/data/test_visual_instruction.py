@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -255,6 +256,27 @@ def test_a_split_file_is_parsed_once_and_each_part_reads_only_its_records(datase
     assert len(want) == len(got) == 1 and got.names == want.names and got.answers == want.answers
     for key in ("input_ids", "labels", "prompt_input_ids"):
         assert torch.equal(got[0][key], want[0][key]), key
+
+
+def test_setup_progress_says_what_its_fraction_is_of(dataset, monkeypatch, caplog):
+    """A whole file's build counts its progress in the file; a part of a split file in its own records."""
+    from effilora_lightning.data import visual_build
+
+    monkeypatch.setattr(visual_build, "PROGRESS_EVERY_S", 0.0)  # a line for every batch
+    monkeypatch.setattr(visual_build, "_CHUNK", 1)
+    with caplog.at_level(logging.INFO):
+        module(dataset, use_cache=False)  # train and val read the whole file
+        whole = [r.getMessage() for r in caplog.records if "records checked and tokenized" in r.getMessage()]
+        caplog.clear()
+        module(dataset, val_data_path=None, val_set_size=1, use_cache=False)  # two parts of one file
+        parts = [r.getMessage() for r in caplog.records if "records checked and tokenized" in r.getMessage()]
+    assert [line.split("): ")[1].split(" records checked")[0] for line in whole] == ["1", "2", "3"] * 2, whole
+    assert all("of the file, about" in line for line in whole), whole
+    assert [(line.split(" (")[0], line.split("): ")[1].split(" records checked")[0],
+             line.split("records/s, ")[1].split(", about")[0]) for line in parts] == [
+        ("visual instruction train", "1", "50% of its 2 records"),
+        ("visual instruction train", "2", "100% of its 2 records"),
+        ("visual instruction val", "1", "100% of its 1 records")], parts
 
 
 def _lengths_and_modalities(n: int = 103) -> tuple[list[int], list[bool]]:
