@@ -9,7 +9,11 @@
 # huggingface-hub, PyYAML, typing-extensions and pillow already installed, and reaches no package index. What
 # this project needs beyond that is below, pinned to the versions the CPU venv was tested with: open_clip_torch
 # (needs ftfy -> wcwidth; its other needs are there) and jsonargparse with the [signatures] extra
-# (docstring-parser, typeshed-client; typeshed-client's typing-extensions is there). All are pure-Python wheels.
+# (docstring-parser, typeshed-client; typeshed-client's typing-extensions is there); tiktoken, which the data
+# path uses for LLaMA-3's text where it gives the Hugging Face ids (data/fast_bpe.py; without it that text goes to
+# the Hugging Face tokenizer: the same ids, slower). tiktoken is a CPython 3.12 manylinux wheel (~1.2 MB; its
+# regex is there, its requests is imported only to download encodings, which the project never does); the
+# others are pure-Python wheels (wcwidth an abi3 one).
 #
 # benchmarks/gpu_check.sh installs them there with
 #     python3 -m pip install --no-index --no-deps --target /tmp/gpu_site .gpu_wheels/*.whl
@@ -24,6 +28,7 @@ PINS=(
   jsonargparse==4.53.0
   docstring_parser==0.18.0
   typeshed_client==2.15.0
+  tiktoken==0.14.0
 )
 py=python3
 if ! "$py" -m pip --version >/dev/null 2>&1; then py=.venv/bin/python; fi

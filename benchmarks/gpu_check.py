@@ -183,7 +183,7 @@ def step_environment(run: Run) -> dict[str, Any]:
 _PROBE = r"""
 import importlib, importlib.metadata as md, json, sys
 out = {"import_errors": {}}
-for mod in ("torch", "lightning", "transformers", "peft", "torchmetrics", "open_clip", "jsonargparse",
+for mod in ("torch", "lightning", "transformers", "peft", "torchmetrics", "open_clip", "jsonargparse", "tiktoken",
             "effilora_lightning", "effilora_lightning.cli", "effilora_lightning.models"):
     try:
         importlib.import_module(mod)
@@ -191,7 +191,7 @@ for mod in ("torch", "lightning", "transformers", "peft", "torchmetrics", "open_
         out["import_errors"][mod] = f"{type(e).__name__}: {e}"
 versions = {}
 for pkg in ("torch", "torchvision", "lightning", "transformers", "peft", "torchmetrics", "open_clip_torch",
-            "jsonargparse", "docstring_parser", "typeshed_client", "ftfy", "wcwidth", "timm", "safetensors",
+            "jsonargparse", "docstring_parser", "typeshed_client", "ftfy", "wcwidth", "tiktoken", "timm", "safetensors",
             "tokenizers", "huggingface_hub", "pytest", "pytest-timeout", "numpy", "matplotlib", "triton"):
     try:
         versions[pkg] = md.version(pkg)
