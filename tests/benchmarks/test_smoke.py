@@ -211,6 +211,14 @@ def test_data_setup_smoke_has_every_figure(tmp_path: Path) -> None:
     first = json.loads(Path(cs["train_file"]).read_text())[0]
     assert set(first) == {"instruction", "input", "output", "answer"} and first["output"].endswith(first["answer"])
     assert payload["summary"].keys() == {"commonsense", "llava"}
+    floor = dict(payload["memory_floor_mib"])  # what a rank holds before its setup reads a record
+    assert list(floor) == ["start", "import torch", "+ import lightning.pytorch", "+ import both DataModules",
+                           "+ load_tokenizer (LLaMA-3)", "+ its tiktoken encoder (fast_bpe)"]
+    assert floor["start"]["VmRSS"] < floor["import torch"]["VmRSS"] < floor["+ import lightning.pytorch"]["VmRSS"]
+    highs = [m["VmHWM"] for m in floor.values()]
+    assert highs == sorted(highs) and all(m["VmRSS"] <= m["VmHWM"] for m in floor.values())
+    tokenizer_config = json.loads((tmp_path / "work" / "llama3-tokenizer" / "tokenizer_config.json").read_text())
+    assert tokenizer_config["added_tokens_decoder"]["128000"]["content"] == "<|begin_of_text|>"  # as Meta's lists it
     for name, s in payload["summary"].items():
         for phase in ("cold", "warm"):
             for key in data_setup.SUMMARY_KEYS:
