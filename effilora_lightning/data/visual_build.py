@@ -53,14 +53,15 @@ class _FileCount:
     held: set[int]
     skipped: int
 
-    def located(self, part: str, shard: Shard) -> list[tuple[int, int]]:
-        """(index, start) of ``shard``'s contiguous slice of part ``part``'s records, in file order."""
+    def located(self, part: str, shard: Shard) -> tuple[int, Iterator[tuple[int, int]]]:
+        """How many records ``shard``'s contiguous slice of part ``part`` holds, and their (index, start) pairs in
+        file order (made as they are read: no list of 300k tuples)."""
         ordinals = np.arange(len(self.indices))
         if part != "all":
             is_held = np.isin(self.indices, np.fromiter(self.held, np.int64, len(self.held)))
             ordinals = np.flatnonzero(is_held if part == "held_out" else ~is_held)
         mine = shard.of(ordinals)
-        return list(zip(self.indices[mine].tolist(), self.starts[mine].tolist()))
+        return len(mine), zip(self.indices[mine].tolist(), self.starts[mine].tolist())
 
 
 class SplitBuilder:
@@ -113,8 +114,8 @@ class SplitBuilder:
             stream, total = RecordStream(path, self.hparams.on_bad_record), None
         else:
             count = self._count(path)
-            located = count.located(part, shard)
-            stream, total = records_at(path, located), len(located)
+            total, located = count.located(part, shard)
+            stream = records_at(path, located)
         built = _SplitBuild(split, Counter(total=0), MismatchCounter(split=split), entry.rows("tokens"),
                             entry.rows("prompts") if generation else None)
         progress = _Progress(split, path, "the file" if total is None else
