@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -258,18 +257,19 @@ def test_a_split_file_is_parsed_once_and_each_part_reads_only_its_records(datase
         assert torch.equal(got[0][key], want[0][key]), key
 
 
-def test_setup_progress_says_what_its_fraction_is_of(dataset, monkeypatch, caplog):
+def test_setup_progress_says_what_its_fraction_is_of(dataset, monkeypatch):
     """A whole file's build counts its progress in the file; a part of a split file in its own records."""
     from effilora_lightning.data import visual_build
 
+    lines: list[str] = []  # what rank_zero_info printed (not caplog: an earlier Trainer may mute its logger)
+    monkeypatch.setattr(visual_build, "rank_zero_info", lines.append)
     monkeypatch.setattr(visual_build, "PROGRESS_EVERY_S", 0.0)  # a line for every batch
     monkeypatch.setattr(visual_build, "_CHUNK", 1)
-    with caplog.at_level(logging.INFO):
-        module(dataset, use_cache=False)  # train and val read the whole file
-        whole = [r.getMessage() for r in caplog.records if "records checked and tokenized" in r.getMessage()]
-        caplog.clear()
-        module(dataset, val_data_path=None, val_set_size=1, use_cache=False)  # two parts of one file
-        parts = [r.getMessage() for r in caplog.records if "records checked and tokenized" in r.getMessage()]
+    module(dataset, use_cache=False)  # train and val read the whole file
+    whole = [line for line in lines if "records checked and tokenized" in line]
+    lines.clear()
+    module(dataset, val_data_path=None, val_set_size=1, use_cache=False)  # two parts of one file
+    parts = [line for line in lines if "records checked and tokenized" in line]
     assert [line.split("): ")[1].split(" records checked")[0] for line in whole] == ["1", "2", "3"] * 2, whole
     assert all("of the file, about" in line for line in whole), whole
     assert [(line.split(" (")[0], line.split("): ")[1].split(" records checked")[0],

@@ -231,6 +231,13 @@ def _write_and_tear_down(out_dir: str, rank: int, out: dict) -> None:
     if dist.is_initialized():  # tear down together: a rank exiting while its peer's gloo threads still talk to
         dist.barrier()  # it can abort the peer at interpreter exit (seen once as SIGABRT after a DDP resume)
         dist.destroy_process_group()
+    # Then leave without the interpreter's finalization: even after the barrier and destroy_process_group, a
+    # loaded 2-core box saw rank 0 abort there ("terminate called without an active exception", SIGABRT, after
+    # its results were written; the FSDP2 PEFT run of 2026-12-04), a teardown race inside torch's C++ threads
+    # (pytorch/pytorch#179291 describes its gloo form), not this project's. The results are on disk already.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main() -> None:
