@@ -60,8 +60,14 @@ def _innermost_named_error(err: BaseException) -> BaseException | None:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Console entry point (``effilora``)."""
+    """Console entry point (``effilora``). Destroys the process group the run made before the interpreter exits,
+    as PyTorch asks: left to interpreter finalization, the communicator's C++ threads can abort the process
+    after the run has finished (seen with gloo as "terminate called without an active exception")."""
     run(args)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def run(args: list[str] | None = None, **kwargs: Any) -> EffiLoRACLI:

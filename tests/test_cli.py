@@ -64,3 +64,21 @@ def test_python_dash_m_entry_point():
     done = subprocess.run([sys.executable, "-m", "effilora_lightning", "--help"], capture_output=True, text=True,
                           cwd=ROOT, timeout=120)
     assert done.returncode == 0 and "fit" in done.stdout
+
+
+def test_the_console_entry_point_destroys_the_process_group_it_leaves(monkeypatch, tmp_path):
+    """``effilora`` (cli.main) tears down a process group the run initialized (here a 1-rank gloo group standing in
+    for a strategy's), so that no communicator is left to interpreter finalization."""
+    import torch.distributed as dist
+
+    from effilora_lightning import cli
+
+    def fake_run(args):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+
+    monkeypatch.setattr(cli, "run", fake_run)
+    cli.main([])
+    assert not dist.is_initialized()
+    monkeypatch.setattr(cli, "run", lambda args: None)
+    cli.main([])  # a run that made no group: nothing to destroy, no error
+    assert not dist.is_initialized()
