@@ -118,9 +118,7 @@ class SplitBuilder:
             stream = records_at(path, located)
         built = _SplitBuild(split, Counter(total=0), MismatchCounter(split=split), entry.rows("tokens"),
                             entry.rows("prompts") if generation else None)
-        progress = _Progress(split, path, "the file" if total is None else
-                             f"slice {shard.index + 1}/{shard.count}'s {total} records" if shard.count > 1 else
-                             f"its {total} records")
+        progress = _Progress(split, path, _progress_of(total, shard))
         prepared = (self._prepare_batch(batch, path, built) for batch in _batches(stream, total))
         for ready, encoded in EncodeAhead(self.tokenizer, offsets=True).map(prepared, _Prepared.texts):
             self._finish_batch(ready, encoded, built)
@@ -294,6 +292,15 @@ class _SplitBuild:
     images: list[list[str]] = field(default_factory=list)
     answers: list[str] = field(default_factory=list)
     images_checked: dict[str, BadRecordError | None] = field(default_factory=dict)
+
+
+def _progress_of(total: int | None, shard: Shard) -> str:
+    """What a build's progress fraction is of: the file it streams, or the records of its part or slice."""
+    if total is None:
+        return "the file"
+    if shard.count > 1:
+        return f"slice {shard.index + 1}/{shard.count}'s {total} records"
+    return f"its {total} records"
 
 
 class _Progress:
