@@ -26,6 +26,9 @@ padded sequence length, P the padded prompt length, N the images in the batch, S
                                                                     instead of attention_mask (which stays, 1 on
                                                                     tokens, for counting)
     num_samples            int                       packed loss    the samples packed into the R rows
+    packed_segments        tuple[tuple[int, ...]]    packed loss    per row, the lengths of its samples in order
+                                                                    (the last one's with the row's tail): what
+                                                                    ``attn_implementation: sdpa_packed`` reads
     images                 FloatTensor (N, 3, S, S)  visual         normalised; N = image_counts.sum(), may be 0
     image_counts           LongTensor (B,)           visual         sample b owns the next image_counts[b] images
     sample_name            list[str] (B)             visual         the record's own "id", for messages and reports
@@ -40,6 +43,8 @@ A packed loss batch (``pack``, commonsense ``pack_sequences``) has no padding in
 Face's models read the restarts of ``position_ids`` as sample boundaries when ``attention_mask`` is None (SDPA and
 eager build a block-diagonal causal mask, FlashAttention-2 runs variable-length), so each sample sees only itself
 and the loss and gradients are the padded batch's (tested). ``num_samples(batch)`` counts the samples of either kind.
+``packed_segments`` says the same on the host, for ``models.packed_attention`` (one SDPA call per sample, no mask);
+``model_inputs(batch, segments=True)`` passes it to the model.
 
 Visual batches carry ``sample_id`` in training too (the record's index in its file); commonsense loss batches
 carry none.
@@ -125,15 +130,17 @@ def is_packed(batch: Mapping[str, Any]) -> bool:
     return "position_ids" in batch
 
 
-def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+def model_inputs(batch: Mapping[str, Any], segments: bool = False) -> dict[str, Any]:
     """The keyword arguments of a Hugging Face causal LM's forward for a (padded or packed) loss batch.
 
     Packed: ``position_ids`` and no ``attention_mask`` (HF reads sample boundaries from the position restarts only
     when the mask is None), and ``use_cache=False`` (with a cache the boundaries are not looked for and every
-    sample would attend to the ones before it in its row).
+    sample would attend to the ones before it in its row); with ``segments`` also ``packed_segments``, for a model
+    whose attention is ``sdpa_packed`` (other attention functions would receive it unused).
     """
     if is_packed(batch):
-        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+        return inputs | {"packed_segments": batch["packed_segments"]} if segments else inputs
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
@@ -191,7 +198,8 @@ def pack(ids: Sequence[np.ndarray | Sequence[int]], labels: Sequence[np.ndarray 
     ``width`` tokens (default: the longest sample; the DataModule passes ``pack_width``), laid out by
     ``packed_rows``; the batch is as wide as its fullest row.
 
-    Returns ``input_ids``, ``labels``, ``position_ids`` and ``attention_mask``, each (R, W), and ``num_samples``.
+    Returns ``input_ids``, ``labels``, ``position_ids`` and ``attention_mask``, each (R, W), ``num_samples`` and
+    ``packed_segments`` (per row, its samples' lengths; the tail counted with the last, as its positions say).
     Every sample's first label is IGNORE_INDEX: in its row it would be predicted from the previous sample's last
     token (a padded batch never uses position 0's label either, so the loss is the same). The row's tail after its last sample is
     ``pad_id`` with IGNORE_INDEX labels and mask 0; its positions continue the last sample's, so the tail joins
@@ -214,6 +222,7 @@ def pack(ids: Sequence[np.ndarray | Sequence[int]], labels: Sequence[np.ndarray 
     out_labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
     positions = np.zeros((len(rows), width), dtype=np.int64)
     mask = np.zeros((len(rows), width), dtype=np.int64)
+    segments = []
     for r, members in enumerate(rows):
         col = 0
         for i in members:
@@ -225,6 +234,7 @@ def pack(ids: Sequence[np.ndarray | Sequence[int]], labels: Sequence[np.ndarray 
             mask[r, col: col + n] = 1
             col += n
         positions[r, col:] = np.arange(n, n + width - col)  # the tail continues the last sample
+        segments.append((*(lengths[i] for i in members[:-1]), lengths[members[-1]] + width - col))
     return {"input_ids": torch.from_numpy(out_ids), "labels": torch.from_numpy(out_labels),
             "position_ids": torch.from_numpy(positions), "attention_mask": torch.from_numpy(mask),
-            "num_samples": len(arrays)}
+            "num_samples": len(arrays), "packed_segments": tuple(segments)}

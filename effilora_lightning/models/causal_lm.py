@@ -25,6 +25,7 @@ from ..adapters.export import check_safetensors_file
 from ..data.batch import generation_prompt, is_generation_batch, is_packed, model_inputs, num_samples
 from ..data.commonsense_prompts import TASKS, extract_answer
 from .evaluation import GenerationEvalModule
+from .packed_attention import SDPA_PACKED
 
 __all__ = ["CausalLMModule", "load_causal_lm"]
 
@@ -32,13 +33,16 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def load_causal_lm(
-    model_path: str | None, model_config: dict[str, Any] | None, dtype: str, seed: int, meta: bool = False
+    model_path: str | None, model_config: dict[str, Any] | None, dtype: str, seed: int, meta: bool = False,
+    attn_implementation: str | None = None,
 ) -> PreTrainedModel:
     """From a local Hugging Face directory (``local_files_only``), or built from a config dict (random init).
 
     ``meta=True`` builds the architecture only, on the meta device (no weights read, no memory used).
+    ``attn_implementation``: transformers' (None: its default), ``sdpa_packed`` included (``packed_attention``).
     """
     torch_dtype = _DTYPES[dtype]
+    attn = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     if model_path is not None:
         path = Path(model_path)
         if not (path / "config.json").is_file():
@@ -49,11 +53,11 @@ def load_causal_lm(
         if meta:
             with torch.device("meta"):
                 config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-                return AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+                return AutoModelForCausalLM.from_config(config, dtype=torch_dtype, **attn)
         for weights in sorted(path.glob("*.safetensors")):
             check_safetensors_file(weights)  # a truncated shard, named, before transformers reads it
         try:
-            return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch_dtype)
+            return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch_dtype, **attn)
         except (OSError, ValueError, RuntimeError, EOFError, SafetensorError) as err:
             raise ValueError(f"The model in {path} cannot be loaded: {type(err).__name__}: {err}") from err
     if model_config is None:
@@ -61,7 +65,7 @@ def load_causal_lm(
     cfg = dict(model_config)
     config = AutoConfig.for_model(cfg.pop("model_type", "llama"), **cfg)
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    return AutoModelForCausalLM.from_config(config, dtype=torch_dtype, **attn)
 
 
 def check_keeps_packed_samples_apart(model: Any, input_ids: torch.Tensor, atol: float = 1e-3) -> None:
@@ -81,12 +85,17 @@ def check_keeps_packed_samples_apart(model: Any, input_ids: torch.Tensor, atol: 
         alone = model(input_ids=second, position_ids=positions[:, 3:], use_cache=False).logits.float()
     if not torch.allclose(packed, alone, atol=atol, rtol=1e-2):
         gap = float((packed - alone).abs().max())
-        impl = getattr(getattr(model, "config", None), "_attn_implementation", "?")
+        impl = _attention_of(model)
         raise ValueError(
             f"pack_sequences: this model (attn_implementation={impl!r}) does not keep packed samples apart: a "
             f"sample's logits change by up to {gap:.3g} when another precedes it in the row. Use a Hugging Face "
             "model whose attention reads packed position_ids (LLaMA with sdpa, eager or flash_attention_2, "
-            "transformers >= 4.53), or set data.pack_sequences: false.")
+            "transformers >= 4.53), set model.attn_implementation: sdpa_packed (it attends each sample on its own), "
+            "or set data.pack_sequences: false.")
+
+
+def _attention_of(model: Any) -> str | None:
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
 
 
 class CausalLMModule(GenerationEvalModule):
@@ -101,7 +110,8 @@ class CausalLMModule(GenerationEvalModule):
     def build_base_model(self, meta: bool = False) -> PreTrainedModel:
         """The frozen base LM (on the meta device if asked)."""
         hp = self.hparams
-        return load_causal_lm(hp.model_path, hp.model_config, hp.dtype, hp.init_seed, meta=meta)
+        return load_causal_lm(hp.model_path, hp.model_config, hp.dtype, hp.init_seed, meta=meta,
+                              attn_implementation=hp.attn_implementation)
 
     def forward(self, **batch: torch.Tensor) -> Any:
         return self.model(**batch)
@@ -110,7 +120,8 @@ class CausalLMModule(GenerationEvalModule):
         if is_packed(batch) and not self.__dict__.get("_packing_checked"):  # the first packed batch, once
             check_keeps_packed_samples_apart(self.language_model(self.model), batch["input_ids"])
             self.__dict__["_packing_checked"] = True
-        return self.lm_loss(batch["labels"], **model_inputs(batch))  # padded or packed (``data.batch``)
+        segments = _attention_of(self.language_model(self.model)) == SDPA_PACKED  # its samples' lengths, no sync
+        return self.lm_loss(batch["labels"], **model_inputs(batch, segments))  # padded or packed (``data.batch``)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._lm_loss(batch)

@@ -73,6 +73,11 @@ class FineTuneModule(pl.LightningModule):
             of ``loss_chunk_size`` tokens (``effilora_lightning.losses``): never the (tokens x vocab) logits, same
             loss and gradients as HF's. False: HF's own ``labels=`` loss. Generation is the same either way.
         loss_chunk_size: tokens per chunk of the chunked loss (chunk x vocab fp32 logits exist at once).
+        attn_implementation: the LM's attention (transformers' ``attn_implementation``): None = transformers'
+            default (``sdpa``), ``eager``, ``flash_attention_2`` (needs flash-attn), or ``sdpa_packed``: SDPA that
+            attends each sample of a packed batch on its own, without the block mask of the row
+            (``models.packed_attention``; with ``data.pack_width`` = batch size x cutoff a batch is one row with
+            no padding). Padded batches and generation are ``sdpa``'s under every choice.
     """
 
     requires_adapter = True  # VisionLanguageModule's stage 1 trains the projector alone
@@ -105,6 +110,7 @@ class FineTuneModule(pl.LightningModule):
         init_seed: int = 0,
         chunked_loss: bool = True,
         loss_chunk_size: int = 1024,
+        attn_implementation: str | None = None,
     ) -> None:
         super().__init__()
         _check_model_args(type(self), adapter, model_path, model_config, loss_chunk_size)

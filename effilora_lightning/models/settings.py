@@ -18,7 +18,7 @@ import typing
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-__all__ = ["check_reducer", "check_settings", "check_token_ids"]
+__all__ = ["attention_implementations", "check_reducer", "check_settings", "check_token_ids"]
 
 Check = tuple[Callable[[Any], bool], str]
 
@@ -55,8 +55,21 @@ SETTINGS: dict[str, Check] = {
     "num_beams": _AT_LEAST_ONE,
     "init_seed": (_integer, "an integer"),
     "select_layer": (_integer, "an integer (a vision-tower block index; -2 = second to last)"),
+    "attn_implementation": (lambda v: v is None or v in attention_implementations(),
+                            "null (transformers' default, sdpa) or one of transformers' attention implementations "
+                            "(eager, sdpa, sdpa_packed, flash_attention_2, ...)"),
 }
 """Key -> (test, what the value must be). Keys a module does not take are skipped."""
+
+
+def attention_implementations() -> set[str]:
+    """The ``attn_implementation`` names transformers knows here: ``eager`` and every registered attention
+    function (``sdpa``, the flash and flex kernels, this package's ``sdpa_packed``)."""
+    from transformers import AttentionInterface
+
+    import effilora_lightning.models.packed_attention  # noqa: F401  (registers sdpa_packed)
+
+    return {"eager", *AttentionInterface._global_mapping}
 
 
 def check_settings(owner: str, values: Mapping[str, Any]) -> None:

@@ -74,7 +74,8 @@ class VisionLanguageModule(GenerationEvalModule):
         """LLM + tower + projector. ``meta``: the architecture only (no weights read), for ranks that receive
         rank 0's weights; the tower still reads its weight file's sidecar, which decides its activation."""
         hp = self.hparams
-        llm = load_causal_lm(hp.model_path, hp.model_config, hp.dtype, hp.init_seed, meta=meta)
+        llm = load_causal_lm(hp.model_path, hp.model_config, hp.dtype, hp.init_seed, meta=meta,
+                             attn_implementation=hp.attn_implementation)
         with torch.device("meta") if meta else contextlib.nullcontext():
             tower = VisionTower(hp.vision_tower, hp.vision_pretrained, hp.select_layer, load_weights=not meta)
             with torch.random.fork_rng(devices=[]):  # seeded: every rank and every fresh run start alike

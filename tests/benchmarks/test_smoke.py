@@ -308,11 +308,14 @@ def test_padding_smoke_counts_and_times_every_batching(tmp_path: Path) -> None:
     result = bench.main(["--records", "400", "--batch-sizes", "8", "--rounds", "3", "--steps", "1",
                          "--workdir", str(tmp_path / "work"), "--out", str(out)])
     fractions = result["padding_fraction"]["8"]
-    assert set(fractions) == {"random", "grouped", "packed", "packed_width_1x", "packed_width_2x", "packed_width_4x"}
+    assert set(fractions) == {"random", "grouped", "packed", "packed_width_1x", "packed_width_2x", "packed_width_4x",
+                              "packed_width_8x"}
+    assert fractions["packed_width_8x"] == 0.0  # the whole batch fits one row: no padding
     assert fractions["packed"] == fractions["packed_width_2x"]  # the default pack_width
     assert fractions["packed"] < fractions["random"] and fractions["grouped"] < fractions["random"]
     timed = result["timed"]["8"]
-    assert len(timed["packed"]["ratios"]) == len(timed["grouped"]["ratios"]) == len(timed["packed_1x"]["ratios"]) == 3
-    assert all(r > 0 for r in timed["packed"]["ratios"] + timed["packed_1x"]["ratios"])
+    assert {len(timed[b]["ratios"]) for b in ("grouped", "packed", "packed_1x", "packed_one_row")} == {3}
+    assert all(r > 0 for b in ("packed", "packed_1x", "packed_one_row") for r in timed[b]["ratios"])
     assert timed["position_ratio_random_over"]["random"] == 1.0
-    assert timed["position_ratio_random_over"]["packed"] > 1.0  # fewer positions than right-padded batches and json.loads(out.read_text())["records"] == 400
+    assert timed["position_ratio_random_over"]["packed"] > 1.0  # fewer positions than right-padded batches
+    assert timed["position_ratio_random_over"]["packed_one_row"] >= timed["position_ratio_random_over"]["packed"] and json.loads(out.read_text())["records"] == 400

@@ -93,11 +93,13 @@ def _padded(ids, labels) -> dict[str, torch.Tensor]:
             "labels": pad(labels, IGNORE_INDEX, "right")}
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "sdpa_packed", "sdpa_packed_from_positions"])
 @pytest.mark.parametrize("chunked", [False, True], ids=["hf_loss", "chunked_loss"])
 @pytest.mark.parametrize("train_on_inputs", [False, True])
 def test_packed_loss_and_gradients_equal_the_padded_batch(tiny_llama, attn, chunked, train_on_inputs):
-    model = tiny_llama(layers=2, attn_implementation=attn).train()
+    """sdpa_packed: the batch's ``packed_segments`` passed (the module's path), or read from position_ids."""
+    segments = attn == "sdpa_packed"
+    model = tiny_llama(layers=2, attn_implementation=attn.removesuffix("_from_positions")).train()
     head = install_chunked_loss_head(model, chunk_size=16) if chunked else None
     ids, labels = _samples(0, train_on_inputs)
     padded, packed = _padded(ids, labels), pack(ids, labels, pad_id=0, width=20)
@@ -107,10 +109,10 @@ def test_packed_loss_and_gradients_equal_the_padded_batch(tiny_llama, attn, chun
     def loss_and_grads(batch):
         model.zero_grad(set_to_none=True)
         if head is None:
-            loss = model(**model_inputs(batch), labels=batch["labels"]).loss
+            loss = model(**model_inputs(batch, segments), labels=batch["labels"]).loss
         else:
             with head.computing_loss(batch["labels"]):
-                loss = model(**model_inputs(batch)).logits
+                loss = model(**model_inputs(batch, segments)).logits
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
@@ -201,9 +203,11 @@ def test_monitor_counts_the_samples_of_a_packed_batch_not_its_rows():
     assert meter.samples == 16 and int(meter.tokens) == 2 * sum(len(x) for x in ids)
 
 
-def _fit(tmp_path: Path, packed: bool) -> tuple[list[float], list[torch.Tensor], list[list[bool]]]:
+def _fit(tmp_path: Path, packed: bool, pack_width: int = 256,
+         attn_implementation: str | None = None) -> tuple[list[float], list[torch.Tensor], list[list[bool]]]:
     pl.seed_everything(0)
     module = CausalLMModule(model_path=str(TINY), learning_rate=1e-2, warmup_steps=1,
+                            attn_implementation=attn_implementation,
                             adapter=EffiLoRAConfig(rank=4, target_modules=["q_proj", "v_proj", "down_proj"]),
                             reducer={"keep_ratio": 0.5, "warmup_steps": 1, "heatmap": False})
     losses: list[float] = []
@@ -215,22 +219,32 @@ def _fit(tmp_path: Path, packed: bool) -> tuple[list[float], list[torch.Tensor],
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=4, limit_val_batches=0, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[Losses()], default_root_dir=tmp_path)
-    trainer.fit(module, datamodule=_datamodule(pack_sequences=packed, pack_width=256))
+    trainer.fit(module, datamodule=_datamodule(pack_sequences=packed, pack_width=pack_width))
     return losses, [p.detach().clone() for p in adapter_parameters(module)], \
         [h.tolist() for h in module.reducer.history]
 
 
-def test_training_on_packed_batches_is_training_on_padded_ones(tmp_path):
-    """Four EffiLoRA keep-0.5 steps through the product's path: same losses, selections and adapter weights."""
+@pytest.mark.parametrize("attn, width", [(None, 256), ("sdpa_packed", 16 * 128)], ids=["sdpa", "sdpa_packed_one_row"])
+def test_training_on_packed_batches_is_training_on_padded_ones(tmp_path, monkeypatch, attn, width):
+    """Four EffiLoRA keep-0.5 steps through the product's path: same losses, selections and adapter weights;
+    sdpa_packed with a pack_width of the whole batch (one row, no padding), the module passing the batch's
+    segments (only the packing check's two 5- and 2-token forwards read position_ids back)."""
+    import effilora_lightning.models.packed_attention as packed_attention
+
     want_losses, want_params, want_history = _fit(tmp_path / "padded", packed=False)
-    got_losses, got_params, got_history = _fit(tmp_path / "packed", packed=True)
+    reads = []
+    real = packed_attention.segments_from_positions
+    monkeypatch.setattr(packed_attention, "segments_from_positions", lambda p: reads.append(p.shape[1]) or real(p))
+    got_losses, got_params, got_history = _fit(tmp_path / "packed", packed=True, pack_width=width,
+                                               attn_implementation=attn)
+    assert set(reads) == ({5, 2} if attn else set())
     np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5)
     assert got_history == want_history
     for g, w in zip(got_params, want_params, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "sdpa_packed"])
 def test_the_packing_check_passes_a_model_that_keeps_samples_apart(tiny_llama, attn):
     from effilora_lightning.models.causal_lm import check_keeps_packed_samples_apart
 

@@ -1,6 +1,7 @@
 """On CUDA: packed loss batches (``batch.pack``) give the padded batch's loss and gradients with the attention
-kernels a GPU run uses: SDPA in fp32 and under bf16 autocast, and FlashAttention-2 when the package is installed
-(variable-length attention from the packed ``position_ids``)."""
+kernels a GPU run uses: SDPA in fp32 and under bf16 autocast, ``sdpa_packed`` (one causal SDPA call per sample,
+the batch in rows or in one row), and FlashAttention-2 when the package is installed (variable-length attention
+from the packed ``position_ids``)."""
 
 from __future__ import annotations
 
@@ -13,25 +14,26 @@ from gpu_helpers import CUDA, GPU_MARKS
 from helpers import tiny_llama
 
 from effilora_lightning.data.batch import IGNORE_INDEX, model_inputs, pack, pad, pad_mask
+from effilora_lightning.models.packed_attention import SDPA_PACKED
 
 pytestmark = GPU_MARKS
 
 
-def _batches(seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def _batches(seed: int = 0, width: int = 28) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     g = np.random.default_rng(seed)
     ids = [g.integers(3, 128, n) for n in (9, 3, 14, 5, 5, 2, 11, 7)]
     labels = [np.where(np.arange(len(x)) < len(x) // 2, IGNORE_INDEX, x) for x in ids]
     padded = {"input_ids": pad(ids, 0, "right"), "attention_mask": pad_mask(ids, "right"),
               "labels": pad(labels, IGNORE_INDEX, "right")}
-    packed = pack(ids, labels, pad_id=0, width=28)
+    packed = pack(ids, labels, pad_id=0, width=width)
     return ({k: v.cuda() for k, v in padded.items()},
             {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in packed.items()})
 
 
-def _loss_and_grads(model, batch, autocast: bool):
+def _loss_and_grads(model, batch, autocast: bool, segments: bool = False):
     model.zero_grad(set_to_none=True)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        loss = model(**model_inputs(batch), labels=batch["labels"]).loss
+        loss = model(**model_inputs(batch, segments), labels=batch["labels"]).loss
     loss.backward()
     return loss.detach().float(), [p.grad.float().clone() for p in model.parameters()]
 
@@ -42,6 +44,20 @@ def test_packed_equals_padded_with_sdpa(autocast):
     padded, packed = _batches()
     want_loss, want = _loss_and_grads(model, padded, autocast)
     got_loss, got = _loss_and_grads(model, packed, autocast)
+    tol = dict(rtol=2e-2, atol=2e-3) if autocast else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got_loss, want_loss, **tol)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, **tol)
+
+
+@pytest.mark.parametrize("width", [28, 56], ids=["rows", "one_row"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+def test_packed_equals_padded_with_sdpa_packed(autocast, width):
+    sdpa = tiny_llama(layers=2, attn_implementation="sdpa").cuda().train()
+    packed_sdpa = tiny_llama(layers=2, attn_implementation=SDPA_PACKED).cuda().train()
+    padded, packed = _batches(width=width)
+    want_loss, want = _loss_and_grads(sdpa, padded, autocast)
+    got_loss, got = _loss_and_grads(packed_sdpa, packed, autocast, segments=True)
     tol = dict(rtol=2e-2, atol=2e-3) if autocast else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got_loss, want_loss, **tol)
     for g, w in zip(got, want, strict=True):

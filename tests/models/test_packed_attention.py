@@ -1,0 +1,115 @@
+"""``attn_implementation="sdpa_packed"`` (``models.packed_attention``): each packed sample attended on its own,
+exactly as Hugging Face's block-masked SDPA computes it; padded batches and generation unchanged; the segments
+from the batch (no host sync) or from position_ids; the setting checked up front and carried to the model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from effilora_lightning import CausalLMModule, LoRAConfig
+from effilora_lightning.data.batch import IGNORE_INDEX, model_inputs, pack, pad, pad_mask
+from effilora_lightning.models.causal_lm import load_causal_lm
+from effilora_lightning.models.packed_attention import SDPA_PACKED, segments_from_positions
+
+TINY = Path(__file__).resolve().parents[2] / "data" / "checkpoints" / "tiny-llama"
+
+
+def _samples(seed: int, lengths=(9, 3, 14, 5, 5, 2, 11, 7, 1)) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    g = np.random.default_rng(seed)
+    ids = [g.integers(3, 128, n) for n in lengths]
+    return ids, [np.where(np.arange(len(x)) < len(x) // 2, IGNORE_INDEX, x) for x in ids]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_batch_segments_are_what_the_positions_say(seed):
+    """``pack``'s ``packed_segments`` (host ints) and the position_ids read back agree for any layout: the
+    segments sum to the row's width and the tail is counted with the row's last sample."""
+    g = np.random.default_rng(seed)
+    ids = [g.integers(3, 128, int(n)) for n in g.integers(1, 30, int(g.integers(1, 12)))]
+    for width in (None, 30, 45, 10_000):
+        batch = pack(ids, ids, pad_id=0, width=width)
+        rows, w = batch["input_ids"].shape
+        assert len(batch["packed_segments"]) == rows and all(sum(r) == w for r in batch["packed_segments"])
+        assert batch["packed_segments"] == segments_from_positions(batch["position_ids"])
+        assert sum(len(r) for r in batch["packed_segments"]) == len(ids)
+
+
+def test_a_width_of_the_whole_batch_leaves_no_padding():
+    """pack_width >= the batch's tokens: no padding at all (one row, or narrower rows where they tie)."""
+    ids, labels = _samples(0)
+    batch = pack(ids, labels, pad_id=0, width=sum(len(x) for x in ids))
+    assert batch["input_ids"].numel() == 57 and bool(batch["attention_mask"].all())
+    assert sorted(n for row in batch["packed_segments"] for n in row) == sorted(len(x) for x in ids)
+
+
+def test_packed_logits_equal_each_sample_alone(tiny_llama):
+    """Every sample's logits in a one-row pack are its logits run alone (the definition, not just HF's mask)."""
+    model = tiny_llama(layers=2, attn_implementation=SDPA_PACKED)
+    ids, labels = _samples(1)
+    batch = pack(ids, labels, pad_id=0, width=100)
+    with torch.no_grad():
+        logits = model(**model_inputs(batch, segments=True)).logits[0]
+        start = 0
+        for n in batch["packed_segments"][0]:
+            alone = model(input_ids=batch["input_ids"][:, start:start + n]).logits[0]
+            torch.testing.assert_close(logits[start:start + n], alone, rtol=1e-4, atol=1e-5)
+            start += n
+
+
+def test_a_padded_batch_and_generation_are_sdpa_s(tiny_llama):
+    sdpa, packed = tiny_llama(layers=2), tiny_llama(layers=2, attn_implementation=SDPA_PACKED)
+    ids, _ = _samples(2)
+    right = {"input_ids": pad(ids, 0, "right"), "attention_mask": pad_mask(ids, "right")}
+    left = {"input_ids": pad(ids, 0, "left"), "attention_mask": pad_mask(ids, "left")}
+    with torch.no_grad():
+        torch.testing.assert_close(packed(**right).logits, sdpa(**right).logits)
+        got = packed.generate(**left, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        want = sdpa.generate(**left, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, want)
+
+
+def test_given_segments_mean_no_host_read_of_the_positions(tiny_llama, monkeypatch):
+    """With ``packed_segments`` the forward never reads position_ids back (no host sync per step); without them
+    it reads them once per forward, not once per layer."""
+    model = tiny_llama(layers=3, attn_implementation=SDPA_PACKED)
+    ids, labels = _samples(3)
+    batch = pack(ids, labels, pad_id=0, width=30)
+    reads = []
+    real_cpu = torch.Tensor.cpu
+
+    def counting_cpu(self, *a, **kw):
+        if self.dtype == torch.long and self.shape == batch["position_ids"].shape:
+            reads.append(1)
+        return real_cpu(self, *a, **kw)
+
+    monkeypatch.setattr(torch.Tensor, "cpu", counting_cpu)
+    with torch.no_grad():
+        with_segments = model(**model_inputs(batch, segments=True)).logits
+        assert reads == []
+        from_positions = model(**model_inputs(batch)).logits
+        assert reads == [1]  # three layers, one read
+    torch.testing.assert_close(with_segments, from_positions)
+
+
+def test_segments_that_do_not_fit_the_batch_are_refused(tiny_llama):
+    model = tiny_llama(layers=1, attn_implementation=SDPA_PACKED)
+    ids, labels = _samples(4)
+    batch = pack(ids, labels, pad_id=0, width=30)
+    wrong = tuple((*row[:-1], row[-1] + 1) for row in batch["packed_segments"])
+    with pytest.raises(ValueError, match=r"packed_segments describe .* rows of \[.*\] tokens, but the batch has"):
+        model(**(model_inputs(batch) | {"packed_segments": wrong}))
+
+
+def test_the_setting_reaches_the_model_and_a_wrong_name_is_refused_up_front():
+    assert load_causal_lm(str(TINY), None, "float32", 0, attn_implementation=SDPA_PACKED).config._attn_implementation \
+        == SDPA_PACKED
+    assert load_causal_lm(str(TINY), None, "float32", 0).config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match=r"CausalLMModule: attn_implementation must be null .* or one of "
+                                         r"transformers' attention implementations .*got 'sdpa-packed'"):
+        CausalLMModule(model_path=str(TINY), adapter=LoRAConfig(rank=2), attn_implementation="sdpa-packed")
+    module = CausalLMModule(model_path=str(TINY), adapter=LoRAConfig(rank=2), attn_implementation=SDPA_PACKED)
+    assert module.build_base_model().config._attn_implementation == SDPA_PACKED
