@@ -745,7 +745,10 @@ def run_ranks(spec: dict[str, Any], work: Path, timeout: float, code: str | None
     return {**per_rank[0], "setup_s": max(r["setup_s"] for r in per_rank),
             **{key: sum(r[key] for r in per_rank) for key in summed},
             "peak_rss_mib": max(r["peak_rss_mib"] for r in per_rank), "ranks": ranks,
-            "per_rank": [{k: r[k] for k in ("setup_s", "setup_cpu_s", "process_cpu_s", "peak_rss_mib")}
+            "peak_rss_anon_sampled_mib": max(r["peak_rss_anon_sampled_mib"] for r in per_rank),
+            "peak_pss_with_pieces_mib": max(r["peak_pss_with_pieces_mib"] for r in per_rank),
+            "per_rank": [{k: r[k] for k in ("setup_s", "setup_cpu_s", "process_cpu_s", "peak_rss_mib",
+                                            "peak_rss_anon_sampled_mib", "peak_pss_with_pieces_mib")}
                          for r in per_rank]}
 
 

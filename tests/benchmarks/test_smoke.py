@@ -250,6 +250,7 @@ def test_data_setup_two_ranks_split_the_cold_build(tmp_path: Path) -> None:
     assert payload["settings"]["ranks"] == 2
     for r in payload["results"]["commonsense"]["runs"]:
         assert r["ranks"] == 2 and len(r["per_rank"]) == 2 and r["train_samples"] > 0
+        assert all(0 < rank["peak_rss_anon_sampled_mib"] < rank["peak_rss_mib"] for rank in r["per_rank"])
         assert r["setup_cpu_s"] == pytest.approx(sum(p["setup_cpu_s"] for p in r["per_rank"]))
         assert r["setup_s"] == max(p["setup_s"] for p in r["per_rank"])
         assert all(p["setup_cpu_s"] > 0 for p in r["per_rank"])
