@@ -54,6 +54,18 @@ def test_method_switch_is_one_line(in_repo):
     assert cli.model.adapter.method == "lora" and cli.model.reducer is None
 
 
+def test_one_row_packing_is_two_lines_of_yaml(in_repo):
+    """pack_width of the whole batch and attn_implementation: sdpa_packed, from the command line: the model has it
+    and the training batches hold their 16 samples without padding (one row, or narrower rows that tie with it)."""
+    cli = run(["fit", "--config", str(DEMO), *QUICK, *in_repo, "--test_after_fit", "false", "--trainer.max_steps", "2",
+               "--data.init_args.pack_sequences", "true", "--data.init_args.pack_width", "2048",
+               "--model.init_args.attn_implementation", "sdpa_packed"])
+    assert cli.trainer.global_step == 2 and cli.model.model.config._attn_implementation == "sdpa_packed"
+    for _, batch in zip(range(3), cli.datamodule.train_dataloader()):
+        assert bool(batch["attention_mask"].all())
+        assert sum(len(row) for row in batch["packed_segments"]) == batch["num_samples"] == 16
+
+
 def test_unknown_key_is_rejected_by_name(in_repo, capsys):
     with pytest.raises(SystemExit):
         run(["fit", "--config", str(DEMO), "--model.init_args.adapter.init_args.rnak", "4"])
