@@ -400,3 +400,32 @@ def test_a_copy_that_landed_first_counts_even_when_it_is_gone_again(tmp_path, mo
     else:
         token_cache._move_into_place(tmp, final)
     assert not tmp.exists() and not final.exists()
+
+
+@pytest.mark.parametrize("flush_tokens", [1, 7, 1 << 19])
+def test_the_writer_s_files_do_not_depend_on_its_batch_size_and_it_holds_at_most_one_batch(tmp_path, monkeypatch,
+                                                                                          flush_tokens):
+    """TokenRowsWriter flushes every ``_FLUSH_TOKENS`` ids (memory: 36 bytes a held token): the files are the
+    same whatever that size, and no more than one row past it is ever held."""
+    import numpy as np
+
+    from effilora_lightning.data.token_cache import TokenRowsWriter
+
+    g = np.random.default_rng(0)
+    rows = [g.integers(0, 128_256, int(n)).tolist() for n in g.integers(1, 40, 200)]
+
+    def write(directory: Path) -> dict[str, bytes]:
+        directory.mkdir()
+        writer, held = TokenRowsWriter(directory, "x"), []
+        for i, ids in enumerate(rows):
+            writer.add_masked(ids, min(i % 5, len(ids))) if i % 2 else writer.add(ids, [t % 2 == 0 for t in ids])
+            held.append(len(writer._ids))
+        writer.close()
+        assert max(held) < TokenRowsWriter._FLUSH_TOKENS + 40
+        return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+    want = write(tmp_path / "default")
+    monkeypatch.setattr(TokenRowsWriter, "_FLUSH_TOKENS", flush_tokens)
+    got = write(tmp_path / "patched")
+    assert got == want and len(want["x.ids.bin"]) == 4 * sum(map(len, rows))
+    assert np.fromfile(tmp_path / "patched" / "x.offsets.bin", np.int64)[-1] == sum(map(len, rows))
