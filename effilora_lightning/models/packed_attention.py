@@ -66,16 +66,17 @@ def _attend_by_segment(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
                        dropout: float, scaling: float | None, gqa: bool) -> torch.Tensor:
     """Causal SDPA over each piece of each row. query (R, H, W, D), key/value (R, H_kv, W, D) -> (R, W, H, D).
 
-    Rows are unbound and pieces split off (views whose backward is one stack / cat), not sliced: a slice's
-    backward writes its gradient into a zero tensor of the whole input, once per piece."""
+    Rows and pieces are split off (views whose backward is one cat), not sliced: a slice's backward writes its
+    gradient into a zero tensor of the whole input, once per piece. Each piece stays 4-D (1, H, n, D): the fused
+    CUDA kernels (flash, memory-efficient) take 4-D inputs only and would leave a 3-D one to the math kernel."""
     rows = []
-    for q_row, k_row, v_row, lengths in zip(query.unbind(0), key.unbind(0), value.unbind(0), segments, strict=True):
+    for q_row, k_row, v_row, lengths in zip(query.split(1), key.split(1), value.split(1), segments, strict=True):
         pieces = [F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True,
-                                                 enable_gqa=gqa)  # (H, n, D)
-                  for q, k, v in zip(q_row.split(lengths, dim=1), k_row.split(lengths, dim=1),
-                                     v_row.split(lengths, dim=1))]
-        rows.append(torch.cat(pieces, dim=1))  # (H, W, D)
-    return torch.stack(rows).transpose(1, 2).contiguous()  # (R, W, H, D), as HF's attention functions return
+                                                 enable_gqa=gqa)  # (1, H, n, D)
+                  for q, k, v in zip(q_row.split(lengths, dim=2), k_row.split(lengths, dim=2),
+                                     v_row.split(lengths, dim=2))]
+        rows.append(torch.cat(pieces, dim=2))  # (1, H, W, D)
+    return torch.cat(rows).transpose(1, 2).contiguous()  # (R, W, H, D), as HF's attention functions return
 
 
 def sdpa_packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
