@@ -111,6 +111,27 @@ def timed_model(shape: str, device: str) -> torch.nn.Module:
     return model.to(device)
 
 
+def _on(batch: dict[str, Any], device: str) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _train_step(model: torch.nn.Module, head: Any, optimizer: torch.optim.Optimizer, batch: dict[str, Any],
+                one_row: bool, kind: str) -> None:
+    """One optimizer step as the module takes it: sdpa_packed with the batch's segments for one-row batches,
+    sdpa otherwise; the chunked loss (``head``) or HF's ``labels=`` loss (``head`` None); bf16-mixed on a GPU."""
+    model.config._attn_implementation = SDPA_PACKED if one_row else "sdpa"
+    inputs = model_inputs(batch, segments=one_row)
+    with torch.autocast(kind, dtype=torch.bfloat16, enabled=kind != "cpu"):
+        if head is None:
+            loss = model(**inputs, labels=batch["labels"]).loss
+        else:
+            with head.computing_loss(batch["labels"]):
+                loss = model(**inputs).logits
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def timed_ratio(data: dict[str, Any], batch_size: int, rounds: int, steps: int, cutoff: int,
                 loss: str = "chunked", shape: str = "demo", device: str = "cpu") -> dict[str, Any]:
     """Non-padding tokens/s of grouped and packed (rows of 2x and of 1x the cutoff, one row) over random batches,
@@ -128,20 +149,9 @@ def timed_ratio(data: dict[str, Any], batch_size: int, rounds: int, steps: int, 
     def run(batching: str) -> float:
         tokens, start = 0, time.perf_counter()
         for _ in range(steps):
-            batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                     for k, v in next(loaders[batching]).items()}
+            batch = _on(next(loaders[batching]), device)
             positions[batching].append(batch["input_ids"].numel())
-            model.config._attn_implementation = SDPA_PACKED if batching == "packed_one_row" else "sdpa"
-            inputs = model_inputs(batch, segments=batching == "packed_one_row")
-            with torch.autocast(kind, dtype=torch.bfloat16, enabled=kind != "cpu"):  # bf16-mixed on a GPU
-                if head is None:
-                    value = model(**inputs, labels=batch["labels"]).loss
-                else:
-                    with head.computing_loss(batch["labels"]):
-                        value = model(**inputs).logits
-            value.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            _train_step(model, head, optimizer, batch, batching == "packed_one_row", kind)
             tokens += int(batch["attention_mask"].sum())
         if kind == "cuda":
             torch.cuda.synchronize()
@@ -185,15 +195,9 @@ def fixed_cost(data: dict[str, Any], rounds: int, steps: int, cutoff: int, sizes
                                   "packed_one_row", cutoff).train_dataloader()) for k in keys}
 
     def step(key: str) -> tuple[float, int]:
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in next(loaders[key]).items()}
-        packed = key != "random_16"
-        model.config._attn_implementation = SDPA_PACKED if packed else "sdpa"
+        batch = _on(next(loaders[key]), device)
         start = time.perf_counter()
-        with torch.autocast(kind, dtype=torch.bfloat16, enabled=kind != "cpu"), head.computing_loss(batch["labels"]):
-            loss = model(**model_inputs(batch, segments=packed)).logits
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        _train_step(model, head, optimizer, batch, key != "random_16", kind)
         if kind == "cuda":
             torch.cuda.synchronize()
         return 1000 * (time.perf_counter() - start), int(batch["attention_mask"].sum())
