@@ -77,7 +77,7 @@ class FineTuneModule(pl.LightningModule):
             default (``sdpa``), ``eager``, ``flash_attention_2`` (needs flash-attn), or ``sdpa_packed``: SDPA that
             attends each sample of a packed batch on its own, without the block mask of the row
             (``models.packed_attention``; with ``data.pack_width`` = batch size x cutoff a batch is one row with
-            no padding). Padded batches and generation are ``sdpa``'s under every choice.
+            no padding); under it, padded batches and generation are ``sdpa``'s.
     """
 
     requires_adapter = True  # VisionLanguageModule's stage 1 trains the projector alone
