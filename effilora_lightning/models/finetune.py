@@ -51,6 +51,9 @@ class FineTuneModule(pl.LightningModule):
         learning_rate: default learning rate of every adapter group.
         lr_shared_a / lr_b / lr_router: per-group overrides (None = learning_rate).
         weight_decay: AdamW decoupled weight decay on adapter weights.
+        adamw_implementation: torch's AdamW ``fused`` (default, as Hugging Face Trainer's: one kernel for all
+            parameters), ``foreach`` or ``for_loop`` (torch's default on CPU, a Python loop over the parameters;
+            it reproduces runs from before 2026-12-05 bit for bit; ``foreach`` gives the same bits). ``models.optim``.
         scheduler: ``cosine`` or ``linear`` decay after warm-up, or ``constant``.
         warmup_steps: linear warm-up, in optimizer steps (int) or as a share of all steps (float < 1).
         min_lr_ratio: the decay ends at learning_rate * min_lr_ratio.
@@ -93,6 +96,7 @@ class FineTuneModule(pl.LightningModule):
         lr_b: float | None = None,
         lr_router: float | None = None,
         weight_decay: float = 0.0,
+        adamw_implementation: Literal["fused", "foreach", "for_loop"] = "fused",
         scheduler: Literal["cosine", "linear", "constant"] = "cosine",
         warmup_steps: int | float = 0,
         min_lr_ratio: float = 0.0,
@@ -312,7 +316,8 @@ class FineTuneModule(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         return optim.adamw_with_schedule(self.param_groups(), hp.learning_rate, hp.weight_decay, hp.scheduler,
-                                         hp.warmup_steps, hp.min_lr_ratio, self.trainer.estimated_stepping_batches)
+                                         hp.warmup_steps, hp.min_lr_ratio, self.trainer.estimated_stepping_batches,
+                                         hp.adamw_implementation)
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:

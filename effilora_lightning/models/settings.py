@@ -49,6 +49,7 @@ SETTINGS: dict[str, Check] = {
     "lr_router": _OPTIONAL_LR,
     "lr_projector": _NON_NEGATIVE,
     "weight_decay": _NON_NEGATIVE,
+    "adamw_implementation": (lambda v: v in ("fused", "foreach", "for_loop"), "fused, foreach or for_loop"),
     "warmup_steps": (_warmup, "an integer >= 0 (optimizer steps) or a float in [0, 1) (share of all steps)"),
     "min_lr_ratio": (lambda v: _number(v) and 0.0 <= v <= 1.0, "a number in [0, 1]"),
     "max_new_tokens": _AT_LEAST_ONE,
