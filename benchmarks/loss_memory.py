@@ -87,11 +87,12 @@ class Stepper:
 
     def __init__(self, module: Any, batch: dict[str, torch.Tensor]) -> None:
         from effilora_lightning.losses import find_loss_head
+        from effilora_lightning.models.optim import adamw
 
         self.module, self.batch = module, batch
         self.head = find_loss_head(module.model)
         params = [p for p in module.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=1e-4)
+        self.optimizer = adamw(params, 1e-4)
 
     def loss(self, variant: str) -> torch.Tensor:
         b = self.batch

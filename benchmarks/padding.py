@@ -44,6 +44,7 @@ from effilora_lightning import LoRAConfig, apply_adapter  # noqa: E402
 from effilora_lightning.data import CommonsenseDataModule  # noqa: E402
 from effilora_lightning.data.batch import model_inputs  # noqa: E402
 from effilora_lightning.losses import install_chunked_loss_head  # noqa: E402
+from effilora_lightning.models.optim import adamw  # noqa: E402
 from effilora_lightning.models.packed_attention import SDPA_PACKED  # noqa: E402
 
 TINY = ROOT / "data" / "checkpoints" / "tiny-llama"
@@ -141,7 +142,7 @@ def timed_ratio(data: dict[str, Any], batch_size: int, rounds: int, steps: int, 
     ``device``: see ``timed_model``; on CUDA each timed stretch ends with a synchronize."""
     model, kind = timed_model(shape, device), torch.device(device).type
     head = install_chunked_loss_head(model, chunk_size=1024) if loss == "chunked" else None  # the module's default
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = adamw([p for p in model.parameters() if p.requires_grad], 1e-4)
     loaders = {b: iter(datamodule(data, TINY, batch_size, b, cutoff).train_dataloader()) for b in TIMED}
 
     positions: dict[str, list[int]] = {b: [] for b in TIMED}  # input positions per step (padding included)
@@ -189,7 +190,7 @@ def fixed_cost(data: dict[str, Any], rounds: int, steps: int, cutoff: int, sizes
     no batching removes (the intercept) and so the most any batching of the same samples can gain over random."""
     model, kind = timed_model(shape, device), torch.device(device).type
     head = install_chunked_loss_head(model, chunk_size=1024)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = adamw([p for p in model.parameters() if p.requires_grad], 1e-4)
     keys = [*(f"one_row_{n}" for n in sizes), "random_16"]
     loaders = {k: iter(datamodule(data, TINY, int(k.rsplit("_", 1)[1]), "random" if k == "random_16" else
                                   "packed_one_row", cutoff).train_dataloader()) for k in keys}

@@ -158,9 +158,11 @@ def seeded_module(adapter: Any, reducer: dict[str, Any] | None, study: Study, se
     from effilora_lightning import CausalLMModule
 
     pl.seed_everything(seed, verbose=False)
+    # for_loop: the AdamW every published round ran (torch's CPU default before the modules chose fused), so that
+    # a rerun reproduces BENCHMARKS.md's figures bit for bit
     return CausalLMModule(
         adapter=adapter, model_path=study.model_path, learning_rate=lr, warmup_steps=study.warmup_steps,
-        scheduler="cosine", max_new_tokens=study.max_new_tokens, reducer=reducer,
+        scheduler="cosine", max_new_tokens=study.max_new_tokens, reducer=reducer, adamw_implementation="for_loop",
     )
 
 

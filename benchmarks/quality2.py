@@ -771,7 +771,7 @@ class _Stepper:
             return
         module = _arm_module(arm, study)
         self.model = module.model
-        self.opt = torch.optim.AdamW(adapter_parameters(module), lr=1e-3)
+        self.opt = torch.optim.AdamW(adapter_parameters(module), lr=1e-3, foreach=False)  # as its runs (quality.py)
         if arm.kind == "effilora" and arm.keep_ratio < 1.0:
             from effilora_lightning.selection import Reducer, effilora_units
 

@@ -78,6 +78,7 @@ from effilora_lightning.adapters import (
     apply_adapter,
     is_adapter_param,
 )
+from effilora_lightning.models.optim import adamw
 from effilora_lightning.selection import Reducer, effilora_units
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -251,7 +252,7 @@ def make_bench(method: Method, base: nn.Module, preset: Preset) -> Bench:
     model = adapt(method, base, preset)
     model.train()  # no dropout is configured anywhere, so train() changes no arithmetic
     params = trainable_params(model, method)
-    optimizer = torch.optim.AdamW(params, lr=1e-5) if params else None
+    optimizer = adamw(params, 1e-5) if params else None
     reducer = Reducer(effilora_units(model), keep_ratio=method.keep_ratio) if method.kind == "effilora" else None
     return Bench(method, model, params, optimizer, reducer)
 

@@ -333,3 +333,15 @@ def test_padding_smoke_counts_and_times_every_batching(tmp_path: Path) -> None:
     assert timed["position_ratio_random_over"]["random"] == 1.0
     assert timed["position_ratio_random_over"]["packed"] > 1.0  # fewer positions than right-padded batches
     assert timed["position_ratio_random_over"]["packed_one_row"] >= timed["position_ratio_random_over"]["packed"] and json.loads(out.read_text())["records"] == 400
+
+
+def test_optimizer_step_times_the_three_implementations_and_checks_what_they_compute(tmp_path: Path) -> None:
+    """benchmarks/optimizer_step.py: every implementation timed per set, foreach equal to the for loop bit for bit."""
+    bench = _load("optimizer_step")
+    result = bench.main(["--sets", "demo-effilora-r8", "--rounds", "3", "--steps", "1", "--out", str(tmp_path / "o.json")])
+    r = result["sets"]["demo-effilora-r8"]
+    assert (r["tensors"], r["numel"]) == (25, 15_872)  # shared A per target + 4 layers' B; rank 8, tiny-llama
+    assert r["agreement"]["foreach"]["bit_identical_to_for_loop"] and r["agreement"]["for_loop"]["max_abs_diff"] == 0
+    assert 0 < r["agreement"]["fused"]["max_abs_diff"] < 1e-6
+    assert all(_finite_positive(v) for v in r["ms_per_step_median"].values())
+    assert {k for k in r if k.startswith("for_loop_over_")} == {"for_loop_over_fused", "for_loop_over_foreach"}
