@@ -77,8 +77,9 @@ class FineTuneModule(pl.LightningModule):
             loss and gradients as HF's. False: HF's own ``labels=`` loss. Generation is the same either way.
         loss_chunk_size: tokens per chunk of the chunked loss (chunk x vocab fp32 logits exist at once).
         attn_implementation: the LM's attention (transformers' ``attn_implementation``): None = transformers'
-            default (``sdpa``), ``eager``, ``flash_attention_2`` (needs flash-attn), or ``sdpa_packed``: SDPA that
-            attends each sample of a packed batch on its own, without the block mask of the row
+            default (``sdpa``), ``eager``, ``flash_attention_2`` (needs flash-attn), or ``sdpa_packed``: each sample
+            of a packed batch attended on its own, without the block mask of the row: one SDPA call per sample,
+            or on CUDA in bf16 / fp16 one ``torch.nn.attention.varlen`` flash call per layer
             (``models.packed_attention``; with ``data.pack_width`` = batch size x cutoff a batch is one row with
             no padding); under it, padded batches and generation are ``sdpa``'s.
     """

@@ -4,8 +4,14 @@ Hugging Face's ``sdpa`` keeps the samples of a packed row (``data.batch.pack``) 
 of the whole row: (R, 1, W, W) booleans, and SDPA then computes all W x W scores of the row and masks most of
 them (on CPU, and on GPU where a mask rules out the flash kernel). This implementation runs causal SDPA once per
 sample instead: no mask is built, each sample costs its own L^2, and rows can be as wide as the whole batch
-(``pack_width``: batch size x cutoff puts every sample in one row, with no padding at all). FlashAttention-2's
-variable-length kernel does the same in one call on GPUs that have it; this one works wherever SDPA does.
+(``pack_width``: batch size x cutoff puts every sample in one row, with no padding at all).
+
+Two kernels do it:
+
+* on CUDA (compute capability 8.0 or newer), fp16 / bf16 (e.g. under bf16 autocast), no attention dropout:
+  ONE call of PyTorch's variable-length flash kernel (``torch.nn.attention.varlen.varlen_attn``) per layer for
+  the whole batch, the samples given by their cumulative starts (one small host-to-device copy per forward);
+* everywhere else (CPU, fp32): causal SDPA once per sample, each piece a view of the row.
 
 Where the samples start comes, in order of preference, from
 
@@ -21,6 +27,7 @@ Importing ``effilora_lightning.models`` registers the implementation (attention 
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -32,11 +39,17 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+try:  # PyTorch's variable-length flash attention (CUDA only); absent from older releases
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+except ImportError:  # pragma: no cover - torch >= 2.10 has it
+    _varlen_attn = None
+
 SDPA_PACKED = "sdpa_packed"
 
 Segments = Sequence[Sequence[int]]  # per row of the batch, the lengths of its pieces, in order; they sum to W
 
 _cached: tuple[weakref.ref[torch.Tensor], int, tuple[tuple[int, ...], ...]] | None = None  # (ids, their version, segments)
+_starts_cached: tuple[Segments, torch.device, torch.Tensor, int] | None = None  # (segments, device, starts, longest)
 
 
 def segments_from_positions(position_ids: torch.Tensor) -> tuple[tuple[int, ...], ...]:
@@ -79,6 +92,48 @@ def _attend_by_segment(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     return torch.cat(rows).transpose(1, 2).contiguous()  # (R, W, H, D), as HF's attention functions return
 
 
+@functools.cache
+def _flash_capable(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (8, 0)
+
+
+def varlen_kernel_applies(query: torch.Tensor, dropout: float) -> bool:
+    """Whether one ``varlen_attn`` call can attend the batch: what PyTorch's flash kernel takes (CUDA, compute
+    capability >= 8.0, fp16 / bf16, head dim a multiple of 8 up to 256) and no dropout (it has none)."""
+    return (_varlen_attn is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
+            and dropout == 0.0 and query.shape[-1] % 8 == 0 and query.shape[-1] <= 256
+            and _flash_capable(query.get_device()))
+
+
+def cumulative_starts(segments: Segments, device: torch.device) -> tuple[torch.Tensor, int]:
+    """Every piece's start in the flattened batch (rows one after another) and the end, (pieces + 1,) int32 on
+    ``device``, and the longest piece: ``varlen_attn``'s ``cu_seq`` and ``max``. One host-to-device copy per
+    forward: the last result is kept for the same segments (every layer gets the same ones)."""
+    global _starts_cached
+    if (_starts_cached is not None and _starts_cached[1] == device
+            and (_starts_cached[0] is segments or _starts_cached[0] == segments)):
+        return _starts_cached[2], _starts_cached[3]
+    lengths = [n for row in segments for n in row]
+    starts = torch.tensor(np.concatenate(([0], np.cumsum(lengths))), dtype=torch.int32).to(device, non_blocking=True)
+    _starts_cached = (segments, device, starts, max(lengths))
+    return starts, max(lengths)
+
+
+def _attend_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segments: Segments,
+                   scaling: float | None, gqa: bool) -> torch.Tensor:
+    """Causal attention of every piece in one ``varlen_attn`` call. query (R, H, W, D), key/value (R, H_kv, W, D)
+    -> (R, W, H, D). Hugging Face's query is a transposed (R, W, H, D) tensor, so the flattening is a view."""
+    rows, heads, width, _ = query.shape
+    starts, longest = cumulative_starts(segments, query.device)
+
+    def tokens_first(x: torch.Tensor) -> torch.Tensor:  # (R, h, W, d) -> (R * W, h, d)
+        return x.transpose(1, 2).reshape(rows * width, x.shape[1], x.shape[3])
+
+    out = _varlen_attn(tokens_first(query), tokens_first(key), tokens_first(value), starts, starts, longest,
+                       longest, scale=scaling, window_size=(-1, 0), enable_gqa=gqa)  # (R * W, H, D); (-1, 0): causal
+    return out.view(rows, width, heads, out.shape[-1])
+
+
 def sdpa_packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                           packed_segments: Segments | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -96,6 +151,8 @@ def sdpa_packed_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
             segments = segments * rows if len(segments) == 1 < rows else segments  # (1, W) ids serve every row
         if any(len(row) > 1 for row in segments):
             gqa = key.shape[1] != query.shape[1]
+            if varlen_kernel_applies(query, dropout):
+                return _attend_varlen(query, key, value, segments, scaling, gqa), None
             return _attend_by_segment(query, key, value, segments, dropout, scaling, gqa), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   **kwargs)

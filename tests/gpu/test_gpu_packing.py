@@ -1,7 +1,8 @@
 """On CUDA: packed loss batches (``batch.pack``) give the padded batch's loss and gradients with the attention
-kernels a GPU run uses: SDPA in fp32 and under bf16 autocast, ``sdpa_packed`` (one causal SDPA call per sample,
-the batch in rows or in one row), and FlashAttention-2 when the package is installed (variable-length attention
-from the packed ``position_ids``)."""
+kernels a GPU run uses: SDPA in fp32 and under bf16 autocast, ``sdpa_packed`` (in fp32 one causal SDPA call per
+sample; under bf16 autocast one call of PyTorch's variable-length flash kernel per layer; the batch in rows or in
+one row), and FlashAttention-2 when the package is installed (variable-length attention from the packed
+``position_ids``)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from gpu_helpers import CUDA, GPU_MARKS
 from helpers import tiny_llama
 
 from effilora_lightning.data.batch import IGNORE_INDEX, model_inputs, pack, pad, pad_mask
+from effilora_lightning.models import packed_attention
 from effilora_lightning.models.packed_attention import SDPA_PACKED
 
 pytestmark = GPU_MARKS
@@ -62,6 +64,32 @@ def test_packed_equals_padded_with_sdpa_packed(autocast, width):
     torch.testing.assert_close(got_loss, want_loss, **tol)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, **tol)
+
+
+@pytest.mark.parametrize("width", [28, 56], ids=["rows", "one_row"])
+def test_bf16_sdpa_packed_is_one_varlen_flash_call_per_layer_and_equals_the_per_sample_loop(monkeypatch, width):
+    """Under bf16 autocast on this GPU the varlen kernel is chosen (one call per layer: 2 forward calls) and gives
+    the per-sample SDPA loop's loss and gradients within bf16 rounding."""
+    if packed_attention._varlen_attn is None:
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    model = tiny_llama(layers=2, attn_implementation=SDPA_PACKED).cuda().train()
+    _, packed = _batches(width=width)
+    calls = []
+    real = packed_attention._varlen_attn
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(packed_attention, "_varlen_attn", counted)
+    got_loss, got = _loss_and_grads(model, packed, autocast=True, segments=True)
+    assert len(calls) == 2  # one per layer, the whole batch in each
+    monkeypatch.setattr(packed_attention, "varlen_kernel_applies", lambda query, dropout: False)
+    want_loss, want = _loss_and_grads(model, packed, autocast=True, segments=True)
+    assert len(calls) == 2
+    torch.testing.assert_close(got_loss, want_loss, rtol=2e-2, atol=2e-3)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-3)
 
 
 # (without CUDA the module's mark skips it, saying so: the GPU check's dry run counts that reason)

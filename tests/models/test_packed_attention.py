@@ -9,11 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from effilora_lightning import CausalLMModule, LoRAConfig
 from effilora_lightning.data.batch import IGNORE_INDEX, model_inputs, pack, pad, pad_mask
+from effilora_lightning.models import packed_attention
 from effilora_lightning.models.causal_lm import load_causal_lm
-from effilora_lightning.models.packed_attention import SDPA_PACKED, segments_from_positions
+from effilora_lightning.models.packed_attention import SDPA_PACKED, segments_from_positions, varlen_kernel_applies
 
 TINY = Path(__file__).resolve().parents[2] / "data" / "checkpoints" / "tiny-llama"
 
@@ -113,3 +115,60 @@ def test_the_setting_reaches_the_model_and_a_wrong_name_is_refused_up_front():
         CausalLMModule(model_path=str(TINY), adapter=LoRAConfig(rank=2), attn_implementation="sdpa-packed")
     module = CausalLMModule(model_path=str(TINY), adapter=LoRAConfig(rank=2), attn_implementation=SDPA_PACKED)
     assert module.build_base_model().config._attn_implementation == SDPA_PACKED
+
+
+def _documented_varlen_attn(calls: list[dict]):
+    """What ``torch.nn.attention.varlen.varlen_attn`` computes by its documentation, on CPU (the kernel is CUDA
+    only): (T, H, D) inputs, sample i = tokens [cu_seq[i], cu_seq[i + 1]), window (-1, 0) = causal; records what
+    it was given."""
+    def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+        calls.append({"shape": tuple(q.shape), "kv_heads": k.shape[1], "cu": cu_q, "cu_k_is_cu_q": cu_k is cu_q,
+                      "max": (max_q, max_k), "window": tuple(window_size), "gqa": enable_gqa, "scale": scale})
+        assert tuple(window_size) == (-1, 0), "only causal attention is described here"
+        bounds = cu_q.tolist()
+        pieces = [F.scaled_dot_product_attention(*(x[a:b].transpose(0, 1)[None] for x in (q, k, v)), scale=scale,
+                                                 is_causal=True, enable_gqa=enable_gqa)[0].transpose(0, 1)
+                  for a, b in zip(bounds, bounds[1:])]
+        return torch.cat(pieces)  # (T, H, D)
+    return varlen_attn
+
+
+@pytest.mark.parametrize("width", [30, 100], ids=["rows", "one_row"])
+def test_where_the_flash_kernel_applies_one_varlen_call_per_layer_attends_the_batch(tiny_llama, monkeypatch, width):
+    """On a GPU that can (fp16/bf16, sm80+) sdpa_packed makes ONE varlen_attn call per layer, not one SDPA call
+    per sample: here the kernel as documented stands in for the CUDA one, so what is tested is what we hand it
+    (layout, starts, longest piece, causal window, GQA, scale) and that loss and gradients are the per-sample
+    path's. The real kernel runs in tests/gpu/test_gpu_packing.py."""
+    ids, labels = _samples(5)
+    batch = pack(ids, labels, pad_id=0, width=width)
+
+    def loss_and_grads():
+        model = tiny_llama(layers=3, attn_implementation=SDPA_PACKED).train()
+        loss = model(**model_inputs(batch, segments=True), labels=batch["labels"]).loss
+        loss.backward()
+        return loss.detach(), [p.grad for p in model.parameters()]
+
+    want_loss, want = loss_and_grads()  # the per-sample SDPA loop: this is CPU fp32
+    calls: list[dict] = []
+    monkeypatch.setattr(packed_attention, "_varlen_attn", _documented_varlen_attn(calls))
+    monkeypatch.setattr(packed_attention, "varlen_kernel_applies", lambda query, dropout: True)
+    got_loss, got = loss_and_grads()
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-6)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    rows, w = batch["input_ids"].shape
+    lengths = [n for row in batch["packed_segments"] for n in row]
+    assert len(calls) == 3  # one per layer
+    for call in calls:
+        assert call["shape"] == (rows * w, 4, 8) and call["kv_heads"] == 2 and call["gqa"]  # 4 heads of 8, 2 KV
+        assert call["cu"] is calls[0]["cu"] and call["cu_k_is_cu_q"]  # one host-to-device copy per forward
+        assert call["cu"].dtype == torch.int32 and call["cu"].tolist() == np.cumsum([0, *lengths]).tolist()
+        assert call["max"] == (max(lengths), max(lengths)) and call["window"] == (-1, 0)
+        assert call["scale"] == pytest.approx(8 ** -0.5)
+
+
+def test_the_flash_kernel_is_never_chosen_for_cpu_fp32_or_dropout():
+    q = torch.zeros(1, 4, 8, 8)
+    assert not varlen_kernel_applies(q, 0.0) and not varlen_kernel_applies(q.bfloat16(), 0.0)
+    if torch.cuda.is_available():  # (the GPU suite's machine)
+        assert not varlen_kernel_applies(q.cuda(), 0.0) and not varlen_kernel_applies(q.cuda().bfloat16(), 0.1)
