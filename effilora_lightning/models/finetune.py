@@ -54,6 +54,8 @@ class FineTuneModule(pl.LightningModule):
         adamw_implementation: torch's AdamW ``fused`` (default, as Hugging Face Trainer's: one kernel for all
             parameters), ``foreach`` or ``for_loop`` (torch's default on CPU, a Python loop over the parameters;
             it reproduces runs from before 2026-12-05 bit for bit; ``foreach`` gives the same bits). ``models.optim``.
+            A resume keeps the implementation its checkpoint was written with (exact continuation) and warns
+            when that is not this one.
         scheduler: ``cosine`` or ``linear`` decay after warm-up, or ``constant``.
         warmup_steps: linear warm-up, in optimizer steps (int) or as a share of all steps (float < 1).
         min_lr_ratio: the decay ends at learning_rate * min_lr_ratio.
@@ -332,6 +334,11 @@ class FineTuneModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoints.check_loaded_keys(self, checkpoint)
+        saved = optim.resumed_implementation(checkpoint, self.hparams.adamw_implementation)
+        if saved is not None:
+            rank_zero_warn(f"Resuming with the checkpoint's AdamW implementation, {saved}, so that the run goes on "
+                           f"exactly as it would have; adamw_implementation={self.hparams.adamw_implementation!r} "
+                           "applies to runs that start without a checkpoint.")
 
     def in_checkpoint(self, key: str) -> bool:
         """Whether a state-dict key is saved in checkpoints (and so required when resuming from one)."""

@@ -22,7 +22,8 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from ..adapters import is_adapter_param, param_group
 
-__all__ = ["ADAMW_IMPLEMENTATIONS", "adamw", "adamw_with_schedule", "adapter_param_groups", "lr_factor"]
+__all__ = ["ADAMW_IMPLEMENTATIONS", "adamw", "adamw_with_schedule", "adapter_param_groups", "lr_factor",
+           "resumed_implementation"]
 
 ADAMW_IMPLEMENTATIONS = ("fused", "foreach", "for_loop")
 """The names ``adamw`` takes, torch's three implementations (module docstring)."""
@@ -50,6 +51,28 @@ def adamw(params: Iterable[Any], learning_rate: float, weight_decay: float = 0.0
                          f"got {implementation!r}.")
     return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay,
                              foreach=implementation == "foreach", fused=implementation == "fused")
+
+
+def resumed_implementation(checkpoint: Mapping[str, Any], wanted: str) -> str | None:
+    """What a resume from ``checkpoint`` will step with, where that is not ``wanted``: torch's
+    ``Optimizer.load_state_dict`` restores the saved groups' ``foreach`` / ``fused`` flags with their state, so a
+    resumed run continues with the implementation it was written by (exactly as it would have gone on). A
+    description of it when it differs from ``wanted``; None when it is the same or the checkpoint holds no
+    optimizer state (validate / test, or a sharded checkpoint whose strategy loads it)."""
+    states = checkpoint.get("optimizer_states") or []
+    groups = states[0].get("param_groups") if states and isinstance(states[0], Mapping) else None
+    if not groups:
+        return None
+    group = groups[0]
+    if group.get("fused"):
+        saved = "fused"
+    elif group.get("foreach"):
+        saved = "foreach"
+    elif group.get("foreach") is False:
+        saved = "for_loop"
+    else:  # both None: written before the modules named it (2026-12-05), torch's choice by device
+        saved = "torch's default (the for loop on CPU, foreach on CUDA)"
+    return None if saved == wanted else saved
 
 
 def adamw_with_schedule(groups: list[dict[str, Any]], learning_rate: float, weight_decay: float, scheduler: str,

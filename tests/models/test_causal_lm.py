@@ -11,6 +11,7 @@ import torch
 
 from effilora_lightning import CausalLMModule, CommonsenseDataModule, EffiLoRAConfig, LoRAConfig, apply_adapter
 from effilora_lightning.adapters import is_adapter_param
+from effilora_lightning.models import optim
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "data" / "checkpoints" / "tiny-llama"
@@ -137,10 +138,10 @@ class _KillAt(pl.Callback):
             raise KeyboardInterrupt
 
 
-def _fit_steps(tmp_path, steps, ckpt_path=None, every=None, kill_at=None):
+def _fit_steps(tmp_path, steps, ckpt_path=None, every=None, kill_at=None, **module_kw):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    module = _module(learning_rate=1e-3, warmup_steps=2, reducer={"warmup_steps": 0, "heatmap": False})
+    module = _module(learning_rate=1e-3, warmup_steps=2, reducer={"warmup_steps": 0, "heatmap": False}, **module_kw)
     losses = _Losses()
     callbacks = [losses] + ([_KillAt(kill_at)] if kill_at else [])
     if every:
@@ -152,18 +153,36 @@ def _fit_steps(tmp_path, steps, ckpt_path=None, every=None, kill_at=None):
             trainer.fit(module, datamodule=_datamodule(val_set_size=0), ckpt_path=ckpt_path)
     else:
         trainer.fit(module, datamodule=_datamodule(val_set_size=0), ckpt_path=ckpt_path)
-    return losses.losses, module.reducer.history
+    return losses.losses, module.reducer.history, trainer
 
 
 def test_mid_epoch_resume_continues_the_same_data_order_losses_and_selections(tmp_path):
-    full_losses, full_history = _fit_steps(tmp_path / "full", 6)
+    full_losses, full_history, _ = _fit_steps(tmp_path / "full", 6)
     _fit_steps(tmp_path / "part", 6, every=3, kill_at=3)  # killed after step 3, mid-epoch (hundreds of batches)
     ckpt = next((tmp_path / "part" / "ck").glob("*step=3*"))
-    losses, history = _fit_steps(tmp_path / "resumed", 6, ckpt_path=str(ckpt))
+    losses, history, _ = _fit_steps(tmp_path / "resumed", 6, ckpt_path=str(ckpt))
     assert len(losses) == 3
     for a, b in zip(losses, full_losses[3:]):
         assert abs(a - b) <= 1e-6, (losses, full_losses)
     assert [h.tolist() for h in history] == [h.tolist() for h in full_history]
+
+
+def test_a_resume_keeps_the_adamw_implementation_the_checkpoint_was_written_with_and_says_so(tmp_path):
+    """A run written by the for loop (as every run before 2026-12-05) resumes with the for loop under today's
+    fused default: its losses are the uninterrupted for-loop run's to the bit, and a warning names both."""
+    full_losses, _, _ = _fit_steps(tmp_path / "full", 6, adamw_implementation="for_loop")
+    _fit_steps(tmp_path / "part", 6, every=3, kill_at=3, adamw_implementation="for_loop")
+    ckpt = next((tmp_path / "part" / "ck").glob("*step=3*"))
+    with pytest.warns(UserWarning, match=r"checkpoint's AdamW implementation, for_loop, .*"
+                                         r"adamw_implementation='fused' applies to runs that start without"):
+        losses, _, trainer = _fit_steps(tmp_path / "resumed", 6, ckpt_path=str(ckpt))
+    group = trainer.optimizers[0].param_groups[0]
+    assert (group["foreach"], group["fused"]) == (False, False)
+    assert losses == full_losses[3:]
+    old = {"optimizer_states": [{"param_groups": [{"foreach": None, "fused": None}]}]}  # written before the choice
+    assert optim.resumed_implementation(old, "fused").startswith("torch's default")
+    assert optim.resumed_implementation({"optimizer_states": [{"param_groups": [{"fused": True}]}]}, "fused") is None
+    assert optim.resumed_implementation({}, "fused") is None  # validate / test: no optimizer state
 
 
 @pytest.mark.parametrize(("strategy", "keeps_base"), [
