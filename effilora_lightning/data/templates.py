@@ -1,6 +1,7 @@
 """The old import path of ``commonsense_prompts`` (the Alpaca prompt and answer extraction of the commonsense
-tasks). Kept because code outside the data package imports it from here: ``metrics`` (TASKS), the models and
-their tests (TASKS, extract_answer). New code imports ``effilora_lightning.data.commonsense_prompts``."""
+tasks). Nothing in this package imports it any more; it stays because the layout in the design notes names
+``data/templates.py`` and users' code may import from it. New code imports
+``effilora_lightning.data.commonsense_prompts``."""
 
 from effilora_lightning.data.commonsense_prompts import (
     ANSWER_PATTERNS,
