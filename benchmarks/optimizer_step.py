@@ -1,11 +1,13 @@
 """One AdamW step over an adapter's parameters, torch's three implementations side by side.
 
-torch picks the for-loop AdamW (a Python loop over every parameter, every step) for CPU tensors; the modules name
-``foreach`` instead (``effilora_lightning.models.optim``). This times what that choice changes, isolated: the
-optimizer step alone, on the adapter parameter sets the product trains, with gradients in place. Per parameter
-set, ONE process, the implementations interleaved with a rotating start, each round's ratio for_loop / foreach
-and for_loop / fused taken from the same round, reported as the median with a 95 % interval over rounds. It also
-checks what each implementation computes: foreach against the for loop bit for bit, fused's largest difference.
+torch picks the for-loop AdamW (a Python loop over every parameter, every step) for CPU tensors and ``foreach`` for
+CUDA ones; the modules name ``fused`` (``effilora_lightning.models.optim``). This times what that choice changes,
+isolated: the optimizer step alone, on the adapter parameter sets the product trains, with gradients in place, on
+the CPU or (``--device cuda``, the GPU check's ``optimizer`` step) on a GPU, synchronised around each timed
+block. Per parameter set, ONE process, the implementations interleaved with a rotating start, each round's ratio
+for_loop / foreach and for_loop / fused taken from the same round, reported as the median with a 95 % interval over
+rounds. It also checks what each implementation computes: foreach against the for loop bit for bit (on CUDA too,
+where the loop and the multi-tensor kernels may round differently: the flag records it), fused's largest difference.
 
 Parameter sets (fp32, as the adapters train):
 
@@ -14,6 +16,7 @@ Parameter sets (fp32, as the adapters train):
 * ``llama3-8b-lora-r16``: LoRA rank 16 on all seven projections of LLaMA-3-8B's 32 layers, by shape (no model).
 
     .venv/bin/python benchmarks/optimizer_step.py --rounds 40 --steps 10
+    python3 benchmarks/optimizer_step.py --device cuda --out OUT/optimizer_step_cuda.json
 """
 
 from __future__ import annotations
@@ -57,21 +60,29 @@ def parameter_shapes(name: str) -> list[tuple[int, ...]]:
     return [tuple(p.shape) for p in model.parameters() if p.requires_grad]
 
 
-def _optimizers(shapes: list[tuple[int, ...]]) -> dict[str, tuple[list[torch.Tensor], torch.optim.Optimizer]]:
-    """One copy of the same parameters and gradients per implementation."""
+def _optimizers(shapes: list[tuple[int, ...]], device: torch.device
+                ) -> dict[str, tuple[list[torch.Tensor], torch.optim.Optimizer]]:
+    """One copy of the same parameters and gradients per implementation (drawn on the CPU, so every device starts
+    from the same values)."""
     out = {}
     for impl in ADAMW_IMPLEMENTATIONS:
         g = torch.Generator().manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(s, generator=g) * 0.02) for s in shapes]
+        params = [torch.nn.Parameter((torch.randn(s, generator=g) * 0.02).to(device)) for s in shapes]
         for p in params:
-            p.grad = torch.randn(p.shape, generator=g)
+            p.grad = torch.randn(p.shape, generator=g).to(device)
         out[impl] = (params, adamw(params, 1e-4, weight_decay=0.01, implementation=impl))
     return out
 
 
-def measure(name: str, rounds: int, steps: int) -> dict[str, Any]:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(name: str, rounds: int, steps: int, device: str | torch.device = "cpu") -> dict[str, Any]:
+    device = torch.device(device)
     shapes = parameter_shapes(name)
-    opts = _optimizers(shapes)
+    opts = _optimizers(shapes, device)
     for _, opt in opts.values():  # warm-up, and the state every implementation then holds
         for _ in range(3):
             opt.step()
@@ -87,9 +98,11 @@ def measure(name: str, rounds: int, steps: int) -> dict[str, Any]:
             got = {}
             for impl in keys[r % len(keys):] + keys[: r % len(keys)]:  # rotating start
                 opt = opts[impl][1]
+                _sync(device)
                 start = time.perf_counter()
                 for _ in range(steps):
                     opt.step()
+                _sync(device)
                 got[impl] = (time.perf_counter() - start) / steps * 1e3
             for impl, value in got.items():
                 ms[impl].append(value)
@@ -109,15 +122,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per implementation per round")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "optimizer_step_cpu.json")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON results (default benchmarks/results/optimizer_step_<device type>.json)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
+    out = args.out or ROOT / "benchmarks" / "results" / f"optimizer_step_{device.type}.json"
     result: dict[str, Any] = {"machine": machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                              "device": str(device),
+                              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                               "rounds": args.rounds, "steps_per_round": args.steps,
-                              "sets": {name: measure(name, args.rounds, args.steps) for name in args.sets}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+                              "sets": {name: measure(name, args.rounds, args.steps, device) for name in args.sets}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     for name, r in result["sets"].items():
         print(f"{name}: {r['tensors']} tensors, {r['numel']:,} values; ms/step "
               + ", ".join(f"{k} {v:.3f}" for k, v in r["ms_per_step_median"].items())

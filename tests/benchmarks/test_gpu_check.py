@@ -1,7 +1,7 @@
 """benchmarks/gpu_check.py --dry-run end to end on the CPU: the script that will meet the GPU has run here.
 
-Every step (environment, pytest -m gpu, speed, demo, loss_memory) must write its JSON with status ok; on the CPU
-every GPU test skips, which counts as ok. Two to three minutes on the 2-core box (each step is a child process
+Every step (environment, pytest -m gpu, speed, demo, loss_memory, optimizer, packing) must write its JSON (the
+environment's into summary.json) with status ok; on the CPU every GPU test skips, which counts as ok. Two to three minutes on the 2-core box (each step is a child process
 importing torch and friends, and loss_memory.py starts one per variant), hence ``slow``.
 """
 
@@ -41,12 +41,13 @@ def test_every_step_writes_its_json_with_status_ok(dry_run):
     out, done = dry_run
     gc = _gpu_check()
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert gc.OWN_FILE == [s for s in gc.STEPS if s != "environment"] and not (out / "environment.json").exists()
     for step in gc.STEPS:
-        result = json.loads((out / f"{step}.json").read_text())
+        result = summary["environment"] if step == "environment" else json.loads((out / f"{step}.json").read_text())
         assert result["step"] == step and result["seconds"] >= 0
         expected = "ok" if step != "loss_memory" or gc.LOSS_MEMORY.is_file() else "skipped"
         assert result["status"] == expected, (step, {k: result.get(k) for k in ("status", "error", "output_tail")})
-    summary = json.loads((out / "summary.json").read_text())
     assert summary["dry_run"] is True and set(summary["steps"]) == set(gc.STEPS)
     assert (out / "log.txt").is_file()
     assert len(list(out.iterdir())) <= 8  # the device tool brings back at most 8 files from $OUT
@@ -55,7 +56,7 @@ def test_every_step_writes_its_json_with_status_ok(dry_run):
 def test_each_step_reports_what_it_measured(dry_run):
     out, _ = dry_run
     gc = _gpu_check()
-    env = json.loads((out / "environment.json").read_text())
+    env = json.loads((out / "summary.json").read_text())["environment"]
     assert env["problems"] == [] and env["probe"]["import_errors"] == {}
     assert env["probe"]["lightning_cli_signatures"] is True  # jsonargparse[signatures], as LightningCLI needs
 
@@ -79,6 +80,12 @@ def test_each_step_reports_what_it_measured(dry_run):
     assert demo["accuracy_table"].splitlines()[0] == "| task | accuracy (%) | n |"
     assert "| average |" in demo["accuracy_table"]
     assert demo["metrics"]["val_acc"] and "perf/tokens_per_sec" in demo["metrics"]["last"]
+
+    optimizer = json.loads((out / "optimizer.json").read_text())["sets"]
+    assert set(optimizer) == {"demo-effilora-r8"}  # the dry run's one set; on the GPU all three
+    r = optimizer["demo-effilora-r8"]
+    assert r["foreach_bit_identical"] and 0 < r["fused_max_abs_diff"] < 1e-6
+    assert r["for_loop_over_fused"]["median"] > 0 and set(r["ms_per_step_median"]) == {"fused", "foreach", "for_loop"}
 
     packing = json.loads((out / "packing.json").read_text())["ratios_over_random"]
     assert set(packing) == {"grouped", "packed", "packed_1x", "packed_one_row"}

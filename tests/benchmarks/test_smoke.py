@@ -345,3 +345,11 @@ def test_optimizer_step_times_the_three_implementations_and_checks_what_they_com
     assert 0 < r["agreement"]["fused"]["max_abs_diff"] < 1e-6
     assert all(_finite_positive(v) for v in r["ms_per_step_median"].values())
     assert {k for k in r if k.startswith("for_loop_over_")} == {"for_loop_over_fused", "for_loop_over_foreach"}
+    assert result["device"] == "cpu" and result["gpu"] is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without CUDA gives")
+def test_optimizer_step_on_cuda_without_a_gpu_says_so(capsys) -> None:
+    with pytest.raises(SystemExit):
+        _load("optimizer_step").main(["--device", "cuda"])
+    assert "torch sees no CUDA device here" in capsys.readouterr().err
