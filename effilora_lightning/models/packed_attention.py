@@ -10,7 +10,9 @@ Two kernels do it:
 
 * on CUDA (compute capability 8.0 or newer), fp16 / bf16 (e.g. under bf16 autocast), no attention dropout:
   ONE call of PyTorch's variable-length flash kernel (``torch.nn.attention.varlen.varlen_attn``) per layer for
-  the whole batch, the samples given by their cumulative starts (one small host-to-device copy per forward);
+  the whole batch, the samples given by their cumulative starts (one small host-to-device copy per forward).
+  Its signature is read once (``varlen_style``): releases that take ``is_causal`` and no ``scale`` or
+  ``enable_gqa`` (2.10) get those, with the KV heads repeated for GQA; the GPU image has had 2.11;
 * everywhere else (CPU, fp32): causal SDPA once per sample, each piece a view of the row.
 
 Where the samples start comes, in order of preference, from
@@ -28,9 +30,11 @@ Importing ``effilora_lightning.models`` registers the implementation (attention 
 from __future__ import annotations
 
 import functools
+import inspect
+import math
 import weakref
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -97,11 +101,41 @@ def _flash_capable(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (8, 0)
 
 
-def varlen_kernel_applies(query: torch.Tensor, dropout: float) -> bool:
+class VarlenStyle(NamedTuple):
+    """How this PyTorch's ``varlen_attn`` takes what sdpa_packed needs; its signature changed across releases
+    (2.10: a positional ``is_causal`` and no scale or GQA flag; later: keyword-only ``scale``, ``window_size``
+    and ``enable_gqa``). ``causal``: the keyword arguments that make it causal."""
+
+    causal: dict[str, Any]
+    scale: bool
+    gqa: bool
+
+
+@functools.lru_cache(maxsize=4)
+def varlen_style(fn: Callable[..., Any] | None) -> VarlenStyle | None:
+    """``fn``'s ``VarlenStyle`` read off its signature (once per function), or None where it takes no causal
+    mask this module knows (then the per-sample loop runs)."""
+    if fn is None:
+        return None
+    params = inspect.signature(fn).parameters
+    if "window_size" in params:
+        causal: dict[str, Any] = {"window_size": (-1, 0)}  # (-1, 0): everything before, nothing after
+    elif "is_causal" in params:
+        causal = {"is_causal": True}
+    else:
+        return None
+    return VarlenStyle(causal, "scale" in params, "enable_gqa" in params)
+
+
+def varlen_kernel_applies(query: torch.Tensor, dropout: float, scaling: float | None = None) -> bool:
     """Whether one ``varlen_attn`` call can attend the batch: what PyTorch's flash kernel takes (CUDA, compute
-    capability >= 8.0, fp16 / bf16, head dim a multiple of 8 up to 256) and no dropout (it has none)."""
-    return (_varlen_attn is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
-            and dropout == 0.0 and query.shape[-1] % 8 == 0 and query.shape[-1] <= 256
+    capability >= 8.0, fp16 / bf16, head dim a multiple of 8 up to 256), no dropout (it has none), and a
+    ``scaling`` this PyTorch's ``varlen_attn`` can be given (one without ``scale`` only uses 1 / sqrt(D))."""
+    style = varlen_style(_varlen_attn)
+    head_dim = query.shape[-1]
+    return (style is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
+            and dropout == 0.0 and head_dim % 8 == 0 and head_dim <= 256
+            and (style.scale or scaling is None or math.isclose(scaling, head_dim ** -0.5, rel_tol=1e-6))
             and _flash_capable(query.get_device()))
 
 
@@ -129,8 +163,16 @@ def _attend_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     def tokens_first(x: torch.Tensor) -> torch.Tensor:  # (R, h, W, d) -> (R * W, h, d)
         return x.transpose(1, 2).reshape(rows * width, x.shape[1], x.shape[3])
 
+    style = varlen_style(_varlen_attn)
+    kwargs = dict(style.causal)
+    if style.scale:
+        kwargs["scale"] = scaling
+    if gqa and style.gqa:
+        kwargs["enable_gqa"] = True
+    elif gqa:  # a release without the flag: every query head gets its KV head's copy, as repeat_kv does
+        key, value = (x.repeat_interleave(heads // x.shape[1], dim=1) for x in (key, value))
     out = _varlen_attn(tokens_first(query), tokens_first(key), tokens_first(value), starts, starts, longest,
-                       longest, scale=scaling, window_size=(-1, 0), enable_gqa=gqa)  # (R * W, H, D); (-1, 0): causal
+                       longest, **kwargs)  # (R * W, H, D)
     return out.view(rows, width, heads, out.shape[-1])
 
 
@@ -151,7 +193,7 @@ def sdpa_packed_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
             segments = segments * rows if len(segments) == 1 < rows else segments  # (1, W) ids serve every row
         if any(len(row) > 1 for row in segments):
             gqa = key.shape[1] != query.shape[1]
-            if varlen_kernel_applies(query, dropout):
+            if varlen_kernel_applies(query, dropout, scaling):
                 return _attend_varlen(query, key, value, segments, scaling, gqa), None
             return _attend_by_segment(query, key, value, segments, dropout, scaling, gqa), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

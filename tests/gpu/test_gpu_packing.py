@@ -6,6 +6,7 @@ one row), and FlashAttention-2 when the package is installed (variable-length at
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import numpy as np
@@ -76,7 +77,9 @@ def test_bf16_sdpa_packed_is_one_varlen_flash_call_per_layer_and_equals_the_per_
     _, packed = _batches(width=width)
     calls = []
     real = packed_attention._varlen_attn
+    assert packed_attention.varlen_style(real) is not None, f"torch {torch.__version__}'s varlen_attn: no causal argument"
 
+    @functools.wraps(real)  # the same signature, which varlen_style reads
     def counted(*args, **kwargs):
         calls.append(args[0].shape)
         return real(*args, **kwargs)
@@ -84,7 +87,7 @@ def test_bf16_sdpa_packed_is_one_varlen_flash_call_per_layer_and_equals_the_per_
     monkeypatch.setattr(packed_attention, "_varlen_attn", counted)
     got_loss, got = _loss_and_grads(model, packed, autocast=True, segments=True)
     assert len(calls) == 2  # one per layer, the whole batch in each
-    monkeypatch.setattr(packed_attention, "varlen_kernel_applies", lambda query, dropout: False)
+    monkeypatch.setattr(packed_attention, "varlen_kernel_applies", lambda query, dropout, scaling=None: False)
     want_loss, want = _loss_and_grads(model, packed, autocast=True, segments=True)
     assert len(calls) == 2
     torch.testing.assert_close(got_loss, want_loss, rtol=2e-2, atol=2e-3)

@@ -5,6 +5,7 @@ from the batch (no host sync) or from position_ids; the setting checked up front
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -151,7 +152,7 @@ def test_where_the_flash_kernel_applies_one_varlen_call_per_layer_attends_the_ba
     want_loss, want = loss_and_grads()  # the per-sample SDPA loop: this is CPU fp32
     calls: list[dict] = []
     monkeypatch.setattr(packed_attention, "_varlen_attn", _documented_varlen_attn(calls))
-    monkeypatch.setattr(packed_attention, "varlen_kernel_applies", lambda query, dropout: True)
+    monkeypatch.setattr(packed_attention, "varlen_kernel_applies", lambda query, dropout, scaling=None: True)
     got_loss, got = loss_and_grads()
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-6)
     for g, w in zip(got, want, strict=True):
@@ -165,6 +166,66 @@ def test_where_the_flash_kernel_applies_one_varlen_call_per_layer_attends_the_ba
         assert call["cu"].dtype == torch.int32 and call["cu"].tolist() == np.cumsum([0, *lengths]).tolist()
         assert call["max"] == (max(lengths), max(lengths)) and call["window"] == (-1, 0)
         assert call["scale"] == pytest.approx(8 ** -0.5)
+
+
+def _older_varlen_attns(calls: list[dict]) -> dict[str, Any]:
+    """Stand-ins with the signatures of earlier PyTorch releases (what they compute: ``_documented_varlen_attn``):
+    2.10's positional ``is_causal`` without ``scale`` or ``enable_gqa``, and ``window_size`` without
+    ``enable_gqa``. Neither can take GQA, so each refuses KV heads fewer than the query's."""
+    documented = _documented_varlen_attn(calls)
+
+    def torch_2_10(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, return_aux=None):
+        assert is_causal and k.shape[1] == q.shape[1], "this release's kernel takes no GQA"
+        return documented(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, 0))
+
+    def window_without_gqa(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
+        assert k.shape[1] == q.shape[1], "this release's kernel takes no GQA"
+        return documented(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window_size)
+
+    return {"torch_2_10": torch_2_10, "window_without_gqa": window_without_gqa}
+
+
+@pytest.mark.parametrize("release", ["torch_2_10", "window_without_gqa"])
+def test_older_varlen_signatures_are_called_as_they_take_it(tiny_llama, monkeypatch, release):
+    """The GPU image has had PyTorch 2.11, the CPU box 2.14: ``varlen_style`` reads the signature, so a release
+    without ``enable_gqa`` gets the KV heads repeated and one without ``scale`` only the default scale (any
+    other scale runs the per-sample loop); loss and gradients stay the per-sample path's."""
+    ids, labels = _samples(5)
+    batch = pack(ids, labels, pad_id=0, width=100)
+
+    def loss_and_grads():
+        model = tiny_llama(layers=2, attn_implementation=SDPA_PACKED).train()
+        loss = model(**model_inputs(batch, segments=True), labels=batch["labels"]).loss
+        loss.backward()
+        return loss.detach(), [p.grad for p in model.parameters()]
+
+    want_loss, want = loss_and_grads()
+    calls: list[dict] = []
+    kernel = _older_varlen_attns(calls)[release]
+    monkeypatch.setattr(packed_attention, "_varlen_attn", kernel)
+    style = packed_attention.varlen_style(kernel)
+    assert style == packed_attention.VarlenStyle(
+        {"is_causal": True} if release == "torch_2_10" else {"window_size": (-1, 0)},
+        release != "torch_2_10", False)
+    with monkeypatch.context() as m:  # the checks see a CUDA bf16 query on an sm80+ device
+        m.setattr(packed_attention, "_flash_capable", lambda index: True)
+        q = torch.zeros(1, 4, 8, 8, dtype=torch.bfloat16)
+        m.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+        default_scale, other_scale = (packed_attention.varlen_kernel_applies(q, 0.0, s) for s in (8 ** -0.5, 0.5))
+    assert default_scale and other_scale == style.scale  # without `scale`: only the default
+    monkeypatch.setattr(packed_attention, "varlen_kernel_applies",  # the fp32 model through the kernel's call
+                        lambda query, dropout, scaling=None: True)
+    got_loss, got = loss_and_grads()
+    monkeypatch.undo()
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-6)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    assert len(calls) == 2 and all(c["kv_heads"] == 4 and c["shape"][1] == 4 for c in calls)  # KV repeated 2x
+
+
+def test_a_varlen_without_a_causal_argument_is_not_used():
+    assert packed_attention.varlen_style(lambda q, k, v, cu_q, cu_k, max_q, max_k: q) is None
+    assert packed_attention.varlen_style(None) is None
 
 
 def test_the_flash_kernel_is_never_chosen_for_cpu_fp32_or_dropout():
