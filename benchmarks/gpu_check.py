@@ -35,7 +35,8 @@ status and headline figures, and the environment) and log.txt (everything printe
 ``--dry-run`` runs all of it on the CPU with tiny presets: the wheels (if fetched) installed into a scratch
 folder but not used (this machine's venv has every package), ``pytest -m gpu`` (every GPU test skips: ok),
 speed.py on its smoke preset, the demo for 4 steps with a small test set, loss_memory.py with its smallest
-preset, optimizer_step.py on the demo's EffiLoRA set for 2 rounds, padding.py on the demo model for 1 round. tests/benchmarks/test_gpu_check.py runs it in CI, so the script that meets the GPU has run end to end.
+preset, optimizer_step.py on the demo's EffiLoRA set for 2 rounds, padding.py on the demo model for 1 round.
+tests/benchmarks/test_gpu_check.py runs it in CI, so the script that meets the GPU has run end to end.
 
 Only the standard library is imported here: the checks must run even where an import of the product fails.
 """

@@ -11,8 +11,9 @@ Two kernels do it:
 * on CUDA (compute capability 8.0 or newer), fp16 / bf16 (e.g. under bf16 autocast), no attention dropout:
   ONE call of PyTorch's variable-length flash kernel (``torch.nn.attention.varlen.varlen_attn``) per layer for
   the whole batch, the samples given by their cumulative starts (one small host-to-device copy per forward).
-  Its signature is read once (``varlen_style``): releases that take ``is_causal`` and no ``scale`` or
-  ``enable_gqa`` (2.10) get those, with the KV heads repeated for GQA; the GPU image has had 2.11;
+  Its signature is read once (``varlen_style``) and it is called as the installed release takes it: 2.10's
+  ``is_causal`` (no ``scale``), 2.11's ``scale`` and ``window_size`` (the GPU image's), and where there is no
+  ``enable_gqa`` (2.10, 2.11) the KV heads repeated for GQA;
 * everywhere else (CPU, fp32): causal SDPA once per sample, each piece a view of the row.
 
 Where the samples start comes, in order of preference, from
@@ -103,8 +104,8 @@ def _flash_capable(device_index: int) -> bool:
 
 class VarlenStyle(NamedTuple):
     """How this PyTorch's ``varlen_attn`` takes what sdpa_packed needs; its signature changed across releases
-    (2.10: a positional ``is_causal`` and no scale or GQA flag; later: keyword-only ``scale``, ``window_size``
-    and ``enable_gqa``). ``causal``: the keyword arguments that make it causal."""
+    (2.10: ``is_causal`` and no scale or GQA flag; 2.11: keyword-only ``scale`` and ``window_size``; 2.14 also
+    ``enable_gqa``). ``causal``: the keyword arguments that make it causal."""
 
     causal: dict[str, Any]
     scale: bool
